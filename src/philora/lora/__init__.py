@@ -1,0 +1,13 @@
+"""philora.lora: a drop-in for microsoft/LoRA's ``loralib`` (``import philora.lora as lora``).
+
+Pure torch. See ``layers.py`` for what is fixed relative to loralib 0.1.2.
+"""
+
+from .conv import Conv1d, Conv2d, Conv3d, ConvLoRA
+from .layers import Embedding, Linear, LoRALayer, MergedLinear
+from .utils import lora_state_dict, mark_only_lora_as_trainable
+
+__all__ = [
+    "LoRALayer", "Embedding", "Linear", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d", "Conv3d",
+    "mark_only_lora_as_trainable", "lora_state_dict",
+]
