@@ -1,0 +1,218 @@
+"""Run configuration: frozen dataclasses loaded from YAML, with type-checked ``key=value`` overrides.
+
+A config file has four sections: ``model``, ``data``, ``training_config`` and ``peft_config``.
+Unknown keys and wrong types raise :class:`ConfigError` with a one-line message naming the key.
+Hand-written (about 150 lines) rather than pulling in a schema library: the checks we need are
+exactly "is this a known field" and "does the value fit the annotation".
+"""
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "microsoft/Phi-3-mini-4k-instruct"  # or "tiny": the built-in tiny Phi-3
+    dtype: str = "auto"  # auto (bf16 on CUDA that supports it, else fp32) | float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    revision: Optional[str] = None
+    quantization: Optional[str] = None  # nf4 | fp4 (QLoRA: 4-bit base through bitsandbytes)
+    double_quant: bool = True
+    compute_dtype: str = "auto"  # dtype of 4-bit matmuls and of LoRA's input
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "sample"  # a .jsonl/.json/.parquet/.csv file, a hub dataset name, or "sample"
+    eval: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_fraction: float = 0.05  # held out of train when no eval set is given
+    format: str = "auto"  # auto | messages | sharegpt | alpaca | prompt_completion
+    max_length: int = 2048
+    truncation: str = "truncate"  # truncate | drop: what to do with over-long conversations
+    skip_bad_records: bool = False  # skip (and count) bad records instead of stopping
+    packing: bool = True  # padding-free: several conversations per row, attention kept apart
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    output_dir: str = "runs/phi3-lora"
+    learning_rate: float = 2e-4
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    logging_steps: int = 10
+    eval_steps: int = 100  # 0: only before the first step and at the end
+    save_steps: int = 100  # 0: only the final adapter
+    save_total_limit: int = 2
+    eval_max_samples: int = 0  # 0: the whole eval set
+    report_samples: int = 8  # held-out prompts generated for the end-of-run report (0: none)
+    compile: bool = False  # torch.compile the model (where it measurably helps: CUDA)
+    fsdp: bool = False  # FullyShardedDataParallel instead of DDP under torchrun
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    bias: str = "none"  # none | all | lora_only
+    target_modules: Union[str, List[str]] = "all-linear"
+    # Per-slice LoRA on fused modules: {module name: [slice names]}, e.g. {"qkv_proj": ["q", "v"]}.
+    fused_slices: Dict[str, List[str]] = field(default_factory=dict)
+    use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training_config: TrainingConfig = field(default_factory=TrainingConfig)
+    peft_config: PeftConfig = field(default_factory=PeftConfig)
+
+
+CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"),
+    "model.quantization": (None, "nf4", "fp4"),
+    "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion"),
+    "data.truncation": ("truncate", "drop"),
+    "training_config.lr_scheduler_type": ("cosine", "linear", "constant"),
+    "peft_config.bias": ("none", "all", "lora_only"),
+}
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin is Union:
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, List):
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin in (dict, Dict):
+        return isinstance(value, dict) and all(
+            _type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items())
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls, data: Any, where: str, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{full}' (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, where, f"{full}.")
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and tp is float:
+            value = float(value)
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{where}: '{full}' must be {_type_name(tp)}, got {value!r}")
+        if full in CHOICES and value not in CHOICES[full]:
+            raise ConfigError(f"{where}: '{full}' must be one of {list(CHOICES[full])}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars/lists/maps: "1e-4" -> float, "[q, v]" -> list, "null" -> None, "true" -> bool.
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # PyYAML reads 1e-4 as a string (YAML 1.1); accept it as a number
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    """Apply ``section.key=value`` strings to a raw (dict) config; types are checked later."""
+    raw = json.loads(json.dumps(raw))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Load ``path`` (default: the built-in tiny config) and apply ``overrides``."""
+    path = str(path) if path else str(CONFIG_DIR / "tiny.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+    where = path
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        where = f"{path} (with overrides)"
+    return _build(Config, raw, where, "")
+
+
+def config_to_dict(cfg: Config) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    """Write the resolved config as YAML (loadable again by :func:`load_config`)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
