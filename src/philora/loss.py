@@ -1,0 +1,88 @@
+"""Causal-LM loss without full logits.
+
+``causal_lm_loss`` runs the model's decoder, keeps only the positions whose next-token label
+counts (assistant tokens: often a small share of a chat batch), and computes the LM head and the
+cross-entropy over them in chunks. When the LM head is frozen (LoRA never trains it), a custom
+autograd function computes each chunk's gradient with respect to the hidden states in the
+forward pass and drops the chunk's logits at once: peak memory is one chunk of logits, and the
+backward pass does no LM-head matmul at all. Hand-written because neither transformers nor
+PyTorch offers this; TRL's chunked loss is generic but slow on CPU.
+
+Returns the *sum* of token losses and the token count, so gradient accumulation can normalise
+by the label tokens of the whole accumulated batch (not a mean of per-batch means).
+"""
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+class _FrozenHeadCE(torch.autograd.Function):
+    """sum CE(h @ W.T + b, y) for a frozen head; grad only w.r.t. h. h: (N, H), y: (N,)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        for s in range(0, h.shape[0], chunk):
+            hc, yc = h[s:s + chunk], y[s:s + chunk]
+            logits = F.linear(hc, weight, bias).float()  # (c, V): the only logits alive
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if grad_h is not None:
+                # d/dlogits of sum CE = softmax - onehot, computed in place.
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(yc), device=yc.device), yc] -= 1.0
+                grad_h[s:s + chunk] = (probs.to(weight.dtype) @ weight).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
+
+
+def lm_head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                 chunk: int = 4096) -> torch.Tensor:
+    """Sum of cross-entropies of ``head(hidden)`` against ``targets``. hidden (N, H), targets (N,)."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    if frozen and isinstance(head, nn.Linear):
+        return _FrozenHeadCE.apply(hidden, weight, bias, targets, chunk)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], chunk):  # trainable or unusual head: plain chunks
+        logits = head(hidden[s:s + chunk]).float()
+        total = total + F.cross_entropy(logits, targets[s:s + chunk], reduction="sum")
+    return total
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a ``*ForCausalLM`` model; forward(batch) -> (sum of token losses, label tokens).
+
+    A module (not a function) so DistributedDataParallel can wrap it and see every forward.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int = 4096):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        labels = batch["labels"]
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        out = self.model.get_decoder()(**inputs, use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        h = hidden[:, :-1][keep]  # (N, H): only positions whose next token is a label
+        y = targets[keep]
+        n = keep.sum()
+        if h.shape[0] == 0:
+            return hidden.sum() * 0.0, n
+        head = self.model.get_output_embeddings()
+        return lm_head_loss(h, head, y, self.chunk), n
