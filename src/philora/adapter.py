@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import lora
+from .errors import PhiloraError
 from .inject import lora_layers
 
 PREFIX = "base_model.model."
@@ -29,7 +30,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(PhiloraError):
     """An adapter that cannot be read or does not fit the model; the message is one line."""
 
 

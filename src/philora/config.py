@@ -15,10 +15,12 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from .errors import PhiloraError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(PhiloraError):
     """A user mistake in a config file or override; the message is one line."""
 
 

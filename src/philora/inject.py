@@ -19,11 +19,12 @@ import torch
 import torch.nn as nn
 
 from . import lora
+from .errors import PhiloraError
 from .models import fused_slices as model_fused_slices
 from .models import slice_aliases
 
 
-class InjectError(ValueError):
+class InjectError(PhiloraError):
     """A target configuration that does not fit the model; the message is one line."""
 
 

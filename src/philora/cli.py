@@ -1,0 +1,132 @@
+"""The ``philora`` command: a thin argparse layer over the Python API.
+
+Each sub-command parses its arguments and calls one function; user mistakes (PhiloraError)
+print one line, ``philora: error: ...``, and exit 2 with no traceback.
+"""
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default=None, help="system message to start the conversation")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", default=None, help="base model for an adapter (default: the adapter's own)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="philora", description="Fine-tune Phi-3 (and other causal LMs) with LoRA on chat data.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune with LoRA (no CONFIG: the built-in tiny default, offline)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training_config.max_steps=20")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace philora's files in an existing output_dir")
+
+    p = sub.add_parser("merge", help="merge an adapter into its base model: a plain HF model directory")
+    p.add_argument("source", help="a philora run directory or any PEFT LoRA adapter directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--dtype", default=None, help="output dtype (default: the base model's)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+
+    p = sub.add_parser("generate", help="generate replies: base + adapter, or a merged model")
+    p.add_argument("source", help="run/adapter directory, merged model directory, or model name")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="one user message")
+    g.add_argument("--prompts", help="JSONL file: {\"prompt\": ...} or {\"messages\": [...]} per line")
+    p.add_argument("--out", default=None, help="JSONL output for --prompts (default: stdout)")
+    p.add_argument("--no-stream", action="store_true", help="print the reply at the end, not token by token")
+    _sampling(p)
+
+    p = sub.add_parser("chat", help="interactive chat with a fine-tuned model")
+    p.add_argument("source", help="run/adapter directory, merged model directory, or model name")
+    _sampling(p)
+
+    p = sub.add_parser("eval", help="base vs fine-tuned: loss, perplexity, generations, report.md")
+    p.add_argument("run", help="a philora run directory (or PEFT adapter directory)")
+    p.add_argument("--data", default=None, help="eval data file (default: the run's eval split)")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--samples", type=int, default=8, help="held-out prompts to generate for")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--force", action="store_true", help="overwrite an existing report directory")
+
+    p = sub.add_parser("adapter", help="check or convert LoRA adapters")
+    asub = p.add_subparsers(dest="adapter_command", metavar="ACTION")
+    q = asub.add_parser("check", help="check an adapter against what serving engines (vLLM) accept")
+    q.add_argument("adapter", help="PEFT adapter directory")
+    q.add_argument("--base", default=None, help="base model to check module names and shapes against")
+    q = asub.add_parser("convert", help="convert between loralib checkpoints and PEFT adapters")
+    q.add_argument("source", help="loralib .pt/.safetensors file, or a PEFT adapter directory")
+    q.add_argument("--out", required=True, help="PEFT adapter directory, or a loralib .safetensors file")
+    q.add_argument("--to", choices=["peft", "loralib"], required=True)
+    q.add_argument("--r", type=int, default=None, help="LoRA rank (loralib does not store it)")
+    q.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (loralib does not store it)")
+    q.add_argument("--base", default=None, help="base model name or path the adapter is for")
+    q.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("bench", help="benchmark philora against TRL + PEFT on the same data")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for bench (see philora bench -- --help)")
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from .config import load_config
+        from .train import train
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
+        return 0
+    if args.command == "merge":
+        from .merge import merge
+        merge(args.source, args.out, base=args.base, dtype=args.dtype, force=args.force)
+        return 0
+    if args.command in ("generate", "chat"):
+        from . import generate
+        sampling = dict(system=args.system, temperature=args.temperature, top_p=args.top_p,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed, base=args.base)
+        if args.command == "chat":
+            return generate.chat(args.source, **sampling)
+        return generate.generate_cli(args.source, prompt=args.prompt, prompts=args.prompts,
+                                     out=args.out, stream=not args.no_stream, **sampling)
+    if args.command == "eval":
+        from .report import evaluate_run
+        evaluate_run(args.run, data=args.data, out=args.out, samples=args.samples,
+                     max_new_tokens=args.max_new_tokens, force=args.force)
+        return 0
+    if args.command == "adapter":
+        from . import adapter_tools
+        if args.adapter_command == "check":
+            return adapter_tools.check_cli(args.adapter, base=args.base)
+        if args.adapter_command == "convert":
+            adapter_tools.convert(args.source, args.out, to=args.to, r=args.r,
+                                  lora_alpha=args.lora_alpha, base=args.base, force=args.force)
+            return 0
+        build_parser().parse_args(["adapter", "--help"])
+    if args.command == "bench":
+        from .bench import main as bench_main
+        return bench_main([a for a in args.args if a != "--"])
+    build_parser().print_help()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .errors import PhiloraError
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except PhiloraError as e:
+        print(f"philora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("philora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

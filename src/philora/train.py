@@ -1,0 +1,224 @@
+"""The training loop: LoRA SFT of a causal LM on chat data, one readable function.
+
+Hand-written (not transformers' Trainer / TRL) because the loop is the product's fast path:
+padding-free packing, a loss that never materialises full logits, accumulation normalised by
+label tokens, exact resume. Everything around it (models, tokenizers, schedulers, DDP,
+TensorBoard) comes from the usual libraries.
+"""
+
+import contextlib
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import yaml
+
+from . import distributed
+from .adapter import save_adapter
+from .batching import collate, epoch_order
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, config_to_dict
+from .errors import PhiloraError
+from .inject import count_parameters, inject_lora
+from .loading import load_model_and_tokenizer, pick_device
+from .loss import CausalLMLoss
+from .metrics import RunLogger, plot_losses
+
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "config.yaml",
+             "loss.png", "report.md", "report.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+
+
+def total_steps(cfg: Config, n_train: int, world: int) -> int:
+    tc = cfg.training_config
+    if tc.max_steps > 0:
+        return tc.max_steps
+    per_step = tc.per_device_train_batch_size * tc.gradient_accumulation_steps * world
+    return max(1, math.ceil(tc.num_train_epochs * n_train / per_step))
+
+
+def micro_batches(examples: List[dict], start: int, batch: int, d: distributed.Dist, seed: int,
+                  shuffle: bool) -> Iterator[List[dict]]:
+    """This rank's micro-batches from global sample ``start`` on, across epochs.
+
+    The global order is a function of (seed, epoch); each global micro-batch of
+    ``batch * world`` samples is split by rank. Resume only needs ``start``.
+    """
+    n, pos = len(examples), start
+    orders: Dict[int, List[int]] = {}
+    while True:
+        idx = []
+        for p in range(pos, pos + batch * d.world):
+            epoch = p // n
+            if epoch not in orders:
+                orders = {epoch: epoch_order(n, seed, epoch, shuffle)}
+            idx.append(orders[epoch][p % n])
+        pos += batch * d.world
+        yield [examples[i] for i in idx[d.rank * batch:(d.rank + 1) * batch]]
+
+
+def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(loss_fn, examples: List[dict], batch: int, pad_id: int, packing: bool,
+             max_length: int, device, d: distributed.Dist, autocast) -> Dict[str, float]:
+    """Token-weighted eval loss and perplexity over ``examples`` (sharded over ranks)."""
+    was_training = loss_fn.training
+    loss_fn.eval()
+    total, count = torch.zeros(()), torch.zeros(())
+    mine = examples[d.rank::d.world]
+    for s in range(0, len(mine), batch):
+        b = to_device(collate(mine[s:s + batch], pad_id, packing, max_length), device)
+        with autocast():
+            loss_sum, n = loss_fn(b)
+        total += loss_sum.float().cpu()
+        count += n.cpu()
+    total, count = distributed.all_sum(d, total, count)
+    loss_fn.train(was_training)
+    loss = (total / count.clamp(min=1)).item()
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> Optional[Path]:
+    """Check ``out`` is free (or resumable); returns the checkpoint to resume from."""
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise PhiloraError(f"--resume: no complete checkpoint in '{out}' to resume from")
+        return ckpt
+    existing = [p for p in out.glob("*") if p.name in RUN_FILES or p.name.startswith("checkpoint-")
+                or p.name == "tensorboard"] if out.is_dir() else []
+    if existing and not overwrite:
+        raise PhiloraError(f"output_dir '{out}' already holds a run; pass --resume to continue it, "
+                           f"--overwrite to replace it, or set training_config.output_dir")
+    for p in existing:  # only philora's own files: never a directory the user filled
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return None
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[str, float]:
+    """Fine-tune per ``cfg``; returns the final metrics. Writes everything to output_dir."""
+    tc, pc, dc = cfg.training_config, cfg.peft_config, cfg.data
+    d = distributed.setup()
+    out = Path(tc.output_dir)
+    ckpt = distributed.broadcast_object(d, prepare_output_dir(out, resume, overwrite) if d.main else None)
+    if resume and ckpt is None:
+        raise PhiloraError(f"--resume: no complete checkpoint in '{out}'")
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    device = torch.device("cuda", d.local_rank) if torch.cuda.is_available() else pick_device()
+    if tc.per_device_train_batch_size < 1 or tc.gradient_accumulation_steps < 1:
+        raise PhiloraError("training_config: batch size and gradient_accumulation_steps must be >= 1")
+
+    # Model, tokenizer, data, LoRA.
+    log = print if d.main else (lambda *a, **k: None)
+    model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, device, training=True)
+    from .data import build_datasets
+    train_set, eval_set, _ = build_datasets(dc, tokenizer, tc.seed, log=log)
+    inject_lora(model, pc.r, pc.lora_alpha, pc.lora_dropout, pc.target_modules, pc.fused_slices,
+                pc.use_rslora, pc.bias)
+    trainable, total = count_parameters(model)
+    log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
+    loss_fn = CausalLMLoss(model)
+    loss_fn.train()
+    if tc.compile:
+        loss_fn = torch.compile(loss_fn)
+    if d.enabled:
+        loss_fn = distributed.wrap(loss_fn, device, tc.fsdp)
+    amp = device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
+    autocast = (lambda: torch.autocast("cuda", dtype=model.dtype)) if amp else contextlib.nullcontext
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
+                                  eps=tc.adam_epsilon, weight_decay=tc.weight_decay)
+    steps = total_steps(cfg, len(train_set), d.world)
+    warmup = tc.warmup_steps if tc.warmup_steps > 0 else math.ceil(tc.warmup_ratio * steps)
+    from transformers import get_scheduler
+    scheduler = get_scheduler(tc.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=steps)
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+    # Resume: LoRA tensors, optimizer, scheduler, RNG and data position.
+    state = {"step": 0, "samples_seen": 0, "elapsed": 0.0, "world_size": d.world}
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        log(f"resumed from {ckpt} at step {state['step']}")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    logger = RunLogger(out, steps, state["step"], enabled=d.main, progress_bar=tc.progress_bar,
+                       elapsed=state["elapsed"])
+    pad_id = tokenizer.pad_token_id
+    eval_subset = eval_set[:tc.eval_max_samples] if tc.eval_max_samples > 0 else eval_set
+
+    def run_eval(step: int) -> Dict[str, float]:
+        m = evaluate(loss_fn, eval_subset, tc.per_device_eval_batch_size, pad_id, dc.packing,
+                     dc.max_length, device, d, autocast)
+        logger.write({"step": step, **m})
+        logger.print(f"step {step}: eval_loss {m['eval_loss']:.4f}  perplexity {m['eval_perplexity']:.2f}")
+        return m
+
+    metrics = run_eval(0) if state["step"] == 0 else {}
+    batches = micro_batches(train_set, state["samples_seen"], tc.per_device_train_batch_size, d,
+                            tc.seed, dc.shuffle)
+    window = {"loss": torch.zeros(()), "labels": torch.zeros(()), "tokens": 0, "t": logger.elapsed()}
+    grad_norm = torch.zeros(())
+    while state["step"] < steps:
+        # One optimizer step: accumulate micro-batches, normalised by the label tokens of all of
+        # them on all ranks, so every label token weighs the same (no mean of means).
+        micro = [collate(next(batches), pad_id, dc.packing, dc.max_length)
+                 for _ in range(tc.gradient_accumulation_steps)]
+        (n_labels,) = distributed.all_sum(d, sum(b["num_label_tokens"] for b in micro))
+        scale = d.world / n_labels.clamp(min=1).item()  # DDP averages over ranks: undo that
+        for i, b in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if (last or not d.enabled) else loss_fn.no_sync()
+            with sync, autocast():
+                loss_sum, n = loss_fn(to_device(b, device))
+                (loss_sum.float() * scale).backward()
+            window["loss"] += loss_sum.detach().float().cpu()
+            window["labels"] += n.cpu()
+            window["tokens"] += int(b["num_tokens"])
+        if tc.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["samples_seen"] += tc.per_device_train_batch_size * tc.gradient_accumulation_steps * d.world
+        step = state["step"]
+
+        if step % tc.logging_steps == 0 or step == steps:
+            loss, labels, tokens = distributed.all_sum(d, window["loss"], window["labels"],
+                                                       torch.tensor(float(window["tokens"])))
+            now = logger.elapsed()
+            rec = {"step": step, "loss": round((loss / labels.clamp(min=1)).item(), 6),
+                   "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
+                   "tokens": int(tokens.item()), "tokens_per_s": round(tokens.item() / max(now - window["t"], 1e-9), 1),
+                   "epoch": round(state["samples_seen"] / len(train_set), 4)}
+            logger.write(rec)
+            logger.progress(0, loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            window = {"loss": torch.zeros(()), "labels": torch.zeros(()), "tokens": 0, "t": now}
+        logger.progress(1)
+        if tc.eval_steps > 0 and step % tc.eval_steps == 0 and step != steps:
+            metrics = run_eval(step)
+        if tc.save_steps > 0 and step % tc.save_steps == 0:
+            state["elapsed"] = logger.elapsed()
+            if d.main:
+                save_checkpoint(out, step, model, optimizer, scheduler, dict(state), config_yaml,
+                                tc.save_total_limit)
+            distributed.barrier(d)
+
+    metrics = run_eval(state["step"])
+    if d.main:
+        save_adapter(model, out, base_path, pc.r, pc.lora_alpha, pc.lora_dropout, pc.bias, pc.use_rslora)
+        tokenizer.save_pretrained(str(out))
+        plot_losses(out)
+        logger.print(f"adapter saved to {out} (PEFT format)")
+    logger.close()
+    distributed.teardown(d)
+    return metrics
