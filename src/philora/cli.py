@@ -6,6 +6,7 @@ print one line, ``philora: error: ...``, and exit 2 with no traceback.
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 
@@ -79,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .config import load_config
         from .train import train
-        cfg = load_config(args.config, args.overrides)
+        config, overrides = args.config, list(args.overrides)
+        if config and "=" in config and not Path(config).exists():  # only overrides were given
+            config, overrides = None, [config] + overrides
+        cfg = load_config(config, overrides)
         train(cfg, resume=args.resume, overwrite=args.overwrite)
         return 0
     if args.command == "merge":

@@ -117,6 +117,9 @@ def find_targets(model: nn.Module, target_modules: Union[str, List[str]],
 def _make_layer(base: nn.Module, target: Target, r: int, alpha: float, dropout: float,
                 use_rslora: bool, lora_dtype: torch.dtype) -> nn.Module:
     """A philora.lora layer around ``base``'s own weight and bias tensors."""
+    if type(base).__name__ in ("Linear4bit", "Linear8bitLt"):  # QLoRA: quantized base layer
+        from .quant import make_lora_quantized
+        return make_lora_quantized(base, target, r, alpha, dropout, use_rslora, lora_dtype)
     fifo = _is_conv1d(base)
     out_f, in_f = (base.weight.shape[1], base.weight.shape[0]) if fifo else base.weight.shape
     common = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, fan_in_fan_out=fifo,

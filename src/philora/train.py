@@ -220,5 +220,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
         plot_losses(out)
         logger.print(f"adapter saved to {out} (PEFT format)")
     logger.close()
+    if d.main and tc.report_samples > 0:
+        from .report import evaluate_run  # base vs fine-tuned on the eval split: report.md/.json
+        evaluate_run(str(out), data=None, out=str(out), samples=tc.report_samples, force=True,
+                     model=model, tokenizer=tokenizer, eval_examples=eval_subset)
     distributed.teardown(d)
     return metrics
