@@ -175,6 +175,19 @@ def _parse_value(text: str) -> Any:
     return value
 
 
+def _declared_type(parts: List[str]) -> Any:
+    """The annotation of ``section.key`` in :class:`Config`, or None for an unknown key."""
+    tp: Any = Config
+    for p in parts:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if p not in hints:
+            return None
+        tp = hints[p]
+    return tp
+
+
 def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
     """Apply ``section.key=value`` strings to a raw (dict) config; types are checked later."""
     raw = json.loads(json.dumps(raw))  # deep copy of plain data
@@ -185,10 +198,17 @@ def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]
         parts = dotted.strip().split(".")
         node = raw
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an empty section in the file ("peft_config:")
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
-        node[parts[-1]] = _parse_value(text)
+        value = _parse_value(text)
+        tp = _declared_type(parts)
+        # A string key keeps the text as written: output_dir=2024, revision=1234567, train=true.
+        if tp is not None and not _type_ok(value, tp) and _type_ok(text, tp):
+            value = text
+        node[parts[-1]] = value
     return raw
 
 
@@ -200,6 +220,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
