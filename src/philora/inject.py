@@ -106,6 +106,9 @@ def find_targets(model: nn.Module, target_modules: Union[str, List[str]],
             raise InjectError(f"peft_config.fused_slices: '{fused}' matches no linear module "
                               f"(the model has: {_short_names(names)})")
 
+    if not whole and not per_slice:  # e.g. target_modules: [] and no fused_slices
+        raise InjectError(f"peft_config.target_modules: selects no module; name some, or use "
+                          f"'all-linear' (the model has: {_short_names(names)})")
     targets = {n: Target(n) for n in sorted(whole)}
     for n, wanted in per_slice.items():  # per-slice requests override a whole-module target
         slice_names, sizes = model_fused_slices(config, n)
