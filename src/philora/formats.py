@@ -16,12 +16,14 @@ Every mistake raises DataError with one line: "<where>: what is wrong", where is
 "file.parquet record 3" (given by the caller, see philora.data.load_records).
 """
 
+from .errors import PhiloraError
+
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 
 
-class DataError(ValueError):
+class DataError(PhiloraError):
     """A mistake in the data; the message is one line naming the file and line (or record)."""
 
 
