@@ -9,16 +9,24 @@ PEFT has no per-slice LoRA, so a ``MergedLinear`` with k enabled slices is expor
 on the fused module of rank r*k: the same ``lora_A`` and a block-diagonal ``lora_B`` (zero rows
 for disabled slices), with ``rank_pattern`` / ``alpha_pattern`` making PEFT's scaling equal ours
 (alpha*k / (r*k) = alpha / r; with rsLoRA alpha*sqrt(k) / sqrt(r*k) = alpha / sqrt(r)).
-Hand-written (not peft's ``save_pretrained``) because the layers are philora's own.
+
+Reading goes the other way for any PEFT LoRA adapter (keys with or without the adapter name,
+``rank_pattern`` / ``alpha_pattern`` with PEFT's matching rule, rsLoRA, ``fan_in_fan_out``
+layers, ``bias`` tensors). :func:`scan_adapter` lists every problem instead of stopping at the
+first, so ``philora adapter check`` and the loaders share one parser; what philora cannot
+represent (DoRA, modules_to_save, other PEFT types, ...) is a one-line :class:`AdapterError`.
+Hand-written (not peft's ``save_pretrained`` / ``PeftModel``) because the layers are philora's.
 """
 
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import lora
@@ -29,10 +37,25 @@ PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
+# PEFT LoRA options philora cannot represent: a truthy value makes the adapter unsupported.
+UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora)", "modules_to_save": "modules_to_save (fully trained modules)",
+    "lora_bias": "a bias on lora_B (lora_bias)", "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "layer_replication": "layer_replication", "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "use_qalora": "QALoRA", "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+}
+# String inits that leave the base weights alone (as vLLM's list); PiSSA, OLoRA, CorDA, LoftQ
+# change them, so such an adapter only works on a modified base model.
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+
 
 class AdapterError(PhiloraError):
     """An adapter that cannot be read or does not fit the model; the message is one line."""
 
+
+# -----------------------------------------------------------------------------
+# writing
 
 def _peft_factors(layer) -> Tuple[torch.Tensor, torch.Tensor]:
     """(lora_A (R, in), lora_B (out, R)) of a layer as one plain LoRA of rank R."""
@@ -64,27 +87,28 @@ def adapter_state(model) -> Tuple[Dict[str, torch.Tensor], Dict[str, int], Dict[
     return tensors, ranks, alphas
 
 
-def save_adapter(model, out_dir, base_model_name_or_path: str, r: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, bias: str = "none", use_rslora: bool = False) -> Path:
-    """Write the PEFT adapter of ``model`` into ``out_dir``; returns the directory."""
+def target_module_names(names: List[str], all_module_names: Optional[List[str]]) -> List[str]:
+    """Short names ("qkv_proj") when they select exactly ``names`` among the model's modules
+    (what vLLM and peft expect), else the full names. No model known: full names."""
+    shorts = sorted({_short(n) for n in names})
+    if all_module_names is not None:
+        if {n for n in all_module_names if _short(n) in shorts} == set(names):
+            return shorts
+    return sorted(names)
+
+
+def write_adapter(out_dir, tensors: Dict[str, torch.Tensor], ranks: Dict[str, int],
+                  alphas: Dict[str, float], base_model_name_or_path: Optional[str], r: int,
+                  lora_alpha: float, target_modules: List[str], lora_dropout: float = 0.0,
+                  bias: str = "none", use_rslora: bool = False, fan_in_fan_out: bool = False) -> Path:
+    """Write PEFT tensors and an adapter_config.json; modules whose rank is not ``r`` go to
+    rank_pattern / alpha_pattern (by short name when every module of that name agrees)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors, ranks, alphas = adapter_state(model)
-    if not tensors:
-        raise AdapterError("the model has no LoRA layers to save")
-    if bias != "none":
-        for n, p in model.named_parameters():
-            if p.requires_grad and n.endswith("bias") and "lora_" not in n:
-                tensors[f"{PREFIX}{n}"] = p.detach()
-    # Short names when they select exactly our layers (what vLLM and peft expect), else full names.
     names = list(ranks)
-    shorts = sorted({_short(n) for n in names})
-    all_linear = {n for n, m in model.named_modules() if _short(n) in shorts and hasattr(m, "weight")}
-    target_modules = shorts if all_linear == set(names) else sorted(names)
     rank_pattern = {n: v for n, v in ranks.items() if v != r}
     alpha_pattern = {n: alphas[n] for n in rank_pattern}
-    # Collapse per-layer patterns to the short name when every layer of that name agrees.
-    for short in shorts:
+    for short in sorted({_short(n) for n in names}):
         group = [n for n in rank_pattern if _short(n) == short]
         members = [n for n in names if _short(n) == short]
         if group and len(group) == len(members) and len({(rank_pattern[n], alpha_pattern[n]) for n in group}) == 1:
@@ -92,12 +116,11 @@ def save_adapter(model, out_dir, base_model_name_or_path: str, r: int, lora_alph
             for n in group:
                 del rank_pattern[n], alpha_pattern[n]
             rank_pattern[short], alpha_pattern[short] = rk, al
-    fifo = any(getattr(m, "fan_in_fan_out", False) for m in lora_layers(model).values())
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
-        "target_modules": target_modules, "bias": bias, "fan_in_fan_out": fifo,
+        "target_modules": target_modules, "bias": bias, "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": use_rslora, "use_dora": False, "modules_to_save": None,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "init_lora_weights": True, "inference_mode": True,
@@ -109,18 +132,78 @@ def save_adapter(model, out_dir, base_model_name_or_path: str, r: int, lora_alph
     return out
 
 
+def save_adapter(model, out_dir, base_model_name_or_path: str, r: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, bias: str = "none", use_rslora: bool = False) -> Path:
+    """Write the PEFT adapter of ``model`` into ``out_dir``; returns the directory."""
+    tensors, ranks, alphas = adapter_state(model)
+    if not tensors:
+        raise AdapterError("the model has no LoRA layers to save")
+    layers = lora_layers(model)
+    if bias != "none":
+        for n, p in model.named_parameters():
+            if p.requires_grad and n.endswith("bias") and "lora_" not in n:
+                module = n[:-len(".bias")]  # peft wraps a LoRA layer's own bias as base_layer.bias
+                key = f"{module}.base_layer.bias" if module in layers else n
+                tensors[f"{PREFIX}{key}"] = p.detach()
+    shorts = {_short(n) for n in ranks}
+    linear = [n for n, m in model.named_modules() if _short(n) in shorts and hasattr(m, "weight")]
+    fifo = any(getattr(m, "fan_in_fan_out", False) for m in layers.values())
+    return write_adapter(out_dir, tensors, ranks, alphas, base_model_name_or_path, r, lora_alpha,
+                         target_module_names(list(ranks), linear), lora_dropout, bias, use_rslora, fifo)
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+@dataclass
+class Adapter:
+    """A parsed PEFT LoRA adapter: {module: (lora_A (r, in), lora_B (out, r), alpha)}."""
+    path: Path
+    config: dict
+    modules: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    biases: Dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> tensor
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    def scaling(self, name: str) -> float:
+        A, _, alpha = self.modules[name]
+        r = A.shape[0]
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The update (out, in) of ``name`` in float32: B @ A * scaling (as PEFT)."""
+        A, B, _ = self.modules[name]
+        return (B.float() @ A.float()) * self.scaling(name)
+
+
 def read_adapter_config(adapter_dir) -> dict:
     path = Path(adapter_dir) / CONFIG_NAME
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdapterError(f"{path}: no adapter_config.json (not a PEFT adapter directory)") from None
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    return config
+
+
+def unsupported_features(config: dict) -> List[str]:
+    """What in a PEFT config philora (and vLLM) cannot represent, as short descriptions."""
+    found = [what for key, what in UNSUPPORTED.items() if config.get(key)]
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in PLAIN_INITS:
+        found.append(f"init_lora_weights={init!r} (it changes the base weights; convert it to a "
+                      f"plain LoRA with peft's path_initial_model_for_weight_conversion)")
+    return found
 
 
 def _pattern_value(patterns: dict, name: str, default):
-    # PEFT's rule: a key matches a module whose name ends with it (as a regex).
+    # PEFT's rule (peft.utils.other.get_pattern_key): a key matches a module whose name ends
+    # with it (as a regex) at a "." boundary; the first matching key wins.
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
@@ -129,51 +212,167 @@ def _pattern_value(patterns: dict, name: str, default):
 
 def load_adapter_weights(adapter_dir) -> Dict[str, torch.Tensor]:
     path = Path(adapter_dir) / WEIGHTS_NAME
-    if not path.exists():
+    if not path.is_file():
+        if (Path(adapter_dir) / "adapter_model.bin").is_file():
+            raise AdapterError(f"{path}: missing; adapter_model.bin (a pickle) is not loaded: "
+                               f"re-save the adapter with safetensors")
         raise AdapterError(f"{path}: missing adapter weights")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
-def module_specs(config: dict, tensors: Dict[str, torch.Tensor]) -> Dict[str, Tuple[int, float]]:
-    """{module name: (rank, alpha)} for every LoRA module in a PEFT adapter's tensors."""
-    specs = {}
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+
+
+def scan_adapter(adapter_dir) -> Tuple[Adapter, List[str]]:
+    """Parse an adapter directory; returns the adapter and a list of one-line problems (empty
+    when philora can load it). Unreadable files raise AdapterError."""
+    path = Path(adapter_dir)
+    config = read_adapter_config(path)
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type {config.get('peft_type')!r} is not LORA")
+    problems += [f"uses {what}, which philora cannot represent" for what in unsupported_features(config)]
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
+            problems.append(f"adapter_config.json has no numeric '{key}'")
+    tensors = load_adapter_weights(path)
+    adapter = Adapter(path, config)
+    if problems:
+        return adapter, problems
+    factors: Dict[str, Dict[str, torch.Tensor]] = {}
+    names = set()
     for key, value in tensors.items():
-        m = re.match(rf"^{re.escape(PREFIX)}(.+)\.lora_A(?:\.[^.]+)?\.weight$", key)
+        short_key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = LORA_KEY.match(short_key)
         if m:
-            name = m.group(1)
-            r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
-            if value.shape[0] != r:
-                raise AdapterError(f"{key}: rank {value.shape[0]} but adapter_config says {r}")
-            specs[name] = (r, alpha)
-    return specs
+            factors.setdefault(m["module"], {})[m["which"]] = value
+            names.add(m["name"])
+        elif "lora_magnitude_vector" in key:
+            problems.append(f"tensor '{key}' is a DoRA magnitude vector: DoRA is not supported")
+        elif "lora_embedding_" in key:
+            problems.append(f"tensor '{key}' is an embedding LoRA: philora supports linear layers only")
+        elif "lora_" in key:
+            problems.append(f"tensor '{key}' is not a plain LoRA weight (lora_A/lora_B .weight)")
+        elif short_key.endswith(".bias"):  # bias != "none"; peft names a wrapped layer's base_layer
+            adapter.biases[short_key.replace(".base_layer.bias", ".bias")] = value
+        else:
+            problems.append(f"tensor '{key}' is not a LoRA weight (modules_to_save or trainable tokens?)")
+    if len(names) > 1:
+        problems.append(f"holds several adapters ({', '.join(sorted(str(n) for n in names))}); keep one")
+    for module, f in sorted(factors.items()):
+        if set(f) != {"A", "B"}:
+            missing = "lora_B" if "A" in f else "lora_A"
+            problems.append(f"module '{module}' has no {missing} weight")
+            continue
+        A, B = f["A"], f["B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            problems.append(f"module '{module}': lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                            f"do not chain (need (r, in) and (out, r))")
+            continue
+        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        if A.shape[0] != r:
+            problems.append(f"module '{module}': lora_A has rank {A.shape[0]} but adapter_config "
+                            f"says {r} (r / rank_pattern)")
+            continue
+        adapter.modules[module] = (A, B, float(alpha))
+    if not factors and not problems:
+        problems.append("has no LoRA weights: it would leave the base model unchanged")
+    return adapter, problems
 
 
-def apply_adapter(model, adapter_dir, lora_dtype: torch.dtype = torch.float32) -> dict:
+def read_adapter(adapter_dir) -> Adapter:
+    """A PEFT LoRA adapter philora can load, or a one-line AdapterError naming the problem."""
+    adapter, problems = scan_adapter(adapter_dir)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise AdapterError(f"{adapter_dir}: {problems[0]}{more}")
+    return adapter
+
+
+# -----------------------------------------------------------------------------
+# applying to a model
+
+def _layer_shape(layer) -> Optional[Tuple[int, int]]:
+    """(in, out) of a linear layer (nn.Linear, GPT-2's Conv1D, a bitsandbytes 4-bit linear)."""
+    from .inject import _is_conv1d
+    if _is_conv1d(layer):
+        return tuple(layer.weight.shape)
+    if isinstance(layer, torch.nn.Linear) or type(layer).__name__ in ("Linear4bit", "Linear8bitLt"):
+        return layer.in_features, layer.out_features
+    return None
+
+
+def target_layer(model, name: str, A: torch.Tensor, B: torch.Tensor, where) -> torch.nn.Module:
+    """The base layer an adapter module names, checked to exist, be linear and fit A and B."""
+    from .inject import _short_names, linear_names
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise AdapterError(f"{where}: module '{name}' is not in the base model (a different base? "
+                           f"the model has: {_short_names(linear_names(model))})") from None
+    shape = _layer_shape(layer)
+    if shape is None:
+        raise AdapterError(f"{where}: module '{name}' is a {type(layer).__name__}; philora applies "
+                           f"LoRA to linear layers only")
+    (fan_in, fan_out), r = shape, A.shape[0]
+    if A.shape[1] != fan_in or B.shape[0] != fan_out:
+        raise AdapterError(f"{where}: '{name}' has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}, "
+                           f"the base model's layer needs ({r}, {fan_in}) / ({fan_out}, {r}) "
+                           f"(a different base model?)")
+    return layer
+
+
+def load_biases(model, adapter: Adapter, dtype: Optional[torch.dtype] = None) -> None:
+    """Copy the adapter's bias tensors into the model (as ``dtype``, when given)."""
+    for name, value in adapter.biases.items():
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:
+            raise AdapterError(f"{adapter.path}: bias '{name}' is not a parameter of the base model") from None
+        if param.shape != value.shape:
+            raise AdapterError(f"{adapter.path}: bias '{name}' has shape {tuple(value.shape)}, the "
+                               f"base model's is {tuple(param.shape)}")
+        with torch.no_grad():
+            if dtype is None:
+                param.copy_(value)
+            else:
+                param.data = value.to(dtype)
+
+
+def apply_adapter(model, adapter: Union[str, Path, Adapter], lora_dtype: torch.dtype = torch.float32) -> dict:
     """Inject and load a PEFT-format LoRA adapter into ``model`` (in place); returns its config."""
     from .inject import Target, _make_layer, _set_module
 
-    config = read_adapter_config(adapter_dir)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{adapter_dir}: peft_type {config.get('peft_type')!r} is not LORA")
-    tensors = load_adapter_weights(adapter_dir)
-    # Drop the adapter name PEFT may put in keys ("lora_A.default.weight").
-    tensors = {re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k): v for k, v in tensors.items()}
-    rs = bool(config.get("use_rslora", False))
-    for name, (r, alpha) in module_specs(config, tensors).items():
-        try:
-            base = model.get_submodule(name)
-        except AttributeError:
-            raise AdapterError(f"{adapter_dir}: module '{name}' is not in the base model") from None
-        layer = _make_layer(base, Target(name), r, alpha, 0.0, rs, lora_dtype)
-        A, B = tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"]
-        if A.shape != layer.lora_A.shape or B.shape != layer.lora_B.shape:
-            raise AdapterError(f"{adapter_dir}: '{name}' has lora_A {tuple(A.shape)} / lora_B "
-                               f"{tuple(B.shape)}, the model needs {tuple(layer.lora_A.shape)} / "
-                               f"{tuple(layer.lora_B.shape)}")
+    adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+    for name, (A, B, alpha) in adapter.modules.items():
+        base = target_layer(model, name, A, B, adapter.path)
+        layer = _make_layer(base, Target(name), A.shape[0], alpha, 0.0, adapter.use_rslora, lora_dtype)
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
         _set_module(model, name, layer)
+    load_biases(model, adapter)
     lora.mark_only_lora_as_trainable(model)
-    return config
+    return adapter.config
+
+
+# -----------------------------------------------------------------------------
+# outputs
+
+def prepare_output_dir(out, force: bool, protect=()) -> Path:
+    """Create ``out``. An existing non-empty directory needs ``force`` (nothing is deleted here);
+    an input (``protect``) is never an output."""
+    out = Path(out)
+    for p in protect:
+        if p and Path(p).exists() and out.resolve() == Path(p).resolve():
+            raise PhiloraError(f"--out '{out}' is an input of this command; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise PhiloraError(f"--out '{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise PhiloraError(f"--out '{out}' already exists and is not empty; pass --force to overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
