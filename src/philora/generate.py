@@ -1,0 +1,260 @@
+"""Generate with a fine-tuned model: ``philora generate`` (one prompt or a JSONL file) and
+``philora chat`` (interactive, keeps the conversation).
+
+A source is a philora run directory or any PEFT adapter directory (base + adapter, unmerged:
+philora's LoRA layers on the base), a merged or plain Hugging Face model directory, or a model
+name (``tiny``). Prompts go through the tokenizer's chat template, exactly as in training, and
+generation stops on the model's end-of-turn tokens: the generation config's eos ids, the
+tokenizer's eos and the architecture's stop tokens (Phi-3: ``<|end|>``, ``<|endoftext|>``),
+which are never part of the reply. Decoding is transformers' ``generate``; streaming is its
+``TextStreamer``. Hand-written glue only: sources, stop tokens, prompt files and the chat loop.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from .adapter import CONFIG_NAME, AdapterError, apply_adapter, read_adapter_config
+from .config import Config, ModelConfig, load_config
+from .errors import PhiloraError
+from .models import stop_token_strings
+
+ROLES = ("system", "user", "assistant")
+
+
+# -----------------------------------------------------------------------------
+# sources
+
+@dataclass(frozen=True)
+class Source:
+    """What to load: a (base) model, and an adapter directory to put on it, if any."""
+    model_cfg: ModelConfig
+    adapter_dir: Optional[Path] = None
+    tokenizer_path: Optional[str] = None  # run directories carry the run's tokenizer
+    run_cfg: Optional[Config] = None  # a philora run's config.yaml
+
+
+def resolve_source(source: str, base: Optional[str] = None) -> Source:
+    """Decide what ``source`` is; an adapter's base is ``base``, else the run's model, else the
+    adapter's ``base_model_name_or_path``. Raises PhiloraError (one line)."""
+    path = Path(source)
+    if (path / CONFIG_NAME).is_file():
+        adapter_cfg = read_adapter_config(path)
+        run_cfg = load_config(str(path / "config.yaml")) if (path / "config.yaml").is_file() else None
+        model_cfg = run_cfg.model if run_cfg else ModelConfig()
+        name = base or (run_cfg.model.name_or_path if run_cfg else adapter_cfg.get("base_model_name_or_path"))
+        if not name:
+            raise AdapterError(f"{path / CONFIG_NAME}: no base_model_name_or_path; pass --base MODEL")
+        tokenizer = str(path) if (path / "tokenizer_config.json").is_file() else None
+        return Source(replace(model_cfg, name_or_path=name), path, tokenizer, run_cfg)
+    if base:
+        raise PhiloraError(f"--base is for adapters, and '{source}' is not an adapter directory "
+                           f"(no {CONFIG_NAME})")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise PhiloraError(f"{source}: not a run, adapter or model directory (no {CONFIG_NAME} or config.json)")
+    if not path.exists() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+        raise PhiloraError(f"{source}: no such directory")
+    return Source(ModelConfig(name_or_path=source))
+
+
+def load_source(source: str, base: Optional[str] = None, device=None):
+    """(model in eval mode, tokenizer, Source): base + adapter unmerged, or a plain model."""
+    from .loading import load_model_and_tokenizer, load_tokenizer, pick_device
+
+    src = resolve_source(source, base)
+    device = device or pick_device()
+    model, tokenizer, _ = load_model_and_tokenizer(src.model_cfg, device, training=False)
+    if src.tokenizer_path:
+        tokenizer = load_tokenizer(src.tokenizer_path, src.model_cfg.trust_remote_code)
+    if src.adapter_dir is not None:
+        apply_adapter(model, src.adapter_dir)
+    model.requires_grad_(False)
+    return model.eval(), tokenizer, src
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+def stop_token_ids(model, tokenizer) -> List[int]:
+    """Ids that end a reply: generation config eos, tokenizer eos, the architecture's stop tokens."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    ids.append(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[s] for s in stop_token_strings(model.config) if s in vocab]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def chat_ids(tokenizer, messages: Sequence[dict]) -> List[int]:
+    """Token ids of ``messages`` through the chat template, with the assistant header appended."""
+    chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    out = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+    if hasattr(out, "keys"):  # a BatchEncoding (transformers 5)
+        out = out["input_ids"]
+    out = out.tolist() if hasattr(out, "tolist") else list(out)
+    return [int(t) for t in (out[0] if out and isinstance(out[0], list) else out)]
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompts: Sequence[Sequence[int]], temperature: float = 0.0,
+                 top_p: float = 1.0, max_new_tokens: int = 256, seed: int = 0,
+                 streamer=None) -> List[List[int]]:
+    """New token ids for each prompt (left-padded batch), cut before the first stop token.
+    temperature 0: greedy; else sampling with ``top_p`` (no top-k), seeded."""
+    from transformers import GenerationConfig
+
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+        else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                              use_cache=True, **sample)
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         generation_config=config, streamer=streamer)
+    replies = []
+    for row in out[:, width:].tolist():
+        cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+        replies.append(row[:cut])
+    return replies
+
+
+def generate_reply(model, tokenizer, messages: Sequence[dict], temperature: float = 0.7,
+                   top_p: float = 0.9, max_new_tokens: int = 256, seed: int = 0,
+                   stream: bool = False) -> str:
+    """The assistant's reply to ``messages`` (stop tokens excluded); ``stream`` prints it as it comes."""
+    streamer = None
+    if stream:
+        from transformers import TextStreamer
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    (reply,) = generate_ids(model, tokenizer, [chat_ids(tokenizer, messages)], temperature, top_p,
+                            max_new_tokens, seed, streamer)
+    return tokenizer.decode(reply, skip_special_tokens=True).strip()
+
+
+# -----------------------------------------------------------------------------
+# the commands
+
+def _check_messages(messages, where: str) -> List[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise PhiloraError(f"{where}: 'messages' must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise PhiloraError(f"{where}: each message needs a role ({'/'.join(ROLES)}) and a string content")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_prompts(path: str) -> List[dict]:
+    """Records of a JSONL prompts file: {"prompt": str} or {"messages": [...]}. A conversation
+    ending with an assistant turn is a held-out example: that turn becomes the reference."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except (FileNotFoundError, IsADirectoryError):
+        raise PhiloraError(f"{path}: no such file") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PhiloraError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+            records.append({"prompt": rec["prompt"], "messages": [{"role": "user", "content": rec["prompt"]}]})
+        elif isinstance(rec, dict) and "messages" in rec:
+            messages = _check_messages(rec["messages"], where)
+            out = {"messages": messages}
+            if messages[-1]["role"] == "assistant":
+                out["messages"], out["reference"] = messages[:-1], messages[-1]["content"]
+            if not out["messages"]:
+                raise PhiloraError(f"{where}: nothing to reply to before the assistant turn")
+            records.append(out)
+        else:
+            raise PhiloraError(f'{where}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+    if not records:
+        raise PhiloraError(f"{path}: no prompts")
+    return records
+
+
+def _with_system(messages: List[dict], system: Optional[str]) -> List[dict]:
+    if system and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def generate_cli(source, prompt=None, prompts=None, out=None, stream=True, system=None,
+                 temperature=0.7, top_p=0.9, max_new_tokens=256, seed=0, base=None) -> int:
+    """``philora generate``: a reply to ``prompt`` on stdout, or JSONL replies for ``prompts``."""
+    if (prompt is None) == (prompts is None):
+        raise PhiloraError("give either --prompt TEXT or --prompts FILE.jsonl")
+    if out is not None and prompts is None:
+        raise PhiloraError("--out is for --prompts (one prompt's reply goes to stdout)")
+    if out is not None and Path(out).exists():
+        raise PhiloraError(f"--out '{out}' already exists; remove it or choose another file")
+    records = read_prompts(prompts) if prompts else None  # bad files fail before the model loads
+    model, tokenizer, _ = load_source(source, base)
+    sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    if prompt is not None:
+        messages = _with_system([{"role": "user", "content": prompt}], system)
+        reply = generate_reply(model, tokenizer, messages, stream=stream, **sampling)
+        if not stream:
+            print(reply)
+        return 0
+    sink = open(out, "w", encoding="utf-8") if out else sys.stdout
+    try:
+        for rec in records:
+            reply = generate_reply(model, tokenizer, _with_system(rec["messages"], system), **sampling)
+            row = {"prompt": rec["prompt"]} if "prompt" in rec else {"messages": rec["messages"]}
+            row.update({k: rec[k] for k in ("reference",) if k in rec}, response=reply)
+            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sink.flush()
+    finally:
+        if out:
+            sink.close()
+    return 0
+
+
+def chat(source, system=None, temperature=0.7, top_p=0.9, max_new_tokens=256, seed=0,
+         base=None) -> int:
+    """``philora chat``: read user turns from stdin until EOF or /exit; /reset clears the history."""
+    model, tokenizer, _ = load_source(source, base)
+    interactive = sys.stdin.isatty()
+    print(f"chatting with {source}: /reset clears the conversation, /exit (or Ctrl-D) quits",
+          file=sys.stderr)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    turn = 0
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = list(start)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        reply = generate_reply(model, tokenizer, history, temperature, top_p, max_new_tokens,
+                               seed + turn, stream=True)
+        history.append({"role": "assistant", "content": reply})
+        turn += 1
+    return 0
