@@ -19,9 +19,24 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import PhiloraError
 from .lora import lora_state_dict
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(PhiloraError):
+    """A checkpoint that cannot be read or does not fit this run; the message is one line."""
+
+
+def trainable_state(model) -> dict:
+    """What a checkpoint stores of the model: the LoRA tensors and every other trainable
+    parameter (biases with ``peft_config.bias`` all / lora_only), keys as in ``state_dict``."""
+    state = dict(lora_state_dict(model))
+    for n, p in model.named_parameters():
+        if p.requires_grad and n not in state:
+            state[n] = p
+    return state
 
 
 def list_checkpoints(output_dir) -> list:
@@ -61,7 +76,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, trainer_
     final = out / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=out))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in trainable_state(model).items()}
         save_file(tensors, str(tmp / "lora.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -88,15 +103,40 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, trainer_
     return final
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_checkpoint(path, model, optimizer, scheduler) -> dict:
-    """Restore LoRA tensors, optimizer, scheduler and RNG from ``path``; returns trainer_state."""
+    """Restore LoRA tensors, optimizer, scheduler and RNG from ``path``; returns trainer_state.
+
+    The checkpoint must hold exactly this model's trainable tensors, with the same shapes
+    (same peft_config), else CheckpointError names the checkpoint and the first difference.
+    """
     path = Path(path)
-    tensors = load_file(str(path / "lora.safetensors"))
-    missing = set(tensors) - set(model.state_dict())
+    try:
+        tensors = load_file(str(path / "lora.safetensors"))
+    except Exception as e:  # missing or damaged file
+        raise CheckpointError(f"{path}: cannot read lora.safetensors: {_first_line(e)}") from None
+    expected = trainable_state(model)
+    hint = f"resume with the peft_config the run was trained with (see {path / 'config.yaml'})"
+    extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+    if extra:
+        raise CheckpointError(f"{path}: the checkpoint has tensors this model lacks, e.g. '{extra[0]}'; {hint}")
     if missing:
-        raise ValueError(f"{path}: checkpoint has tensors the model lacks, e.g. {sorted(missing)[0]}")
-    model.load_state_dict(tensors, strict=False)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        raise CheckpointError(f"{path}: the checkpoint lacks tensors this model trains, e.g. '{missing[0]}'; {hint}")
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"{path}: '{k}' is {tuple(v.shape)} in the checkpoint but "
+                                  f"{tuple(expected[k].shape)} in this model; {hint}")
+    model.load_state_dict(tensors, strict=False)  # through the layers' own load hooks
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot restore the training state: {_first_line(e)}") from None
+    set_rng_state(rng)
+    return state
