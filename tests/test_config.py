@@ -99,6 +99,30 @@ def test_choices(tmp_path, key, bad):
     assert "one of" in msg
 
 
+@pytest.mark.parametrize("override", [
+    "training_config.per_device_train_batch_size=0", "training_config.gradient_accumulation_steps=0",
+    "training_config.logging_steps=0", "training_config.learning_rate=-1e-4", "training_config.save_steps=-1",
+    "peft_config.r=0", "peft_config.lora_dropout=1.0", "peft_config.lora_alpha=0", "data.max_length=1",
+    "data.eval_fraction=1", "training_config.warmup_ratio=1.5",
+])
+def test_out_of_range_values_name_the_key(tmp_path, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    one_line_error(e, f"'{key}'", "must be")
+    p = write(tmp_path, "{}:\n  {}: {}\n".format(*key.split("."), override.split("=")[1]))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    one_line_error(e, str(p), f"'{key}'")
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(None, ["training_config.max_grad_norm=0", "training_config.save_steps=0",
+                             "training_config.eval_steps=0", "peft_config.lora_dropout=0", "data.eval_fraction=0",
+                             "training_config.save_total_limit=0", "training_config.report_samples=0"])
+    assert cfg.training_config.max_grad_norm == 0.0 and cfg.peft_config.lora_dropout == 0.0
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     p = write(tmp_path, "model:\n  dtype: [unclosed\n")
     with pytest.raises(ConfigError) as e:

@@ -28,7 +28,7 @@ class ConfigError(PhiloraError):
 class ModelConfig:
     name_or_path: str = "microsoft/Phi-3-mini-4k-instruct"  # or "tiny": the built-in tiny Phi-3
     dtype: str = "auto"  # auto (bf16 on CUDA that supports it, else fp32) | float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
+    attn_implementation: str = "sdpa"  # eager | sdpa | philora_sdpa (per-sequence, no mask) | flash_attention_2
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     revision: Optional[str] = None
@@ -103,7 +103,7 @@ class Config:
 
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.attn_implementation": ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"),
+    "model.attn_implementation": ("eager", "sdpa", "philora_sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"),
     "model.quantization": (None, "nf4", "fp4"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion"),
@@ -111,6 +111,43 @@ CHOICES = {
     "training_config.lr_scheduler_type": ("cosine", "linear", "constant"),
     "peft_config.bias": ("none", "all", "lora_only"),
 }
+
+
+# Values a type cannot rule out: key -> (test, what it must be).
+RANGES = {
+    "data.max_length": (lambda v: v >= 2, ">= 2"),
+    "data.eval_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "training_config.learning_rate": (lambda v: v > 0, "> 0"),
+    "training_config.num_train_epochs": (lambda v: v > 0, "> 0"),
+    "training_config.per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "training_config.per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "training_config.gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "training_config.warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "training_config.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "training_config.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "training_config.adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "training_config.adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "training_config.adam_epsilon": (lambda v: v >= 0, ">= 0"),
+    "training_config.max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "training_config.logging_steps": (lambda v: v >= 1, ">= 1"),
+    "training_config.eval_steps": (lambda v: v >= 0, ">= 0"),
+    "training_config.save_steps": (lambda v: v >= 0, ">= 0"),
+    "training_config.save_total_limit": (lambda v: v >= 0, ">= 0 (0: keep all)"),
+    "training_config.eval_max_samples": (lambda v: v >= 0, ">= 0"),
+    "training_config.report_samples": (lambda v: v >= 0, ">= 0"),
+    "peft_config.r": (lambda v: v >= 1, ">= 1"),
+    "peft_config.lora_alpha": (lambda v: v > 0, "> 0"),
+    "peft_config.lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def check_values(cfg: "Config", where: str = "config") -> None:
+    """Range checks (batch sizes >= 1, dropout in [0, 1), ...); ConfigError names the key."""
+    for key, (ok, what) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{where}: '{key}' must be {what}, got {value!r}")
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -232,7 +269,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     if overrides:
         raw = apply_overrides(raw, overrides)
         where = f"{path} (with overrides)"
-    return _build(Config, raw, where, "")
+    cfg = _build(Config, raw, where, "")
+    check_values(cfg, where)
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:
