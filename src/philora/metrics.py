@@ -2,7 +2,8 @@
 
 Only the main process writes (``enabled=False`` elsewhere). ``metrics.jsonl`` has one JSON
 object per logging step (step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed) and per
-evaluation (step, eval_loss, eval_perplexity); it is appended to, so a resumed run continues it.
+evaluation (step, eval_loss, eval_perplexity); it is appended to, so a resumed run continues it
+(after dropping the records of steps after the checkpoint it resumes from: they are redone).
 """
 
 import json
@@ -23,10 +24,14 @@ class RunLogger:
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        if start_step > 0:  # a resume: drop what the interrupted run logged after its checkpoint
+            _truncate_metrics(self.dir / "metrics.jsonl", start_step)
         self.jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+            # purge_step: TensorBoard likewise hides the interrupted run's events after start_step
+            self.tb = SummaryWriter(str(self.dir / "tensorboard"),
+                                    purge_step=start_step + 1 if start_step > 0 else None)
         except ImportError:  # tensorboard is a dependency, but never fail a run over it
             self.tb = None
         if progress_bar:
@@ -72,6 +77,24 @@ class RunLogger:
         if self.tb is not None:
             self.tb.close()
         self.jsonl.close()
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records of steps <= ``last_step`` (the checkpoint's): the steps after it are
+    trained again, so a resumed run logs each step once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            continue  # a line cut short by the kill
+        if isinstance(step, (int, float)) and step <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def read_metrics(output_dir) -> list:

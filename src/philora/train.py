@@ -20,7 +20,7 @@ from . import distributed
 from .adapter import save_adapter
 from .batching import collate, epoch_order
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, config_to_dict
+from .config import Config, check_values, config_to_dict
 from .errors import PhiloraError
 from .inject import count_parameters, inject_lora
 from .loading import load_model_and_tokenizer, pick_device
@@ -104,6 +104,7 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> Optional[Pat
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[str, float]:
     """Fine-tune per ``cfg``; returns the final metrics. Writes everything to output_dir."""
     tc, pc, dc = cfg.training_config, cfg.peft_config, cfg.data
+    check_values(cfg)  # before --overwrite deletes anything
     d = distributed.setup()
     out = Path(tc.output_dir)
     ckpt = distributed.broadcast_object(d, prepare_output_dir(out, resume, overwrite) if d.main else None)
@@ -112,8 +113,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     device = torch.device("cuda", d.local_rank) if torch.cuda.is_available() else pick_device()
-    if tc.per_device_train_batch_size < 1 or tc.gradient_accumulation_steps < 1:
-        raise PhiloraError("training_config: batch size and gradient_accumulation_steps must be >= 1")
 
     # Model, tokenizer, data, LoRA.
     log = print if d.main else (lambda *a, **k: None)
