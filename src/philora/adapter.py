@@ -296,7 +296,7 @@ def read_adapter(adapter_dir) -> Adapter:
 # -----------------------------------------------------------------------------
 # applying to a model
 
-def _layer_shape(layer) -> Optional[Tuple[int, int]]:
+def layer_shape(layer) -> Optional[Tuple[int, int]]:
     """(in, out) of a linear layer (nn.Linear, GPT-2's Conv1D, a bitsandbytes 4-bit linear)."""
     from .inject import _is_conv1d
     if _is_conv1d(layer):
@@ -314,7 +314,7 @@ def target_layer(model, name: str, A: torch.Tensor, B: torch.Tensor, where) -> t
     except AttributeError:
         raise AdapterError(f"{where}: module '{name}' is not in the base model (a different base? "
                            f"the model has: {_short_names(linear_names(model))})") from None
-    shape = _layer_shape(layer)
+    shape = layer_shape(layer)
     if shape is None:
         raise AdapterError(f"{where}: module '{name}' is a {type(layer).__name__}; philora applies "
                            f"LoRA to linear layers only")

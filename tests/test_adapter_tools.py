@@ -1,0 +1,195 @@
+"""philora.adapter_tools: loralib <-> PEFT conversions keep the logits (checked against the real
+loralib and the real peft), and ``adapter check`` reports what vLLM would refuse."""
+
+import json
+
+import loralib
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_adapter import (PEFT_TOL, load_model, logits, peft_adapter, peft_logits, philora_run_adapter, randomize,
+                          save_base, token_ids)
+from test_merge import run_cli
+from torch.testing import assert_close
+
+import philora.lora as plora
+from philora.adapter_tools import check_cli, convert
+from philora.errors import PhiloraError
+from philora.inject import inject_lora
+
+SLICES = {"qkv_proj": [True, False, True]}  # q and v, as in loralib's README
+
+
+def loralib_phi3(base_dir, r=4, lora_alpha=8, targets=None, seed=3):
+    """The base with real loralib layers: MergedLinear where ``targets`` gives enable_lora, else Linear."""
+    targets = targets or {"qkv_proj": SLICES["qkv_proj"], "o_proj": None, "gate_up_proj": None}
+    model = load_model(base_dir)
+    for name, module in list(model.named_modules()):
+        short = name.rsplit(".", 1)[-1]
+        if short not in targets:
+            continue
+        out_f, in_f = module.weight.shape
+        if targets[short] is None:
+            new = loralib.Linear(in_f, out_f, r=r, lora_alpha=lora_alpha, bias=False, merge_weights=False)
+        else:
+            new = loralib.MergedLinear(in_f, out_f, r=r, lora_alpha=lora_alpha, enable_lora=targets[short],
+                                       bias=False, merge_weights=False)
+        new.weight = module.weight
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return randomize(model, seed).eval()
+
+
+@pytest.fixture(scope="module")
+def mha_base(tmp_path_factory):
+    return save_base(tmp_path_factory.mktemp("mha"), kv_heads=4)  # equal q/k/v slices, as loralib needs
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_loralib_checkpoint_to_peft(mha_base, tmp_path, suffix):
+    ids = token_ids()
+    model = loralib_phi3(mha_base)
+    ckpt = tmp_path / f"lora{suffix}"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}  # the whole model: LoRA is picked out
+    torch.save(state, ckpt) if suffix == ".pt" else save_file(state, ckpt)
+    convert(str(ckpt), tmp_path / "peft", to="peft", r=4, lora_alpha=8, base=mha_base, enable_lora=SLICES)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["gate_up_proj", "o_proj", "qkv_proj"] and config["rank_pattern"] == {"qkv_proj": 8}
+    got, want = peft_logits(mha_base, tmp_path / "peft", ids), logits(model, ids)
+    print(f"loralib -> peft: max |peft - loralib| = {(got - want).abs().max():.2e}")
+    assert_close(got, want, **PEFT_TOL)
+
+
+def test_slices_come_from_the_model_when_only_one_choice_fits(tmp_path):
+    """GQA (q 64 rows, k and v 32): k+v is the only pair of 64 rows; q+v would be ambiguous."""
+    base = save_base(tmp_path / "gqa")
+    ids = token_ids()
+    model = load_model(base)
+    inject_lora(model, r=4, lora_alpha=8, target_modules=["o_proj"], fused_slices={"qkv_proj": ["k", "v"]})
+    randomize(model)
+    torch.save(plora.lora_state_dict(model), tmp_path / "kv.pt")
+    convert(str(tmp_path / "kv.pt"), tmp_path / "peft", to="peft", r=4, lora_alpha=8, base=base)
+    assert_close(peft_logits(base, tmp_path / "peft", ids), logits(model, ids), **PEFT_TOL)
+    model = load_model(base)
+    inject_lora(model, r=4, lora_alpha=8, target_modules=["o_proj"], fused_slices={"qkv_proj": ["q", "v"]})
+    torch.save(plora.lora_state_dict(model), tmp_path / "qv.pt")
+    with pytest.raises(PhiloraError, match=r"fits: q\+k or q\+v\); pass enable_lora"):
+        convert(str(tmp_path / "qv.pt"), tmp_path / "peft2", to="peft", r=4, lora_alpha=8, base=base)
+
+
+def test_philora_adapter_to_loralib(mha_base, tmp_path, capsys):
+    ids = token_ids()
+    philora_run_adapter(mha_base, tmp_path / "run")
+    want = peft_logits(mha_base, tmp_path / "run", ids)
+    out = convert(str(tmp_path / "run"), tmp_path / "lora.safetensors", to="loralib", base=mha_base)
+    assert "qkv_proj: MergedLinear(enable_lora=[True, False, True])" in capsys.readouterr().out
+    model = loralib_phi3(mha_base, seed=99)
+    missing, unexpected = model.load_state_dict(load_file(out), strict=False)
+    assert not unexpected and all("lora_" not in k for k in missing)
+    got = logits(model, ids)
+    print(f"philora -> loralib: max |loralib - peft| = {(got - want).abs().max():.2e}")
+    assert_close(got, want, **PEFT_TOL)
+
+
+def test_peft_patterns_and_rslora_to_loralib(mha_base, tmp_path):
+    """One rank, per-module alphas and rsLoRA: loralib's single alpha/r absorbs them into lora_B."""
+    ids = token_ids()
+    peft_adapter(mha_base, tmp_path / "a", r=4, lora_alpha=8, use_rslora=True, target_modules=["o_proj", "down_proj"],
+                 alpha_pattern={"o_proj": 3})
+    out = convert(str(tmp_path / "a"), tmp_path / "lora.pt", to="loralib", r=4, lora_alpha=4)
+    model = loralib_phi3(mha_base, r=4, lora_alpha=4, targets={"o_proj": None, "down_proj": None}, seed=99)
+    model.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert_close(logits(model, ids), peft_logits(mha_base, tmp_path / "a", ids), **PEFT_TOL)
+
+
+def test_round_trip_keeps_the_tensors(mha_base, tmp_path):
+    state = loralib.lora_state_dict(loralib_phi3(mha_base))
+    torch.save(state, tmp_path / "lora.pt")
+    convert(str(tmp_path / "lora.pt"), tmp_path / "peft", to="peft", r=4, lora_alpha=8, base=mha_base, enable_lora=SLICES)
+    back = load_file(convert(str(tmp_path / "peft"), tmp_path / "back.safetensors", to="loralib", base=mha_base))
+    assert back.keys() == state.keys()
+    for k in state:
+        assert_close(back[k], state[k], rtol=0, atol=0)
+
+
+def test_convert_bad_inputs_are_one_line(mha_base, tmp_path, capsys):
+    torch.save(loralib.lora_state_dict(loralib_phi3(mha_base)), tmp_path / "lora.pt")
+    philora_run_adapter(mha_base, tmp_path / "run")
+    (tmp_path / "taken.pt").write_text("")
+    (tmp_path / "pickle.pt").write_bytes(b"\x80\x04\x95not a state dict")
+    lora = tmp_path / "lora.pt"
+    cases = [
+        (["--to", "peft", lora, tmp_path / "o1"], "pass --r and --lora-alpha"),
+        (["--to", "peft", lora, tmp_path / "o2", "--r", "3", "--lora-alpha", "8"], "do not fit r=3"),
+        (["--to", "peft", lora, tmp_path / "o3", "--r", "4", "--lora-alpha", "8"], "pass --base"),
+        (["--to", "peft", lora, tmp_path / "o4", "--r", "4", "--lora-alpha", "8", "--base", mha_base],
+         "fits: q+k or q+v or k+v"),
+        (["--to", "peft", tmp_path / "run", tmp_path / "o5", "--r", "4", "--lora-alpha", "8"], "not a file"),
+        (["--to", "peft", tmp_path / "pickle.pt", tmp_path / "o6", "--r", "4", "--lora-alpha", "8"], "cannot read"),
+        (["--to", "loralib", tmp_path / "run", tmp_path / "x.safetensors"], "pass --base"),
+        (["--to", "loralib", tmp_path / "run", tmp_path / "x.txt"], "ending in .safetensors"),
+        (["--to", "loralib", tmp_path / "run", tmp_path / "x.pt", "--r", "3", "--base", mha_base], "has rank 4"),
+        (["--to", "loralib", tmp_path / "run", tmp_path / "taken.pt", "--base", mha_base], "already exists"),
+    ]
+    for (flag, to, src, out, *rest), needle in cases:
+        code, err = run_cli(capsys, "adapter", "convert", src, "--out", out, flag, to, *rest)
+        assert code == 2 and err.startswith("philora: error:") and needle in err, (src, rest, err)
+
+
+# -----------------------------------------------------------------------------
+# check
+
+def check_lines(capsys, adapter, base=None):
+    capsys.readouterr()
+    code = check_cli(str(adapter), base=base)
+    lines = capsys.readouterr().out.strip().splitlines()
+    return code, [line for line in lines if line.startswith(("error:", "warning:"))], lines[-1]
+
+
+def _edit(path, **changes):
+    file = path / "adapter_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+def test_check_clean_and_rank_notes(mha_base, tmp_path, capsys):
+    philora_run_adapter(mha_base, tmp_path / "run")
+    assert check_lines(capsys, tmp_path / "run") == (0, [], f"{tmp_path / 'run'}: ok (6 LoRA modules, rank 4/8)")
+    peft_adapter(mha_base, tmp_path / "r64", r=64, lora_alpha=16, target_modules=["o_proj"])
+    code, problems, _ = check_lines(capsys, tmp_path / "r64")
+    assert code == 0 and problems == ["warning: rank 64: serve with vLLM --max-lora-rank 64 (its default is 16; "
+                                      "allowed: 1, 8, 16, 32, 64, 128, 256, 320, 512)"]
+    peft_adapter(mha_base, tmp_path / "r600", r=600, lora_alpha=16, target_modules=["o_proj"])
+    code, problems, _ = check_lines(capsys, tmp_path / "r600")
+    assert code == 1 and problems == ["error: rank 600 is beyond vLLM's largest --max-lora-rank (512)"]
+
+
+def test_check_reports_what_vllm_rejects(mha_base, tmp_path, capsys):
+    peft_adapter(mha_base, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["o_proj"], use_dora=True)
+    code, problems, last = check_lines(capsys, tmp_path / "dora")
+    assert code == 1 and len(problems) == 1 and "DoRA" in problems[0] and last.endswith("1 error(s), 0 warning(s)")
+    peft_adapter(mha_base, tmp_path / "misc", r=4, lora_alpha=8, target_modules=["o_proj"])
+    _edit(tmp_path / "misc", bias="all", modules_to_save=["lm_head"])
+    code, problems, _ = check_lines(capsys, tmp_path / "misc")
+    assert code == 1 and any("modules_to_save" in p for p in problems) and any("bias='all'" in p for p in problems)
+
+
+def test_check_against_the_base(mha_base, tmp_path, capsys):
+    peft_adapter(mha_base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["qkv_proj"])
+    _edit(tmp_path / "a", target_modules=["q_proj", "v_proj", "qkv_proj"])  # the cookbook's names do not exist
+    code, problems, _ = check_lines(capsys, tmp_path / "a")
+    assert code == 0 and problems == [f"warning: target_modules entry '{t}' matches no module of {mha_base}"
+                                      for t in ("q_proj", "v_proj")]
+    gqa = save_base(tmp_path / "gqa")  # qkv_proj has 128 rows there, not 192
+    code, problems, _ = check_lines(capsys, tmp_path / "a", base=gqa)
+    assert code == 1 and len(problems) == 2 + 2 and all("lora_B (192, 4)" in p for p in problems[:2])
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    save_file({k.replace("qkv_proj", "query_key_value"): v for k, v in load_file(file).items()}, file)
+    code, problems, _ = check_lines(capsys, tmp_path / "a")
+    errors = [p for p in problems if p.startswith("error:")]
+    assert code == 1 and len(errors) == 3 and "is not in the base model" in errors[0]
+    assert "serve the base model unchanged" in errors[-1]
+    _edit(tmp_path / "a", base_model_name_or_path=str(tmp_path / "gone"))
+    code, problems, _ = check_lines(capsys, tmp_path / "a")
+    assert code == 0 and "module names and shapes not checked; pass --base" in problems[-1]
+    code, err = run_cli(capsys, "adapter", "check", tmp_path / "missing")
+    assert code == 2 and err.startswith("philora: error:") and "no adapter_config.json" in err
