@@ -23,7 +23,6 @@ from philora.checkpoint import list_checkpoints
 from philora.config import config_to_dict, load_config
 from philora.errors import PhiloraError
 from philora.metrics import read_metrics
-from philora.sample import SAMPLE_EVAL, SAMPLE_TRAIN
 from philora.train import train
 
 CKPT_FILES = {"lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.yaml"}
@@ -37,38 +36,6 @@ class Killed(Exception):
 
 # -----------------------------------------------------------------------------
 # fixtures
-
-
-@pytest.fixture(scope="session")
-def small_model_dir(tiny_model_dir, tmp_path_factory):
-    """A smaller Phi-3 with grouped-query attention (64 hidden, 2 layers, 4 heads, 2 kv heads)
-    and the tiny model's tokenizer and chat template."""
-    from transformers import AutoConfig, Phi3Config, Phi3ForCausalLM
-    out = tmp_path_factory.mktemp("small-phi3")
-    base = AutoConfig.from_pretrained(tiny_model_dir)
-    config = Phi3Config(vocab_size=base.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        original_max_position_embeddings=512, tie_word_embeddings=False,
-                        bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
-                        pad_token_id=base.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        Phi3ForCausalLM(config).save_pretrained(out)
-    for f in Path(tiny_model_dir).iterdir():
-        if f.name not in ("config.json", "generation_config.json", "model.safetensors"):
-            shutil.copy(f, out / f.name)
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory):
-    """24 train and 8 eval conversations from the shipped sample."""
-    d = tmp_path_factory.mktemp("data")
-    train_lines = SAMPLE_TRAIN.read_text(encoding="utf-8").splitlines()[:24]
-    eval_lines = SAMPLE_EVAL.read_text(encoding="utf-8").splitlines()[:8]
-    (d / "train.jsonl").write_text("\n".join(train_lines) + "\n", encoding="utf-8")
-    (d / "eval.jsonl").write_text("\n".join(eval_lines) + "\n", encoding="utf-8")
-    return d / "train.jsonl", d / "eval.jsonl"
 
 
 def make_cfg(out, model, data, *overrides):

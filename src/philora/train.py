@@ -23,7 +23,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, check_values, config_to_dict
 from .errors import PhiloraError
 from .inject import count_parameters, inject_lora
-from .loading import load_model_and_tokenizer, pick_device
+from .loading import load_model_and_tokenizer, load_tokenizer, pick_device, resolve_path
 from .loss import CausalLMLoss
 from .metrics import RunLogger, plot_losses
 
@@ -114,11 +114,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
     random.seed(tc.seed)
     device = torch.device("cuda", d.local_rank) if torch.cuda.is_available() else pick_device()
 
-    # Model, tokenizer, data, LoRA.
+    # Tokenizer and data, then model and LoRA: a bad record is reported before a large model loads.
     log = print if d.main else (lambda *a, **k: None)
-    model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, device, training=True)
     from .data import build_datasets
+    tokenizer = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code,
+                               cfg.model.revision)
     train_set, eval_set, _ = build_datasets(dc, tokenizer, tc.seed, log=log)
+    model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, device, training=True)
     inject_lora(model, pc.r, pc.lora_alpha, pc.lora_dropout, pc.target_modules, pc.fused_slices,
                 pc.use_rslora, pc.bias)
     trainable, total = count_parameters(model)
