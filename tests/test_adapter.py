@@ -22,6 +22,15 @@ PEFT_TOL = dict(rtol=1e-5, atol=1e-5)
 # -----------------------------------------------------------------------------
 # builders (imported by the other test files)
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and two shared cores are not oversubscribed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def phi3_config(kv_heads=2, **kw):
     """A tiny Phi-3: hidden 64, 2 layers, 4 heads, grouped-query attention (2 kv heads)."""
     return Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

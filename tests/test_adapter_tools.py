@@ -7,6 +7,7 @@ import loralib
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_adapter import one_thread  # noqa: F401 (autouse fixture)
 from test_adapter import (PEFT_TOL, load_model, logits, peft_adapter, peft_logits, philora_run_adapter, randomize,
                           save_base, token_ids)
 from test_merge import run_cli

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from test_adapter import randomize
+from test_adapter import one_thread  # noqa: F401 (autouse fixture)
 from test_merge import make_run, run_cli, tiny_dir  # noqa: F401 (fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from test_adapter import one_thread  # noqa: F401 (autouse fixture)
 from test_adapter import (PEFT_TOL, load_model, logits, peft_adapter, peft_logits, philora_run_adapter,
                           save_base, token_ids)
 from torch.testing import assert_close

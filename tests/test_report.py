@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from test_adapter import one_thread  # noqa: F401 (autouse fixture)
 from test_adapter import load_model, logits, randomize, save_base, token_ids
 from test_merge import run_cli, tiny_dir  # noqa: F401 (fixture)
 from torch.testing import assert_close
@@ -91,7 +92,7 @@ def test_eval_command_and_its_output_guard(run, tmp_path, capsys):
         code, err = run_cli(capsys, "eval", out, "--out", target)
         assert code == 2 and err.startswith("philora: error:") and "--force" in err
     files = sorted(p.name for p in out.iterdir())
-    assert run_cli(capsys, "eval", out, "--out", out, "--force", "--samples", "1")[0] == 0
+    assert run_cli(capsys, "eval", out, "--out", out, "--force", "--samples", "1", "--max-new-tokens", "2")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == files
 
 

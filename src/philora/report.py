@@ -213,6 +213,9 @@ def evaluate_run(run, data: Optional[str] = None, out=None, samples: int = 8, ma
         pairs = eval_conversations(cfg, tokenizer)
         described = dc.eval or f"{dc.train} (eval split)"
     if not pairs:
+        if eval_examples is not None:  # the end of a run with no eval split: nothing to report
+            print("eval: no eval conversations, no report")
+            return {}
         raise PhiloraError(f"{data or run}: no eval conversations to report on")
     limit = cfg.training_config.eval_max_samples if cfg else 0
     examples = eval_examples if eval_examples is not None else [ex for _, ex in pairs][:limit or None]
