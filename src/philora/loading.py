@@ -58,6 +58,9 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: Optional[torch.device] = 
     device = device or pick_device()
     path = resolve_path(cfg.name_or_path)
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.attn_implementation == "philora_sdpa":  # padding-free SDPA without a mask (attention.py)
+        from .attention import register
+        register()
     kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation,
                   trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.quantization:
