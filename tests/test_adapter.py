@@ -191,7 +191,8 @@ def test_per_slice_adapter_loads_in_peft_and_back(base_dir, tmp_path, use_rslora
 def test_trained_biases_export_where_peft_reads_them(tmp_path):
     """bias='all': a LoRA layer's own bias is peft's '<module>.base_layer.bias', others keep their name."""
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / "base")
+    gpt2 = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    GPT2LMHeadModel(gpt2).save_pretrained(tmp_path / "base")
     model = load_model(tmp_path / "base")
     inject_lora(model, r=4, lora_alpha=8, target_modules=["c_attn"], bias="all")
     with torch.no_grad():

@@ -55,7 +55,8 @@ def test_loralib_checkpoint_to_peft(mha_base, tmp_path, suffix):
     torch.save(state, ckpt) if suffix == ".pt" else save_file(state, ckpt)
     convert(str(ckpt), tmp_path / "peft", to="peft", r=4, lora_alpha=8, base=mha_base, enable_lora=SLICES)
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["target_modules"] == ["gate_up_proj", "o_proj", "qkv_proj"] and config["rank_pattern"] == {"qkv_proj": 8}
+    assert config["target_modules"] == ["gate_up_proj", "o_proj", "qkv_proj"]
+    assert config["rank_pattern"] == {"qkv_proj": 8}
     got, want = peft_logits(mha_base, tmp_path / "peft", ids), logits(model, ids)
     print(f"loralib -> peft: max |peft - loralib| = {(got - want).abs().max():.2e}")
     assert_close(got, want, **PEFT_TOL)
@@ -106,7 +107,8 @@ def test_peft_patterns_and_rslora_to_loralib(mha_base, tmp_path):
 def test_round_trip_keeps_the_tensors(mha_base, tmp_path):
     state = loralib.lora_state_dict(loralib_phi3(mha_base))
     torch.save(state, tmp_path / "lora.pt")
-    convert(str(tmp_path / "lora.pt"), tmp_path / "peft", to="peft", r=4, lora_alpha=8, base=mha_base, enable_lora=SLICES)
+    convert(str(tmp_path / "lora.pt"), tmp_path / "peft", to="peft", r=4, lora_alpha=8, base=mha_base,
+            enable_lora=SLICES)
     back = load_file(convert(str(tmp_path / "peft"), tmp_path / "back.safetensors", to="loralib", base=mha_base))
     assert back.keys() == state.keys()
     for k in state:

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from test_adapter import one_thread  # noqa: F401 (autouse fixture)
-from test_merge import make_run, run_cli, tiny_dir  # noqa: F401 (fixture)
+from test_merge import make_run, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from philora import generate
@@ -19,13 +19,13 @@ SCALE = 10.0
 
 
 @pytest.fixture(scope="module")
-def scripted(tiny_dir, tmp_path_factory):  # noqa: F811
+def scripted(tiny_model_dir, tmp_path_factory):
     """The tiny model rewired so greedy decoding answers any prompt with two fixed tokens, then
     <|end|>: attention and MLP outputs are zeroed (each position sees only its own token), one-hot
     embeddings chain <|assistant|> -> t1 -> t2 -> <|end|> through the LM head. Its generation
     config knows only <|endoftext|>, so stopping on <|end|> comes from philora's stop tokens."""
     path = tmp_path_factory.mktemp("scripted")
-    shutil.copytree(tiny_dir, path, dirs_exist_ok=True)
+    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     t1, t2 = tok("Paris is", add_special_tokens=False)["input_ids"][:2]
@@ -74,24 +74,24 @@ def test_prompts_file_to_jsonl(scripted, tmp_path):
                    {"messages": [{"role": "user", "content": "2+2?"}], "reference": "4", "response": reply}]
 
 
-def test_sampling_is_seeded(tiny_dir):  # noqa: F811
-    model, tok, _ = load_source(tiny_dir)
+def test_sampling_is_seeded(tiny_model_dir):
+    model, tok, _ = load_source(tiny_model_dir)
     ids = [chat_ids(tok, [{"role": "user", "content": "Tell me a story."}])]
     run = lambda seed: generate_ids(model, tok, ids, temperature=1.0, top_p=0.95, max_new_tokens=12, seed=seed)
     assert run(0) == run(0)
     assert run(0) != run(1)
 
 
-def test_adapter_unmerged_and_merged_reply_alike(tiny_dir, tmp_path):  # noqa: F811
+def test_adapter_unmerged_and_merged_reply_alike(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
-    make_run(run, tiny_dir, tokenizer_dir=tiny_dir)
+    make_run(run, tiny_model_dir, tokenizer_dir=tiny_model_dir)
     merged = merge(str(run), tmp_path / "merged")
     messages = [{"role": "user", "content": "What is 2 plus 3?"}]
     replies = []
     for source in (str(run), str(merged)):
         model, tok, _ = load_source(source)
         replies.append(generate_ids(model, tok, [chat_ids(tok, messages)], max_new_tokens=16))
-    base, tok, _ = load_source(tiny_dir)
+    base, tok, _ = load_source(tiny_model_dir)
     assert replies[0] == replies[1]
     assert replies[0] != generate_ids(base, tok, [chat_ids(tok, messages)], max_new_tokens=16)
 

@@ -17,16 +17,6 @@ from philora.adapter import read_adapter
 from philora.cli import main
 from philora.config import Config, ModelConfig, save_config
 from philora.merge import merge
-from philora.tiny import resolve_model
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(request, tmp_path_factory):
-    """The built-in tiny Phi-3 (real tokenizer and chat template), built once into pytest's cache."""
-    cache = request.config.cache.mkdir("philora-tiny") if request.config.cache else tmp_path_factory.mktemp("c")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PHILORA_CACHE", str(cache))
-        return resolve_model("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -84,19 +74,19 @@ def test_bf16_base_merges_in_float32_and_casts_once(tmp_path, out_dtype):
     assert_close(merged.model.norm.weight, original["model.norm.weight"].to(want_dtype), rtol=0, atol=0)
 
 
-def test_tiny_run_gets_tokenizer_stop_tokens_and_shards(tiny_dir, tmp_path):
-    make_run(tmp_path / "run", tiny_dir, tokenizer_dir=tiny_dir)
+def test_tiny_run_gets_tokenizer_stop_tokens_and_shards(tiny_model_dir, tmp_path):
+    make_run(tmp_path / "run", tiny_model_dir, tokenizer_dir=tiny_model_dir)
     out = merge(str(tmp_path / "run"), tmp_path / "merged", max_shard_size="2MB")
     files = {p.name for p in out.iterdir()}
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
     assert {"tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"} <= files
     tok = AutoTokenizer.from_pretrained(out)
-    assert tok.chat_template == AutoTokenizer.from_pretrained(tiny_dir).chat_template
+    assert tok.chat_template == AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
     gen = json.loads((out / "generation_config.json").read_text())
     ids = tok.convert_tokens_to_ids
     assert {ids("<|end|>"), ids("<|endoftext|>")} <= set(gen["eos_token_id"])
     tokens = token_ids(1000)
-    got, want = logits(load_model(out), tokens), peft_logits(tiny_dir, tmp_path / "run", tokens)
+    got, want = logits(load_model(out), tokens), peft_logits(tiny_model_dir, tmp_path / "run", tokens)
     print(f"tiny run (hidden 256, 4 layers): max |merged - peft| = {(got - want).abs().max():.2e}")
     assert_close(got, want, rtol=1e-4, atol=1e-4)  # float32 re-association: x(W + BA) vs xW + (xA)B
 
@@ -109,7 +99,8 @@ def test_quantized_run_merges_into_the_dequantized_base(base_dir, tmp_path, monk
         calls.append((model_cfg.quantization, dtype))
         return load_model(base_dir)
 
-    monkeypatch.setitem(sys.modules, "philora.quant", types.SimpleNamespace(load_dequantized_base=load_dequantized_base))
+    fake = types.SimpleNamespace(load_dequantized_base=load_dequantized_base)
+    monkeypatch.setitem(sys.modules, "philora.quant", fake)
     make_run(tmp_path / "run", base_dir, quantization="nf4")
     out = merge(str(tmp_path / "run"), tmp_path / "merged")
     assert calls == [("nf4", torch.float32)]

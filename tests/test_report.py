@@ -4,14 +4,13 @@ data.build_datasets' own, and the overlap metrics give hand-computed values."""
 
 import json
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_adapter import one_thread  # noqa: F401 (autouse fixture)
 from test_adapter import load_model, logits, randomize, save_base, token_ids
-from test_merge import run_cli, tiny_dir  # noqa: F401 (fixture)
+from test_merge import run_cli
 from torch.testing import assert_close
 
 from philora.config import load_config
@@ -30,9 +29,10 @@ RUN_OVERRIDES = ["training_config.max_steps=3", "training_config.eval_steps=0", 
 
 
 @pytest.fixture(scope="module")
-def run(tiny_dir, tmp_path_factory):  # noqa: F811
+def run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = load_config(None, [f"model.name_or_path={tiny_dir}", f"training_config.output_dir={out}"] + RUN_OVERRIDES)
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"training_config.output_dir={out}"]
+    cfg = load_config(None, overrides + RUN_OVERRIDES)
     train(cfg, overwrite=True)
     return out, cfg
 
@@ -49,18 +49,19 @@ def reference_loss(model, examples):
     return total / count
 
 
-def test_train_ends_with_the_report(run, tiny_dir):  # noqa: F811
+def test_train_ends_with_the_report(run, tiny_model_dir):
     from peft import PeftModel
     out, cfg = run
-    assert {"report.md", "report.json", "loss.png", "adapter_model.safetensors", "config.yaml"} <= {p.name for p in out.iterdir()}
+    files = {p.name for p in out.iterdir()}
+    assert {"report.md", "report.json", "loss.png", "adapter_model.safetensors", "config.yaml"} <= files
     report = json.loads((out / "report.json").read_text())
-    tok = load_tokenizer(tiny_dir)
+    tok = load_tokenizer(tiny_model_dir)
     pairs = eval_conversations(cfg, tok)
     examples = [ex for _, ex in pairs][:6]
     assert report["eval_examples"] == 6 and len(report["samples"]) == 2
     final_eval = [m["eval_loss"] for m in read_metrics(out) if "eval_loss" in m][-1]
-    base = reference_loss(load_model(tiny_dir), examples)
-    tuned = reference_loss(PeftModel.from_pretrained(load_model(tiny_dir), out).eval(), examples)
+    base = reference_loss(load_model(tiny_model_dir), examples)
+    tuned = reference_loss(PeftModel.from_pretrained(load_model(tiny_model_dir), out).eval(), examples)
     print(f"report losses: base {report['base']['loss']:.6f} (reference {base:.6f}), "
           f"fine-tuned {report['fine_tuned']['loss']:.6f} (peft {tuned:.6f}, train's last eval {final_eval:.6f})")
     assert report["base"]["loss"] == pytest.approx(base, rel=1e-5)
@@ -96,9 +97,9 @@ def test_eval_command_and_its_output_guard(run, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == files
 
 
-def test_adapter_without_run_config_needs_data(tiny_dir, tmp_path, capsys):  # noqa: F811
+def test_adapter_without_run_config_needs_data(tiny_model_dir, tmp_path, capsys):
     from test_merge import make_run
-    make_run(tmp_path / "run", tiny_dir, tokenizer_dir=tiny_dir)
+    make_run(tmp_path / "run", tiny_model_dir, tokenizer_dir=tiny_model_dir)
     (tmp_path / "run" / "config.yaml").unlink()  # now a plain PEFT adapter directory
     code, err = run_cli(capsys, "eval", tmp_path / "run", "--out", tmp_path / "r1")
     assert code == 2 and "pass --data FILE" in err
@@ -115,8 +116,8 @@ def test_adapter_without_run_config_needs_data(tiny_dir, tmp_path, capsys):  # n
 
 
 @pytest.mark.parametrize("held_out", [False, True])
-def test_eval_conversations_are_build_datasets_eval_split(tiny_dir, tmp_path, held_out):  # noqa: F811
-    tok = load_tokenizer(tiny_dir)
+def test_eval_conversations_are_build_datasets_eval_split(tiny_model_dir, tmp_path, held_out):
+    tok = load_tokenizer(tiny_model_dir)
     overrides = []
     if held_out:  # a file: eval_fraction held out of train, after bad, too-long and dropped records
         lines = SAMPLE_TRAIN.read_text().splitlines()[:40]

@@ -108,7 +108,8 @@ def _to_block_diagonal(name: str, B: torch.Tensor, k: int, r: int, model, enable
     return out
 
 
-def _from_block_diagonal(name: str, B: torch.Tensor, k: int, r: int, model, enable_lora) -> Tuple[torch.Tensor, List[bool]]:
+def _from_block_diagonal(name: str, B: torch.Tensor, k: int, r: int, model,
+                         enable_lora) -> Tuple[torch.Tensor, List[bool]]:
     """PEFT's block-diagonal lora_B (out, r*k) back to a MergedLinear's (enabled rows, r)."""
     layout = _slice_layout(model, name, enable_lora, B.shape[0])
     if layout is None:
@@ -268,7 +269,8 @@ def check(adapter_dir, base: Optional[str] = None) -> Tuple[List[str], List[str]
                         "read only r and lora_alpha scale them wrongly")
     name = base or cfg.get("base_model_name_or_path")
     if not name:
-        warnings.append("no base model (base_model_name_or_path is empty): module names and shapes not checked; pass --base")
+        warnings.append("no base model (base_model_name_or_path is empty): module names and shapes "
+                        "not checked; pass --base")
         return errors, warnings
     try:
         model = meta_model(name, local_only=base is None)
