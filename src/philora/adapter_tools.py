@@ -123,7 +123,7 @@ def _from_block_diagonal(name: str, B: torch.Tensor, k: int, r: int, model,
         hits = [j for j, (s0, n) in enumerate(zip(starts, sizes)) if block[s0:s0 + n].abs().sum() > 0]
         if given is not None:
             hits = [j for j, on in enumerate(given) if on][i:i + 1]
-        if len(hits) != 1 or enabled[hits[0]] or any(enabled[hits[0]:]):
+        if len(hits) != 1 or any(enabled[hits[0]:]):  # one slice per block, in slice order
             raise PhiloraError(f"'{name}': lora_B is not block-diagonal over the slices {sizes}: a rank-{r * k} "
                                f"LoRA is not a loralib MergedLinear of rank {r}")
         j = hits[0]

@@ -222,24 +222,23 @@ def evaluate_run(run, data: Optional[str] = None, out=None, samples: int = 8, ma
     batch_size = cfg.training_config.per_device_eval_batch_size if cfg else 8
     prompts = [held_out(m) for m, _ in pairs[:samples]]
     ids = [chat_ids(tokenizer, p) for p, _ in prompts]
-    decode = lambda rows: [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
+    refs = [r for _, r in prompts]
     results = {}
     with eval_mode(model):
         for side, ctx in (("fine_tuned", contextlib.nullcontext()), ("base", lora_disabled(model))):
             with ctx:
                 loss = eval_loss(model, examples, tokenizer.pad_token_id, dc, batch_size)
-                gens = decode(generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens)) if ids else []
-            results[side] = {"loss": loss, "generations": gens}
+                replies = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens) if ids else []
+            texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
+            results[side] = {"loss": loss["loss"], "perplexity": loss["perplexity"],
+                             **score(list(zip(texts, refs))), "generations": texts}
     report = {
         "run": str(run), "base_model": src.model_cfg.name_or_path, "data": described,
-        "eval_examples": len(examples), "label_tokens": results["base"]["loss"]["label_tokens"],
-        "max_new_tokens": max_new_tokens, "samples": [],
+        "eval_examples": len(examples), "label_tokens": loss["label_tokens"], "max_new_tokens": max_new_tokens,
+        "base": {k: v for k, v in results["base"].items() if k != "generations"},
+        "fine_tuned": {k: v for k, v in results["fine_tuned"].items() if k != "generations"},
+        "samples": [],
     }
-    for side in ("base", "fine_tuned"):
-        refs = [r for _, r in prompts]
-        gen_scores = score(list(zip(results[side]["generations"], refs)))
-        loss = results[side]["loss"]
-        report[side] = {"loss": loss["loss"], "perplexity": loss["perplexity"], **gen_scores}
     for k, (prompt, ref) in enumerate(prompts):
         base, tuned = results["base"]["generations"][k], results["fine_tuned"]["generations"][k]
         report["samples"].append({"prompt": prompt, "reference": ref, "base": base, "fine_tuned": tuned,
