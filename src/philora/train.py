@@ -157,6 +157,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
     eval_subset = eval_set[:tc.eval_max_samples] if tc.eval_max_samples > 0 else eval_set
 
     def run_eval(step: int) -> Dict[str, float]:
+        if not eval_subset:  # no eval set (data.eval_fraction=0): nothing to evaluate
+            return {}
         m = evaluate(loss_fn, eval_subset, tc.per_device_eval_batch_size, pad_id, dc.packing,
                      dc.max_length, device, d, autocast)
         logger.write({"step": step, **m})
@@ -184,8 +186,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
             window["loss"] += loss_sum.detach().float().cpu()
             window["labels"] += n.cpu()
             window["tokens"] += int(b["num_tokens"])
-        if tc.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        # The norm is logged either way; max_grad_norm 0 means no clipping.
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0
+                                                   else float("inf"))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
