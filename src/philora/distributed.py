@@ -1,15 +1,28 @@
-"""torch.distributed plumbing for ``torchrun``: process group, rank facts, reductions.
+"""torch.distributed plumbing for ``torchrun``: process group, rank facts, reductions, checks.
 
 Under torchrun (``WORLD_SIZE`` > 1) each process joins the group (NCCL on CUDA, gloo on CPU)
-and trains a DistributedDataParallel replica; without it everything here is a no-op, so the
-training loop reads the same either way.
+and trains a DistributedDataParallel replica (or an FSDP shard, see fsdp.py); without it
+everything here is a no-op, so the training loop reads the same either way.
+
+Data: every optimizer step reads ``world x per_device_train_batch_size x
+gradient_accumulation_steps`` consecutive samples of one global order, split by rank, so the
+data position is a count of global samples and a run resumes on any world size that keeps the
+global batch. Dropout: each rank reseeds its RNG at every step from (seed, rank, step), so ranks
+draw different masks and a resume on the same world size is bit-identical, with no RNG state to
+gather.
 """
 
+import hashlib
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import PhiloraError
+
+_OWNED = False  # whether setup() created the process group (then teardown() destroys it)
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,7 @@ class Dist:
 
 def setup() -> Dist:
     """Join the process group if launched by torchrun; returns this process's facts."""
+    global _OWNED
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -36,20 +50,24 @@ def setup() -> Dist:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl")
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group("gloo")
+        _OWNED = True
     return Dist(rank, world, local_rank)
 
 
 def teardown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+    """Leave the group if setup() created it (a caller's own group stays up)."""
+    global _OWNED
+    if d.enabled and dist.is_initialized() and _OWNED:
         dist.destroy_process_group()
+        _OWNED = False
 
 
 def all_sum(d: Dist, *values: torch.Tensor) -> list:
     """Sum each tensor over ranks (one collective); returns new tensors."""
-    flat = torch.stack([v.detach().double().reshape(()) for v in values])
+    flat = torch.stack([torch.as_tensor(v).detach().double().reshape(()) for v in values])
     if d.enabled:
         backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         flat = flat.to(backend_device)
@@ -66,16 +84,75 @@ def broadcast_object(d: Dist, obj):
     return box[0]
 
 
+def on_main(d: Dist, fn):
+    """``fn()`` run on rank 0 only, its result on every rank; a PhiloraError it raises is
+    raised on every rank (instead of the others waiting for a result that never comes)."""
+    result = None
+    if d.main:
+        try:
+            result = ("ok", fn())
+        except PhiloraError as e:
+            result = ("error", str(e))
+    status, value = broadcast_object(d, result)
+    if status == "error":
+        raise PhiloraError(value)
+    return value
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()
 
 
+def eval_batches(d: Dist, examples: list, batch: int) -> list:
+    """This rank's eval batches as (examples, counted) pairs, the same number on every rank
+    (FSDP runs each forward on all ranks together): a rank short of data runs a stand-in batch
+    that is not counted."""
+    mine = examples[d.rank::d.world]
+    n = math.ceil(math.ceil(len(examples) / d.world) / batch)
+    out = [(mine[s:s + batch], True) for s in range(0, len(mine), batch)]
+    return out + [(examples[:1], False)] * (n - len(out))
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of ``rank`` for optimizer step ``step``: distinct per (seed, rank, step)."""
+    digest = hashlib.blake2b(f"philora/{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # < 2**63: valid for every torch generator
+
+
+def global_batch(d: Dist, per_device: int, accumulation: int) -> int:
+    return d.world * per_device * accumulation
+
+
+def check_data(d: Dist, n_train: int, per_device: int) -> None:
+    """A world size must fit the data: one global micro-batch of distinct training samples."""
+    if d.enabled and n_train < d.world * per_device:
+        raise PhiloraError(f"the training set has {n_train} examples, fewer than one micro-batch "
+                           f"across {d.world} processes ({d.world} x per_device_train_batch_size "
+                           f"{per_device}); use fewer processes or a smaller per_device_train_batch_size")
+
+
+def check_resume(d: Dist, trainer_state: dict, per_device: int, accumulation: int) -> None:
+    """A checkpoint resumes on any world size that keeps its global batch (steps, the LR
+    schedule and the data position all count in it)."""
+    step, seen = trainer_state.get("step", 0), trainer_state.get("samples_seen", 0)
+    was = trainer_state.get("global_batch") or (seen // step if step else None)
+    now = global_batch(d, per_device, accumulation)
+    if was and was != now:
+        old_world = trainer_state.get("world_size", "?")
+        raise PhiloraError(f"--resume: the checkpoint was trained with a global batch of {was} "
+                           f"({old_world} processes), this run's is {now} ({d.world} x {per_device} x "
+                           f"{accumulation}); set per_device_train_batch_size / "
+                           f"gradient_accumulation_steps so that processes x batch x accumulation = {was}")
+
+
 def wrap(module: torch.nn.Module, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
-    """DistributedDataParallel around ``module`` (only LoRA parameters are trainable)."""
+    """DistributedDataParallel (or FSDP) around ``module`` (only LoRA parameters train)."""
     if fsdp:
         from .fsdp import wrap_fsdp
         return wrap_fsdp(module, device)
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(module, device_ids=ids)
+    # forward_sync_buffers=False: the model's buffers are constants (rotary tables), and a buffer
+    # broadcast in every forward would hang an eval where ranks run different batch counts.
+    return DDP(module, device_ids=ids, forward_sync_buffers=False)

@@ -71,13 +71,13 @@ def evaluate(loss_fn, examples: List[dict], batch: int, pad_id: int, packing: bo
     was_training = loss_fn.training
     loss_fn.eval()
     total, count = torch.zeros(()), torch.zeros(())
-    mine = examples[d.rank::d.world]
-    for s in range(0, len(mine), batch):
-        b = to_device(collate(mine[s:s + batch], pad_id, packing, max_length), device)
+    for part, counted in distributed.eval_batches(d, examples, batch):
+        b = to_device(collate(part, pad_id, packing, max_length), device)
         with autocast():
             loss_sum, n = loss_fn(b)
-        total += loss_sum.float().cpu()
-        count += n.cpu()
+        if counted:
+            total += loss_sum.float().cpu()
+            count += n.cpu()
     total, count = distributed.all_sum(d, total, count)
     loss_fn.train(was_training)
     loss = (total / count.clamp(min=1)).item()
@@ -107,7 +107,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
     check_values(cfg)  # before --overwrite deletes anything
     d = distributed.setup()
     out = Path(tc.output_dir)
-    ckpt = distributed.broadcast_object(d, prepare_output_dir(out, resume, overwrite) if d.main else None)
+    ckpt = distributed.on_main(d, lambda: prepare_output_dir(out, resume, overwrite))
     if resume and ckpt is None:
         raise PhiloraError(f"--resume: no complete checkpoint in '{out}'")
     torch.manual_seed(tc.seed)
@@ -120,6 +120,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
     tokenizer = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code,
                                cfg.model.revision)
     train_set, eval_set, _ = build_datasets(dc, tokenizer, tc.seed, log=log)
+    distributed.check_data(d, len(train_set), tc.per_device_train_batch_size)
     model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, device, training=True)
     inject_lora(model, pc.r, pc.lora_alpha, pc.lora_dropout, pc.target_modules, pc.fused_slices,
                 pc.use_rslora, pc.bias)
@@ -147,6 +148,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
     state = {"step": 0, "samples_seen": 0, "elapsed": 0.0, "world_size": d.world}
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        distributed.check_resume(d, state, tc.per_device_train_batch_size, tc.gradient_accumulation_steps)
+        state["world_size"] = d.world
         log(f"resumed from {ckpt} at step {state['step']}")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +174,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
     window = {"loss": torch.zeros(()), "labels": torch.zeros(()), "tokens": 0, "t": logger.elapsed()}
     grad_norm = torch.zeros(())
     while state["step"] < steps:
+        # Dropout draws from (seed, rank, step): ranks differ, and a resume replays them exactly.
+        torch.manual_seed(distributed.step_seed(tc.seed, d.rank, state["step"]))
         # One optimizer step: accumulate micro-batches, normalised by the label tokens of all of
         # them on all ranks, so every label token weighs the same (no mean of means).
         micro = [collate(next(batches), pad_id, dc.packing, dc.max_length)
