@@ -48,6 +48,18 @@ peft_config: {r: 4, target_modules: [qkv_proj, o_proj], fused_slices: {gate_up_p
         cfg.model = ModelConfig()
 
 
+def test_exponent_floats_in_yaml(tmp_path):
+    """PyYAML reads `1e-4` (no dot) as a string; float keys accept it as the number it is."""
+    p = write(tmp_path, "training_config:\n  learning_rate: 1e-4\n  adam_epsilon: 1E-8\n  weight_decay: 2e-2\n"
+                        "model:\n  revision: 1e5\n")
+    tc = load_config(p).training_config
+    assert (tc.learning_rate, tc.adam_epsilon, tc.weight_decay) == (1e-4, 1e-8, 2e-2)
+    assert load_config(p).model.revision == "1e5"  # a string key keeps the string
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "training_config: {learning_rate: 1e-4x}", "b.yaml"))
+    one_line_error(e, "'training_config.learning_rate'")
+
+
 def test_empty_file_and_empty_sections_are_defaults(tmp_path):
     assert load_config(write(tmp_path, "")) == Config()
     assert load_config(write(tmp_path, "model:\npeft_config:\n", "b.yaml")) == Config()

@@ -190,6 +190,11 @@ def _build(cls, data: Any, where: str, prefix: str):
             continue
         if isinstance(value, int) and not isinstance(value, bool) and tp is float:
             value = float(value)
+        if isinstance(value, str) and tp is float:  # PyYAML (YAML 1.1) reads `1e-4` as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if not _type_ok(value, tp):
             raise ConfigError(f"{where}: '{full}' must be {_type_name(tp)}, got {value!r}")
         if full in CHOICES and value not in CHOICES[full]:
