@@ -350,9 +350,11 @@ def test_accumulation_matches_one_big_batch_and_the_reference(tmp_path, small_mo
         before = {n: v for n, (v, _) in zip(names, rec.steps[s])}
         grads_2x2 = {n: g for n, (_, g) in zip(names, rec.steps[s])}
         grads_1x4 = {n: g for n, (_, g) in zip(names, runs[1][1].steps[s])}
-        if s == 0:  # the same initial adapter in both runs
-            for n, (v, _) in zip(names, runs[1][1].steps[0]):
+        for n, (v, _) in zip(names, runs[1][1].steps[s]):
+            if s == 0:  # the same initial adapter in both runs
                 assert torch.equal(before[n], v), n
+            else:  # and the same adapter after one AdamW step
+                assert_close(before[n], v, rtol=1e-5, atol=1e-7, msg=n)
         for n in names:  # the same gradients
             assert_close(grads_2x2[n], grads_1x4[n], rtol=1e-4, atol=1e-7)
         _, ref_grads = reference_loss_and_grads(small_model_dir, examples, before)
