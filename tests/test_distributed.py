@@ -1,9 +1,9 @@
 """Multi-process training: 2 gloo CPU processes under torchrun against single-process runs.
 
 One torchrun launch (module fixture) runs several trainings through ``philora.cli.main`` in the
-same two processes: DDP, FSDP, DDP with dropout, a resume of that run from its step-2
-checkpoint, and a run that must fail on rank 0's output-dir check. The single-process references
-run in this process meanwhile.
+same two processes: DDP, FSDP with accumulation, DDP with dropout, QLoRA (4-bit base) under DDP,
+a resume of the dropout run from its step-2 checkpoint, and a run that must fail on rank 0's
+output-dir check. The single-process references run in this process meanwhile.
 """
 
 import json
@@ -49,6 +49,8 @@ DRIVER = textwrap.dedent("""
     run("fsdp", "training_config.per_device_train_batch_size=1", "peft_config.lora_dropout=0.0",
         "training_config.gradient_accumulation_steps=2", "training_config.fsdp=true")
     run("dropout", "training_config.per_device_train_batch_size=2", "peft_config.lora_dropout=0.2")
+    run("qlora", "training_config.per_device_train_batch_size=2", "peft_config.lora_dropout=0.0",
+        "model.quantization=nf4")
     if rank == 0:  # as if killed after the step-__SAVE__ checkpoint: the later outputs are gone
         shutil.copytree(out / "dropout", out / "resumed")
         for p in __FINAL__:
@@ -84,15 +86,16 @@ def runs(tmp_path_factory):
     (root / "taken").mkdir()
     (root / "taken" / "metrics.jsonl").write_text("")
     (root / "driver.py").write_text(DRIVER)
-    torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", "2",
-                             str(root / "driver.py"), str(root), *common],
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.Popen([*torchrun, str(root / "driver.py"), str(root), *common],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # Meanwhile, here: the same global batch in one process.
-        assert cli_main(["train", f"training_config.output_dir={root / 'single'}", *common,
-                         "training_config.per_device_train_batch_size=4", "peft_config.lora_dropout=0.0"]) == 0
+        one = [*common, "training_config.per_device_train_batch_size=4", "peft_config.lora_dropout=0.0"]
+        assert cli_main(["train", f"training_config.output_dir={root / 'single'}", *one]) == 0
+        assert cli_main(["train", f"training_config.output_dir={root / 'qlora-single'}", *one,
+                         "model.quantization=nf4"]) == 0
         log, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:  # SIGTERM: torchrun stops its workers (SIGKILL would orphan them)
@@ -124,7 +127,7 @@ def assert_adapters(a, b, **tol):
 
 def test_ddp_equals_single_process_with_the_same_global_batch(runs):
     d = runs["dirs"]
-    assert runs["rc"] == [{"ddp": 0, "fsdp": 0, "dropout": 0, "resumed": 0, "taken": 2}] * 2
+    assert runs["rc"] == [{"ddp": 0, "fsdp": 0, "dropout": 0, "qlora": 0, "resumed": 0, "taken": 2}] * 2
     assert max(v.abs().max() for k, v in adapter(d["ddp"]).items() if "lora_B" in k) > 1e-4  # it trained
     assert_adapters(d["ddp"], d["single"], **TOL)
     m2, m1 = metrics(d["ddp"]), metrics(d["single"])
@@ -146,6 +149,17 @@ def test_fsdp_with_accumulation_equals_single_process(runs):
                 assert a[key] == pytest.approx(b[key], rel=1e-5)
 
 
+def test_qlora_under_ddp_equals_single_process(runs):
+    d = runs["dirs"]
+    assert_adapters(d["qlora"], d["qlora-single"], **TOL)
+    a, b = adapter(d["qlora"]), adapter(d["ddp"])  # a 4-bit base: not the same run as fp32
+    assert max((a[k] - b[k]).abs().max() for k in a) > 1e-4
+    for a, b in zip(metrics(d["qlora"]), metrics(d["qlora-single"])):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5)
+
+
 def test_killed_two_process_run_resumes_bit_identically(runs):
     d = runs["dirs"]
     assert f"resumed from {d['resumed'] / f'checkpoint-{SAVE}'}" in runs["log"]
@@ -154,8 +168,9 @@ def test_killed_two_process_run_resumes_bit_identically(runs):
     a, b = adapter(d["dropout"]), adapter(d["ddp"])
     assert max((a[k] - b[k]).abs().max() for k in a) > 1e-4
     # The resumed run's log continues the killed one's: every step once, the same numbers.
-    drop = lambda recs: [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in recs]  # noqa: E731
-    assert drop(metrics(d["resumed"])) == drop(metrics(d["dropout"]))
+    timeless = lambda recs: [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")}  # noqa: E731
+                             for r in recs]
+    assert timeless(metrics(d["resumed"])) == timeless(metrics(d["dropout"]))
     state = json.loads((d["resumed"] / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
     assert state["samples_seen"] == STEPS * 4 and state["world_size"] == 2
 

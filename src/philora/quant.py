@@ -48,11 +48,11 @@ def _check_quantizable(cfg: ModelConfig) -> None:
         return  # the loader reports an unloadable model in its own words
     existing = getattr(config, "quantization_config", None)
     if existing is not None:
-        method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", "?")
-        if str(getattr(method, "value", method)) != "bitsandbytes":
+        get = existing.get if isinstance(existing, dict) else lambda k: getattr(existing, k, "?")
+        method = str(getattr(get("quant_method"), "value", get("quant_method")))
+        if method != "bitsandbytes":
             raise PhiloraError(f"model.quantization: '{cfg.name_or_path}' is already quantised "
-                               f"({getattr(method, 'value', method)}); use its unquantised base model "
-                               f"or set model.quantization: null")
+                               f"({method}); use its unquantised base model or set model.quantization: null")
         return
     try:  # the architecture on the meta device: free, and exactly what transformers will convert
         with torch.device("meta"):
