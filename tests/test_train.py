@@ -39,15 +39,19 @@ class Killed(Exception):
 
 
 def make_cfg(out, model, data, *overrides):
+    return load_config(None, make_args(out, model, data, *overrides))
+
+
+def make_args(out, model, data, *overrides):
     train_file, eval_file = data
-    return load_config(None, [
+    return [
         f"model.name_or_path={model}", f"data.train={train_file}", f"data.eval={eval_file}",
         "data.max_length=128", f"training_config.output_dir={out}", "training_config.max_steps=4",
         "training_config.per_device_train_batch_size=4", "training_config.per_device_eval_batch_size=8",
         "training_config.logging_steps=1", "training_config.eval_steps=0", "training_config.save_steps=0",
         "training_config.report_samples=0", "training_config.progress_bar=false",
         "training_config.warmup_steps=1", "training_config.learning_rate=5e-3",
-        "peft_config.r=4", "peft_config.lora_alpha=8", *overrides])
+        "peft_config.r=4", "peft_config.lora_alpha=8", *overrides]
 
 
 class Recorder:
@@ -497,3 +501,43 @@ def test_grad_norm_is_logged_without_clipping(tmp_path, small_model_dir, small_d
     expected = [torch.linalg.vector_norm(torch.stack([g.double().norm() for _, g in step])).item() for step in rec.steps]
     assert logged == pytest.approx(expected, rel=1e-5)
     assert min(logged) > 0
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 10), (1, 2), (5, 5)])
+def test_lr_schedules_equal_transformers(name, warmup, total):
+    from transformers import get_scheduler
+
+    from philora.train import lr_scheduler
+
+    def lrs(make):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+        sched = make(opt)
+        out = [sched.get_last_lr()[0]]
+        for _ in range(total + 2):
+            opt.step()
+            sched.step()
+            out.append(sched.get_last_lr()[0])
+        return out, sched
+
+    ours, sched = lrs(lambda opt: lr_scheduler(name, opt, warmup, total))
+    theirs, hf_sched = lrs(lambda opt: get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total))
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
+    assert len(set(ours)) > 1 or name == "constant"
+    # a scheduler state written by transformers' get_scheduler (older checkpoints) loads into ours
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    mine = lr_scheduler(name, opt, warmup, total)
+    mine.load_state_dict(hf_sched.state_dict())
+    assert mine.get_last_lr() == pytest.approx(hf_sched.get_last_lr())
+
+
+def test_training_imports_neither_peft_nor_bitsandbytes(tmp_path, small_model_dir, small_data):
+    """A plain LoRA run needs neither (they cost seconds of start-up and print warnings)."""
+    code = ("import sys\nfrom philora.config import load_config\nfrom philora.train import train\n"
+            f"train(load_config(None, {list(map(str, make_args(tmp_path / 'run', small_model_dir, small_data, 'training_config.max_steps=1')))!r}))\n"
+            "print('LOADED', sorted(m for m in ('peft', 'bitsandbytes', 'trl') if m in sys.modules))\n")
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "LOADED []" in res.stdout, res.stdout[-500:]

@@ -2,8 +2,10 @@
 
 Hand-written (not transformers' Trainer / TRL) because the loop is the product's fast path:
 padding-free packing, a loss that never materialises full logits, accumulation normalised by
-label tokens, exact resume. Everything around it (models, tokenizers, schedulers, DDP,
-TensorBoard) comes from the usual libraries.
+label tokens, exact resume. Everything around it (models, tokenizers, DDP, TensorBoard) comes
+from the usual libraries; the three LR schedules are transformers' formulas written out here,
+because importing ``transformers.get_scheduler`` pulls in PEFT and bitsandbytes (seconds of
+start-up and a warning on every run).
 """
 
 import contextlib
@@ -38,6 +40,32 @@ def total_steps(cfg: Config, n_train: int, world: int) -> int:
         return tc.max_steps
     per_step = tc.per_device_train_batch_size * tc.gradient_accumulation_steps * world
     return max(1, math.ceil(tc.num_train_epochs * n_train / per_step))
+
+
+def lr_scheduler(name: str, optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' ``get_scheduler(name, ...)`` for cosine, linear and constant (which, as
+    there, ignores warmup): the same multipliers, step for step (tested against it)."""
+    def warm(step: int) -> Optional[float]:
+        return step / max(1, warmup) if step < warmup else None
+
+    def linear(step: int) -> float:
+        w = warm(step)
+        return w if w is not None else max(0.0, (total - step) / max(1, total - warmup))
+
+    def cosine(step: int) -> float:
+        w = warm(step)
+        if w is not None:
+            return w
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def constant(step: int) -> float:
+        return 1.0
+
+    schedules = {"linear": linear, "cosine": cosine, "constant": constant}
+    if name not in schedules:
+        raise PhiloraError(f"training_config.lr_scheduler_type: '{name}' is not one of {sorted(schedules)}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[name])
 
 
 def micro_batches(examples: List[dict], start: int, batch: int, d: distributed.Dist, seed: int,
@@ -139,9 +167,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
                                   eps=tc.adam_epsilon, weight_decay=tc.weight_decay)
     steps = total_steps(cfg, len(train_set), d.world)
     warmup = tc.warmup_steps if tc.warmup_steps > 0 else math.ceil(tc.warmup_ratio * steps)
-    from transformers import get_scheduler
-    scheduler = get_scheduler(tc.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=steps)
+    scheduler = lr_scheduler(tc.lr_scheduler_type, optimizer, warmup, steps)
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
     # Resume: LoRA tensors, optimizer, scheduler, RNG and data position.
