@@ -75,14 +75,10 @@ def common_args(tiny_path):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_model_dir):
     """{name: output dir} of the 2-process runs and the single-process references."""
     root = tmp_path_factory.mktemp("dist")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PHILORA_CACHE", str(root / "cache"))
-        from philora.tiny import resolve_model
-        tiny_path = resolve_model("tiny")
-    common = common_args(tiny_path)
+    common = common_args(tiny_model_dir)
     (root / "taken").mkdir()
     (root / "taken" / "metrics.jsonl").write_text("")
     (root / "driver.py").write_text(DRIVER)

@@ -25,11 +25,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PHILORA_CACHE", str(tmp_path_factory.mktemp("cache")))
-        from philora.tiny import resolve_model
-        yield resolve_model("tiny")
+def tiny_path(tiny_model_dir):  # conftest: the built-in tiny Phi-3, built once per session
+    return tiny_model_dir
 
 
 def qcfg(path, quant="nf4", compute="float32", dtype="float32", **kw):
@@ -184,6 +181,19 @@ def test_qlora_training_run(tiny_path, tmp_path):
     assert all(v.abs().max() > 0 for k, v in tensors.items() if "lora_B" in k)  # every layer trained
     losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses if "loss" in r] == [1, 2]
+    # `philora merge` of the QLoRA run: a plain model computing what the 4-bit base + adapter does.
+    from transformers import AutoModelForCausalLM
+
+    from philora.merge import merge
+    merge(str(tmp_path), str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    base, _, _ = load_model_and_tokenizer(qcfg(tiny_path, compute="auto", dtype="auto"), CPU, training=False)
+    apply_adapter(prepare_quantized(base), tmp_path)
+    x = ids()
+    with torch.no_grad():
+        want, got = base.eval()(x).logits, merged(x).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_shipped_qlora_config():
