@@ -212,11 +212,22 @@ def test_step_seeds_differ_by_rank_and_step():
 
 
 def test_world_size_checks_are_one_line():
+    from philora.config import load_config
+    cfg = load_config(None, ["training_config.per_device_train_batch_size=2"])
     with pytest.raises(PhiloraError) as e:
-        distributed.check_data(Dist(0, 4), 7, 2)
+        distributed.check_run(Dist(0, 4), cfg, 7)
     assert "\n" not in str(e.value) and "7 examples" in str(e.value) and "fewer processes" in str(e.value)
-    distributed.check_data(Dist(0, 4), 8, 2)
-    distributed.check_data(Dist(), 1, 8)  # one process: small data just repeats, as before
+    distributed.check_run(Dist(0, 4), cfg, 8)
+    distributed.check_run(Dist(), cfg, 1)  # one process: small data just repeats, as before
+    qlora_fsdp = load_config(None, ["training_config.fsdp=true", "model.quantization=nf4"])
+    with pytest.raises(PhiloraError, match="fsdp: false") as e:
+        distributed.check_run(Dist(0, 2), qlora_fsdp, 400)
+    assert "\n" not in str(e.value)
+    distributed.check_run(Dist(), qlora_fsdp, 400)  # one process: no FSDP, QLoRA runs
+    bnb = pytest.importorskip("bitsandbytes")
+    from philora.fsdp import wrap_fsdp
+    with pytest.raises(PhiloraError, match="fsdp: false"):
+        wrap_fsdp(torch.nn.Sequential(bnb.nn.Linear4bit(64, 64)), torch.device("cpu"))
     with pytest.raises(PhiloraError) as e:
         distributed.check_resume(Dist(0, 4), {"step": 3, "samples_seen": 24, "world_size": 2}, 2, 2)
     assert "\n" not in str(e.value) and "global batch of 8" in str(e.value) and "= 8" in str(e.value)

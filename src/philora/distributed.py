@@ -124,12 +124,20 @@ def global_batch(d: Dist, per_device: int, accumulation: int) -> int:
     return d.world * per_device * accumulation
 
 
-def check_data(d: Dist, n_train: int, per_device: int) -> None:
-    """A world size must fit the data: one global micro-batch of distinct training samples."""
+def check_run(d: Dist, cfg, n_train: int) -> None:
+    """Before the model loads: the world size must fit the data (one global micro-batch of
+    distinct training samples), and FSDP cannot shard a 4-bit base."""
+    per_device = cfg.training_config.per_device_train_batch_size
     if d.enabled and n_train < d.world * per_device:
         raise PhiloraError(f"the training set has {n_train} examples, fewer than one micro-batch "
                            f"across {d.world} processes ({d.world} x per_device_train_batch_size "
                            f"{per_device}); use fewer processes or a smaller per_device_train_batch_size")
+    if d.enabled and cfg.training_config.fsdp and cfg.model.quantization:
+        raise PhiloraError(FSDP_QUANT_ERROR)
+
+
+FSDP_QUANT_ERROR = ("training_config.fsdp does not work with model.quantization (a 4-bit base); "
+                    "set training_config.fsdp: false (DDP) for QLoRA")
 
 
 def check_resume(d: Dist, trainer_state: dict, per_device: int, accumulation: int) -> None:

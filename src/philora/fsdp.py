@@ -8,8 +8,11 @@ under 1% of the weights, so every rank keeps all of them, and checkpoints, the o
 ``save_adapter`` see plain tensors exactly as in a DDP run. Their gradients are averaged over
 ranks in one all-reduce at the end of each synchronising backward, as DDP would.
 
-Works with NCCL on GPUs and with gloo on CPU. Not with a 4-bit base: bitsandbytes' packed
-weights and quantization states are not FSDP-shardable here; use DDP for QLoRA.
+Works with NCCL on GPUs and with gloo on CPU (tested: 2 gloo processes give the DDP result).
+``fully_shard`` moves each unit to the device as it shards it, so a base loaded on the CPU
+reaches the GPU one layer at a time; a base loaded on the GPU must fit there whole first. Not
+with a 4-bit base: bitsandbytes' packed weights and quantization states are not FSDP-shardable
+here; use DDP for QLoRA.
 """
 
 import contextlib
@@ -18,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .distributed import FSDP_QUANT_ERROR
 from .errors import PhiloraError
 
 
@@ -42,8 +46,7 @@ class FSDPLoRA(nn.Module):
         from torch.distributed.fsdp import fully_shard
 
         if any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in module.modules()):
-            raise PhiloraError("training_config.fsdp does not work with model.quantization (a 4-bit "
-                               "base); set training_config.fsdp: false (DDP) for QLoRA")
+            raise PhiloraError(FSDP_QUANT_ERROR)
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         ignored = set(self.trainable)
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))

@@ -148,7 +148,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
     tokenizer = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code,
                                cfg.model.revision)
     train_set, eval_set, _ = build_datasets(dc, tokenizer, tc.seed, log=log)
-    distributed.check_data(d, len(train_set), tc.per_device_train_batch_size)
+    distributed.check_run(d, cfg, len(train_set))
     model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, device, training=True)
     inject_lora(model, pc.r, pc.lora_alpha, pc.lora_dropout, pc.target_modules, pc.fused_slices,
                 pc.use_rslora, pc.bias)
