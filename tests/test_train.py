@@ -357,8 +357,10 @@ def test_accumulation_matches_one_big_batch_and_the_reference(tmp_path, small_mo
         for n, (v, _) in zip(names, runs[1][1].steps[s]):
             if s == 0:  # the same initial adapter in both runs
                 assert torch.equal(before[n], v), n
-            else:  # and the same adapter after one AdamW step
-                assert_close(before[n], v, rtol=1e-5, atol=1e-7, msg=n)
+            else:  # and the same adapter after one AdamW step. Adam's first step is
+                # lr * g / (|g| + eps): rounding noise in a near-zero gradient (|g| ~ 1e-7) moves
+                # that element by up to ~1e-7 of the lr 5e-3 step, hence atol 1e-6 (lr / 5000)
+                assert_close(before[n], v, rtol=1e-5, atol=1e-6, msg=n)
         for n in names:  # the same gradients
             assert_close(grads_2x2[n], grads_1x4[n], rtol=1e-4, atol=1e-7)
         _, ref_grads = reference_loss_and_grads(small_model_dir, examples, before)
