@@ -58,10 +58,13 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: Optional[torch.device] = 
     device = device or pick_device()
     path = resolve_path(cfg.name_or_path)
     dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.attn_implementation == "philora_sdpa":  # padding-free SDPA without a mask (attention.py)
+    attn = cfg.attn_implementation
+    # Training with sdpa: the same attention run per packed conversation, without transformers'
+    # block-diagonal mask over the whole row (attention.py; plain sdpa whenever a mask is given).
+    if attn == "philora_sdpa" or (attn == "sdpa" and training):
         from .attention import register
-        register()
-    kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation,
+        attn = register()
+    kwargs = dict(dtype=dtype, attn_implementation=attn,
                   trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.quantization:
         from .quant import quantization_kwargs
