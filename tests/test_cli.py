@@ -151,3 +151,35 @@ def test_overrides_after_options(tmp_path, small_args, small_model_dir, small_da
         main(["train", str(p), "--overwrite", "stray"])
     assert e.value.code == 2
 
+
+
+def test_enable_lora_flag_parses_and_rejects(capsys, monkeypatch):
+    from philora import adapter_tools
+    from philora.cli import _enable_lora
+
+    assert _enable_lora(["qkv_proj=1,0,1", "gate_up_proj=true,false"]) == {
+        "qkv_proj": [True, False, True], "gate_up_proj": [True, False]}
+    assert _enable_lora([]) is None
+    seen = {}
+    monkeypatch.setattr(adapter_tools, "convert", lambda *a, **k: seen.update(k))
+    assert main(["adapter", "convert", "x.pt", "--out", "y", "--to", "peft", "--enable-lora", "qkv_proj=1,0,1"]) == 0
+    assert seen["enable_lora"] == {"qkv_proj": [True, False, True]}
+    assert main(["adapter", "convert", "x.pt", "--out", "y", "--to", "peft", "--enable-lora", "qkv_proj=yes"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("philora: error: --enable-lora 'qkv_proj=yes'")
+
+
+def test_generate_out_needs_force(tmp_path, capsys, monkeypatch):
+    from philora import generate
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    out = tmp_path / "o.jsonl"
+    out.write_text("keep me\n")
+    assert main(["generate", "tiny", "--prompts", str(prompts), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert out.read_text() == "keep me\n"
+    monkeypatch.setattr(generate, "load_source", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(generate, "generate_reply", lambda *a, **k: "ok")
+    assert main(["generate", "tiny", "--prompts", str(prompts), "--out", str(out), "--force"]) == 0
+    assert '"response": "ok"' in out.read_text()

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", help="JSONL file: {\"prompt\": ...} or {\"messages\": [...]} per line")
     p.add_argument("--out", default=None, help="JSONL output for --prompts (default: stdout)")
     p.add_argument("--no-stream", action="store_true", help="print the reply at the end, not token by token")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     _sampling(p)
 
     p = sub.add_parser("chat", help="interactive chat with a fine-tuned model")
@@ -69,11 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--r", type=int, default=None, help="LoRA rank (loralib does not store it)")
     q.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (loralib does not store it)")
     q.add_argument("--base", default=None, help="base model name or path the adapter is for")
+    q.add_argument("--enable-lora", action="append", default=[], metavar="MODULE=1,0,1",
+                   help="enabled slices of a fused module (loralib does not store them), repeatable")
     q.add_argument("--force", action="store_true")
 
     p = sub.add_parser("bench", help="benchmark philora against TRL + PEFT on the same data")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for bench (see philora bench -- --help)")
     return ap
+
+
+def _enable_lora(items: List[str]) -> Optional[dict]:
+    """["qkv_proj=1,0,1"] -> {"qkv_proj": [True, False, True]}."""
+    from .errors import PhiloraError
+    out = {}
+    for item in items:
+        name, _, flags = item.partition("=")
+        bits = [f.strip().lower() for f in flags.split(",")]
+        if not name or not flags or any(b not in ("1", "0", "true", "false") for b in bits):
+            raise PhiloraError(f"--enable-lora '{item}' must look like MODULE=1,0,1")
+        out[name] = [b in ("1", "true") for b in bits]
+    return out or None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "chat":
             return generate.chat(args.source, **sampling)
         return generate.generate_cli(args.source, prompt=args.prompt, prompts=args.prompts,
-                                     out=args.out, stream=not args.no_stream, **sampling)
+                                     out=args.out, stream=not args.no_stream, force=args.force,
+                                     **sampling)
     if args.command == "eval":
         from .report import evaluate_run
         evaluate_run(args.run, data=args.data, out=args.out, samples=args.samples,
@@ -109,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
             return adapter_tools.check_cli(args.adapter, base=args.base)
         if args.adapter_command == "convert":
             adapter_tools.convert(args.source, args.out, to=args.to, r=args.r,
-                                  lora_alpha=args.lora_alpha, base=args.base, force=args.force)
+                                  lora_alpha=args.lora_alpha, base=args.base, force=args.force,
+                                  enable_lora=_enable_lora(args.enable_lora))
             return 0
         build_parser().parse_args(["adapter", "--help"])
     if args.command == "bench":

@@ -196,14 +196,15 @@ def _with_system(messages: List[dict], system: Optional[str]) -> List[dict]:
 
 
 def generate_cli(source, prompt=None, prompts=None, out=None, stream=True, system=None,
-                 temperature=0.7, top_p=0.9, max_new_tokens=256, seed=0, base=None) -> int:
+                 temperature=0.7, top_p=0.9, max_new_tokens=256, seed=0, base=None,
+                 force=False) -> int:
     """``philora generate``: a reply to ``prompt`` on stdout, or JSONL replies for ``prompts``."""
     if (prompt is None) == (prompts is None):
         raise PhiloraError("give either --prompt TEXT or --prompts FILE.jsonl")
     if out is not None and prompts is None:
         raise PhiloraError("--out is for --prompts (one prompt's reply goes to stdout)")
-    if out is not None and Path(out).exists():
-        raise PhiloraError(f"--out '{out}' already exists; remove it or choose another file")
+    if out is not None and Path(out).exists() and not force:
+        raise PhiloraError(f"--out '{out}' already exists; pass --force to overwrite it")
     records = read_prompts(prompts) if prompts else None  # bad files fail before the model loads
     model, tokenizer, _ = load_source(source, base)
     sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
