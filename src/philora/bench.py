@@ -6,7 +6,7 @@
     philora bench --profile philora    # where the time goes: torch.profiler by op family
 
 Hand-written because the comparison itself is the point: every run is a fresh subprocess
-(``python -m philora.bench --worker``) so peak RSS never mixes between systems; systems
+(``python -m philora.bench_worker``) so peak RSS never mixes between systems; systems
 alternate within a repeat (and the order rotates), so machine noise hits them alike; each run
 trains the same examples in the same order (same batches of ``--batch``), so losses compare.
 
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -134,160 +133,10 @@ def matmul_flops(dtype: str, n: int = 2048) -> float:
     return best
 
 
-# -- workers (one subprocess per run) ------------------------------------------------------------
-
-class Clock:
-    """Times steps after ``warmup`` (their data, forward, backward, optimizer), keeps losses."""
-
-    def __init__(self, warmup: int):
-        import torch
-        self.warmup, self.losses, self.t0, self.t1 = warmup, [], None, None
-        self.sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-
-    def step_done(self, step: int) -> None:
-        self.sync()
-        now = time.perf_counter()
-        if step == self.warmup:
-            self.t0 = now
-        self.t1 = now
-
-
-def run_philora(d: Path, spec: dict, examples: List[dict], args, clock: Clock, profiler) -> None:
-    import torch
-    from .batching import collate
-    from .config import ModelConfig
-    from .inject import inject_lora
-    from .loading import load_model_and_tokenizer, pick_device
-    from .loss import CausalLMLoss
-    device = pick_device()
-    cuda = device.type == "cuda"
-    attn = "flash_attention_2" if cuda and _has_flash() else "philora_sdpa"
-    mc = ModelConfig(name_or_path=str(d), dtype=spec["dtype"], attn_implementation=attn,
-                     gradient_checkpointing=spec.get("checkpointing", False))
-    model, tok, _ = load_model_and_tokenizer(mc, device)
-    inject_lora(model, target_modules="all-linear", **LORA)
-    loss_fn = CausalLMLoss(model).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)  # as train.py; constant LR as TRL here
-    amp = torch.autocast("cuda", dtype=model.dtype) if cuda and model.dtype != torch.float32 else None
-    for step in range(1, args.steps + 1):
-        batch = collate(examples[(step - 1) * args.batch:step * args.batch], tok.pad_token_id, True,
-                        args.max_length)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with amp or torch.autocast("cpu", enabled=False):
-            loss_sum, n = loss_fn(batch)
-        (loss_sum / n.clamp(min=1)).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        clock.losses.append((loss_sum / n).item())
-        clock.step_done(step)
-        if profiler is not None:
-            profiler.step()
-
-
-def run_trl(d: Path, spec: dict, examples: List[dict], args, clock: Clock, profiler) -> None:
-    import datasets
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    tok = AutoTokenizer.from_pretrained(d)
-    model = AutoModelForCausalLM.from_pretrained(
-        d, dtype=dtype, attn_implementation="flash_attention_2" if cuda and _has_flash() else "sdpa")
-
-    class Hook(TrainerCallback):
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:  # logging_steps=1: this step's loss
-                clock.losses.append(logs["loss"])
-
-        def on_step_end(self, a, state, control, **kw):
-            clock.step_done(state.global_step)
-            if profiler is not None:
-                profiler.step()
-
-    cfg = SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-", dir=d), per_device_train_batch_size=args.batch,
-                    max_length=None if spec["padding_free"] else args.max_length, packing=False,
-                    padding_free=spec["padding_free"],  # (inputs are already <= max_length)
-                    bf16=cuda, gradient_checkpointing=False, learning_rate=LR, lr_scheduler_type="constant",
-                    max_steps=args.steps, logging_steps=1, save_strategy="no", report_to="none",
-                    train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
-                    use_cpu=not cuda, seed=args.seed)
-    trainer = SFTTrainer(model=model, args=cfg, processing_class=tok,
-                         train_dataset=datasets.Dataset.from_list(examples[:args.steps * args.batch]),
-                         peft_config=LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", **LORA),
-                         callbacks=[Hook()])
-    trainer.train()
-
-
-def _has_flash() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def worker(args) -> int:
-    import torch
-    from transformers import set_seed
-    set_seed(args.seed)  # LoRA init and dropout masks; the data and its order never change
-    d = Path(args.dir)
-    spec = SYSTEMS[args.worker]
-    examples = [json.loads(line) for line in (d / "data.jsonl").read_text().splitlines()]
-    clock = Clock(args.warmup)
-    run = run_philora if spec["kind"] == "philora" else run_trl
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile, schedule
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        with profile(activities=acts, schedule=schedule(wait=0, warmup=args.warmup, active=args.steps)) as p:
-            run(d, spec, examples, args, clock, p)
-        print(json.dumps({"profile": op_families(p)}))
-        return 0
-    run(d, spec, examples, args, clock, None)
-    timed = examples[args.warmup * args.batch:args.steps * args.batch]
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    print(json.dumps({"tokens_per_s": sum(len(e["input_ids"]) for e in timed) / (clock.t1 - clock.t0),
-                      "peak_bytes": peak, "loss": statistics.mean(clock.losses[-args.loss_steps:]),
-                      "losses": clock.losses}))
-    return 0
-
-
-FAMILIES = [("attention", ("attention", "sdpa", "softmax", "bmm", "baddbmm", "tril", "where")),
-            ("matmul", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul")),
-            ("dropout (RNG)", ("bernoulli", "dropout", "random_", "rand", "_Masked")),
-            ("loss / LM head", ("logsumexp", "exp", "cross_entropy", "log_softmax", "_FrozenHeadCE", "nll")),
-            ("optimizer", ("adam", "lerp", "addcdiv", "addcmul", "sqrt", "_foreach", "norm")),
-            ("copies / cat / index", ("copy_", "cat", "index", "gather", "scatter", "contiguous", "clone", "stack")),
-            ("elementwise", ("mul", "add", "sub", "div", "silu", "pow", "rsqrt", "mean", "neg", "fill_",
-                             "zero_", "sum", "cos", "sin", "to"))]
-
-
-def op_families(prof) -> Dict[str, dict]:
-    """Self time (s) per op family and its three biggest ops (outer frames have no self time)."""
-    out: Dict[str, dict] = {}
-    for e in prof.key_averages():
-        t = e.self_cpu_time_total / 1e6 + getattr(e, "self_device_time_total", 0) / 1e6
-        if t <= 0:
-            continue
-        fam = next((f for f, keys in FAMILIES if any(k in e.key for k in keys)), "other")
-        f = out.setdefault(fam, {"s": 0.0, "ops": {}})
-        f["s"] += t
-        f["ops"][e.key] = t
-    for f in out.values():
-        f["ops"] = dict(sorted(f["ops"].items(), key=lambda kv: -kv[1])[:3])
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]["s"]))
-
-
 # -- orchestration (parent process) --------------------------------------------------------------
 
 def run_one(system: str, d: Path, args, seed: int = 0, extra: List[str] = ()) -> dict:
-    cmd = [sys.executable, "-m", "philora.bench", "--worker", system, "--dir", str(d), "--seed", str(seed),
+    cmd = [sys.executable, "-m", "philora.bench_worker", system, "--dir", str(d), "--seed", str(seed),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--max-length", str(args.max_length), "--loss-steps", str(args.loss_steps), *extra]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
@@ -303,25 +152,25 @@ def load_avg() -> str:
 
 
 def table(results: Dict[str, List[dict]], flops: float, args) -> str:
-    med = {s: {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "peak_bytes", "loss", "peak_flops")}
+    """Medians over runs; a ratio is the median of per-repeat ratios (runs side by side in time)."""
+    med = {s: {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "peak_bytes", "loss")}
            for s, runs in results.items()}
     base = [b for b in BASELINES if b in med]
-    best = max(base, key=lambda b: med[b]["tokens_per_s"]) if base else None
-    mem = "peak CUDA alloc" if args.cuda else "peak RSS"
-    head = ["system", "non-pad tok/s"] + [f"x {b}" for b in base] + [f"{mem} GiB"]
-    head += [f"RSS x {base[0]}" if base else "", "MFU", f"loss (last {args.loss_steps})", "runs"]
-    rows = ["| " + " | ".join(h for h in head if h) + " |", "|" + "---|" * sum(1 for h in head if h)]
+
+    def ratio(s, b, key):
+        return statistics.median(x[key] / y[key] for x, y in zip(results[s], results[b]))
+
+    head = ["system", "non-pad tok/s"] + [f"x {b}" for b in base]
+    head += ["peak CUDA alloc GiB" if args.cuda else "peak RSS GiB"] + [f"mem x {b}" for b in base[:1]]
+    head += ["MFU", f"loss (last {args.loss_steps} steps)", "runs"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s, m in med.items():
-        cells = [s, f"{m['tokens_per_s']:.0f}"]
-        cells += [f"{m['tokens_per_s'] / med[b]['tokens_per_s']:.2f}" for b in base]
-        cells += [f"{m['peak_bytes'] / 2**30:.2f}"]
-        if base:
-            cells += [f"{m['peak_bytes'] / med[base[0]]['peak_bytes']:.2f}"]
-        cells += [f"{100 * flops * m['tokens_per_s'] / m['peak_flops']:.0f}%", f"{m['loss']:.4f}",
-                  str(len(results[s]))]
+        mfu = statistics.median(flops * r["tokens_per_s"] / r["peak_flops"] for r in results[s])
+        cells = [s, f"{m['tokens_per_s']:.0f}"] + [f"{ratio(s, b, 'tokens_per_s'):.2f}" for b in base]
+        cells += [f"{m['peak_bytes'] / 2**30:.2f}"] + [f"{ratio(s, b, 'peak_bytes'):.2f}" for b in base[:1]]
+        cells += [f"{100 * mfu:.0f}%", f"{m['loss']:.4f}", str(len(results[s]))]
         rows.append("| " + " | ".join(cells) + " |")
-    note = f"\nTRL's best here: {best}." if best else ""
-    return "\n".join(rows) + note
+    return "\n".join(rows)
 
 
 def main(argv: List[str]) -> int:
@@ -336,13 +185,7 @@ def main(argv: List[str]) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny shape, 3 steps, one run each")
     ap.add_argument("--profile", default=None, choices=list(SYSTEMS), help="op-family profile of one system")
     ap.add_argument("--json", default=None, help="write all runs here")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--max-length", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.worker:
-        return worker(args)
     import torch
     from transformers import AutoConfig, AutoTokenizer
     args.cuda = torch.cuda.is_available()
@@ -363,11 +206,9 @@ def main(argv: List[str]) -> int:
         config = AutoConfig.from_pretrained(d)
         timed = examples[args.warmup * args.batch:]
         flops = model_flops(shape, config, timed, lora_param_count(config))
-        n_params = sum(p.numel() for p in __import__("transformers").Phi3ForCausalLM(config).parameters()) \
-            if args.shape == "tiny" else None
         print(f"philora bench: shape {args.shape or ('gpu' if args.cuda else 'cpu')} "
               f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}"
-              f"{f', {n_params:,} params' if n_params else ''}), batch {args.batch}, max_length "
+              f"), batch {args.batch}, max_length "
               f"{args.max_length}, {args.steps} steps ({args.warmup} untimed), LoRA r=16 alpha=32 "
               f"dropout 0.05 all-linear; {sum(len(e['input_ids']) for e in timed)} timed tokens; "
               f"model FLOPs/token {flops / 1e6:.1f} M", flush=True)
