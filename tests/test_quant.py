@@ -280,3 +280,20 @@ def test_lora_dtype_and_input_dtype(tiny_path):
     ref = F.linear(x.float(), dequantize_weight(layer.base_layer.weight)).to(torch.bfloat16) + \
         (F.linear(F.linear(x.float(), layer.lora_A), layer.lora_B) * layer.scaling).to(torch.bfloat16)
     torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_qlora_with_untargeted_4bit_layers_trains(tiny_path, tmp_path):
+    # Only qkv_proj gets LoRA: the other 4-bit layers run a no-grad eval first (step 0) and must
+    # still pass gradients back in training (loading.py calls prepare_quantized for them).
+    from philora.train import train
+    cfg = load_config(None, [f"model.name_or_path={tiny_path}", "model.quantization=nf4",
+                             f"training_config.output_dir={tmp_path}", "peft_config.target_modules=[qkv_proj]",
+                             "training_config.max_steps=2", "training_config.save_steps=0",
+                             "training_config.eval_max_samples=4", "training_config.per_device_train_batch_size=2",
+                             "training_config.report_samples=0", "training_config.progress_bar=false"])
+    metrics = train(cfg)
+    assert math.isfinite(metrics["eval_loss"])
+    from safetensors.torch import load_file
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    b = [v for k, v in tensors.items() if "lora_B" in k]
+    assert b and all(v.abs().max() > 0 for v in b)  # gradients reached every layer's LoRA

@@ -74,7 +74,12 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: Optional[torch.device] = 
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise PhiloraError(f"cannot load model '{path}': {str(e).splitlines()[0]}") from None
-    if not cfg.quantization:
+    if cfg.quantization:
+        # bitsandbytes repacks 4-bit weights on some CPUs at the first no-grad call, after which
+        # the layer has no backward; prepare_quantized turns that off (and checks 4-bit happened).
+        from .quant import prepare_quantized
+        prepare_quantized(model)
+    else:
         model.to(device)
     model.requires_grad_(False)
     model.config.use_cache = not training
