@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from philora import lora
-from philora.lora.dropout import LEVELS, MIN_NUMEL, Dropout, cpu_dropout
+from philora.dropout import LEVELS, MIN_NUMEL, Dropout, cpu_dropout
 
 
 def test_rate_scale_and_expectation():
@@ -54,8 +54,23 @@ def test_module_uses_it_only_where_it_pays():
     assert torch.equal(d.eval()(big), big)
 
 
+def test_philora_lora_keeps_nn_dropout_like_loralib():
+    # The drop-in draws loralib's exact masks; only the pipeline (inject) uses the fast mask.
+    layer = lora.Linear(512, 256, r=4, lora_alpha=8, lora_dropout=0.1)
+    assert type(layer.lora_dropout) is nn.Dropout
+
+
+def test_injected_lora_dropout_uses_the_fast_mask():
+    from philora.inject import inject_lora
+
+    model = nn.Sequential(nn.Linear(512, 256))
+    inject_lora(model, 4, 8, lora_dropout=0.1, target_modules=["0"])
+    assert type(model[0].lora_dropout) is Dropout
+
+
 def test_lora_linear_dropout_touches_only_the_lora_branch():
     layer = lora.Linear(512, 256, r=4, lora_alpha=8, lora_dropout=0.1)
+    layer.lora_dropout = Dropout(0.1)
     nn.init.normal_(layer.lora_B)
     x = torch.randn(300, 512)
     torch.manual_seed(5)

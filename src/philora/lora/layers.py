@@ -14,8 +14,9 @@ Where loralib is wrong, these layers are right (each has a test):
 * ``Embedding`` with ``max_norm`` never renormalises ``lora_A`` in place;
 * the LoRA branch runs in the LoRA parameters' dtype, so fp32 adapters on a bf16 base work.
 
-Written by hand because this is the product itself; only torch is imported (and numpy, when
-present, for the CPU dropout mask: see dropout.py).
+Written by hand because this is the product itself; only torch is imported. Dropout is
+``nn.Dropout`` exactly as in loralib (same masks for the same seed); the training pipeline
+swaps in a cheaper CPU mask (philora/dropout.py) when it injects these layers.
 """
 
 import math
@@ -25,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dropout import Dropout
 
 
 class LoRALayer:
@@ -40,8 +40,7 @@ class LoRALayer:
         self.r = r
         self.lora_alpha = lora_alpha
         # A real module, not loralib's lambda: picklable, deep-copyable, and free at p=0.
-        # (dropout.Dropout: nn.Dropout with a ~2.5x cheaper mask on CPU; nn.Identity at p=0.)
-        self.lora_dropout = Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.merged = False
         self.merge_weights = merge_weights
         if isinstance(self, nn.Module):
