@@ -183,3 +183,12 @@ def test_generate_out_needs_force(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(generate, "generate_reply", lambda *a, **k: "ok")
     assert main(["generate", "tiny", "--prompts", str(prompts), "--out", str(out), "--force"]) == 0
     assert '"response": "ok"' in out.read_text()
+
+
+def test_bench_options_pass_through(monkeypatch):
+    from philora import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["bench", "--systems", "philora", "--steps", "3"]) == 0
+    assert seen == [["--systems", "philora", "--steps", "3"]]

@@ -74,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enabled slices of a fused module (loralib does not store them), repeatable")
     q.add_argument("--force", action="store_true")
 
-    p = sub.add_parser("bench", help="benchmark philora against TRL + PEFT on the same data")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for bench (see philora bench -- --help)")
+    sub.add_parser("bench", help="benchmark philora against TRL + PEFT (philora bench --help)")
     return ap
 
 
@@ -130,15 +129,16 @@ def run(args: argparse.Namespace) -> int:
                                   enable_lora=_enable_lora(args.enable_lora))
             return 0
         build_parser().parse_args(["adapter", "--help"])
-    if args.command == "bench":
-        from .bench import main as bench_main
-        return bench_main([a for a in args.args if a != "--"])
     build_parser().print_help()
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .errors import PhiloraError
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # bench has its own parser: pass its options through untouched
+        from .bench import main as bench_main
+        return bench_main([a for a in argv[1:] if a != "--"])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after an option (`philora train run.yaml --resume a.b=1`): argparse
