@@ -165,14 +165,20 @@ def test_adapter_loads_in_peft_on_the_same_4bit_base(tiny_path, tmp_path):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def qlora_run_config(tiny_path, out, *extra):
+    """A 2-step nf4 training run on the tiny model, plus ``extra`` overrides."""
+    return load_config(None, [f"model.name_or_path={tiny_path}", "model.quantization=nf4",
+                              f"training_config.output_dir={out}", "training_config.max_steps=2",
+                              "training_config.save_steps=0", "training_config.eval_max_samples=4",
+                              "training_config.per_device_train_batch_size=2",
+                              "training_config.report_samples=0", "training_config.progress_bar=false",
+                              *extra])
+
+
 def test_qlora_training_run(tiny_path, tmp_path):
     from philora.train import train
-    cfg = load_config(None, [f"model.name_or_path={tiny_path}", "model.quantization=nf4",
-                             "model.gradient_checkpointing=true", f"training_config.output_dir={tmp_path}",
-                             "training_config.max_steps=2", "training_config.save_steps=0",
-                             "training_config.eval_steps=0", "training_config.eval_max_samples=4",
-                             "training_config.per_device_train_batch_size=2", "training_config.report_samples=0",
-                             "training_config.progress_bar=false", "training_config.logging_steps=1"])
+    cfg = qlora_run_config(tiny_path, tmp_path, "model.gradient_checkpointing=true",
+                           "training_config.eval_steps=0", "training_config.logging_steps=1")
     metrics = train(cfg)
     assert math.isfinite(metrics["eval_loss"])
     from safetensors.torch import load_file
@@ -286,11 +292,7 @@ def test_qlora_with_untargeted_4bit_layers_trains(tiny_path, tmp_path):
     # Only qkv_proj gets LoRA: the other 4-bit layers run a no-grad eval first (step 0) and must
     # still pass gradients back in training (loading.py calls prepare_quantized for them).
     from philora.train import train
-    cfg = load_config(None, [f"model.name_or_path={tiny_path}", "model.quantization=nf4",
-                             f"training_config.output_dir={tmp_path}", "peft_config.target_modules=[qkv_proj]",
-                             "training_config.max_steps=2", "training_config.save_steps=0",
-                             "training_config.eval_max_samples=4", "training_config.per_device_train_batch_size=2",
-                             "training_config.report_samples=0", "training_config.progress_bar=false"])
+    cfg = qlora_run_config(tiny_path, tmp_path, "peft_config.target_modules=[qkv_proj]")
     metrics = train(cfg)
     assert math.isfinite(metrics["eval_loss"])
     from safetensors.torch import load_file
