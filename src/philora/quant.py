@@ -16,7 +16,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import lora
 from .config import ModelConfig
@@ -141,6 +140,8 @@ class _QuantBase:
                            "`philora merge` (it dequantises the base first)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The 4-bit base runs as bitsandbytes' module; the LoRA half is lora.Linear's /
+        # lora.MergedLinear's own _lora_out (the other base of each class below).
         result = self.base_layer(x)
         h = _lora_branch(x, self.lora_dropout, self.lora_A) * self.scaling
         return result + self._lora_out(h).to(result.dtype)
@@ -154,9 +155,6 @@ class Linear4bitLoRA(_QuantBase, lora.Linear):
         nn.Module.__init__(self)
         lora.LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights=False)
         self._setup(base, (r, base.in_features), (base.out_features, r), use_rslora, lora_dtype)
-
-    def _lora_out(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.lora_B)
 
 
 class MergedLinear4bitLoRA(_QuantBase, lora.MergedLinear):
@@ -175,12 +173,6 @@ class MergedLinear4bitLoRA(_QuantBase, lora.MergedLinear):
         rows = sum(s for s, e in zip(self.split_sizes, self.enable_lora) if e)
         self._setup(base, (r * sum(self.enable_lora), base.in_features), (rows, r), use_rslora,
                     lora_dtype)
-
-    def _lora_out(self, h: torch.Tensor) -> torch.Tensor:
-        out = h.new_zeros((*h.shape[:-1], self.out_features))
-        for out0, size, a, b in self._slices():
-            out[..., out0:out0 + size] = F.linear(h[..., a], self.lora_B[b])
-        return out
 
 
 def make_lora_quantized(base: nn.Module, target, r: int, alpha: float, dropout: float,

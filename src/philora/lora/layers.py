@@ -20,7 +20,7 @@ swaps in a cheaper CPU mask (philora/dropout.py) when it injects these layers.
 """
 
 import math
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -191,8 +191,12 @@ class Linear(LoRALayer, nn.Linear):
         if self._has_lora() and not self.merged:
             # (x A.T) B.T: O(tokens * r * (in + out)); scaling applied on the r-wide tensor.
             h = _lora_branch(x, self.lora_dropout, self.lora_A) * self.scaling
-            result = result + F.linear(h, self.lora_B).to(result.dtype)
+            result = result + self._lora_out(h).to(result.dtype)
         return result
+
+    def _lora_out(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., r), already scaled -> (..., out): the B half of the LoRA branch."""
+        return F.linear(h, self.lora_B)
 
 
 class MergedLinear(LoRALayer, nn.Linear):
@@ -282,13 +286,15 @@ class MergedLinear(LoRALayer, nn.Linear):
         # One matmul for all of A, then each slice's (tokens, r) @ (r, size): never the
         # out x in delta that loralib builds on every call (loralib#109).
         h = _lora_branch(x, self.lora_dropout, self.lora_A) * self.scaling
-        parts: List[torch.Tensor] = []
-        for out0, size, a, b in self._slices():
-            parts.append((out0, size, F.linear(h[..., a], self.lora_B[b])))
+        return result + self._lora_out(h).to(result.dtype)
+
+    def _lora_out(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., r*k), already scaled -> (..., out): each enabled slice's B, zeros elsewhere."""
+        parts = [(out0, size, F.linear(h[..., a], self.lora_B[b]))
+                 for out0, size, a, b in self._slices()]
         if all(self.enable_lora):
-            delta = torch.cat([p for _, _, p in parts], dim=-1)
-        else:
-            delta = h.new_zeros((*h.shape[:-1], self.out_features))
-            for out0, size, p in parts:
-                delta[..., out0:out0 + size] = p
-        return result + delta.to(result.dtype)
+            return torch.cat([p for _, _, p in parts], dim=-1)
+        delta = h.new_zeros((*h.shape[:-1], self.out_features))
+        for out0, size, p in parts:
+            delta[..., out0:out0 + size] = p
+        return delta
