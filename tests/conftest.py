@@ -1,5 +1,6 @@
 """Shared fixtures: a private philora cache (never ~/.cache), the built-in tiny model built once, a
-smaller GQA Phi-3 with the same tokenizer, and a few sample conversations as files.
+smaller GQA Phi-3 with the same tokenizer, the real Phi-3 tokenizer (tests/fixtures), and a few
+sample conversations as files.
 
 Kept small and generic; test files define their own specialised fixtures.
 """
@@ -9,6 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +23,13 @@ def philora_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _private_philora_cache(philora_cache, monkeypatch):
     monkeypatch.setenv("PHILORA_CACHE", str(philora_cache))
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer_dir():
+    """Phi-3-mini's tokenizer (pieces, ids, added tokens, whitespace handling, chat template), kept in
+    the repository: tests/fixtures/phi3-tokenizer (see tests/fixtures/README.md)."""
+    return FIXTURES / "phi3-tokenizer"
 
 
 @pytest.fixture(scope="session")

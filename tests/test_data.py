@@ -3,7 +3,6 @@
 import json
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
@@ -11,7 +10,6 @@ from philora import data
 from philora.config import DataConfig
 from philora.data import DataError, build_datasets, detect_format, encode_chat, load_records, to_messages
 
-PHI3_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "phi3-tokenizer"
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
@@ -22,21 +20,17 @@ LLAMA2 = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ '<<SYS>>\n' +
 
 
 @pytest.fixture(scope="module")
-def phi3():
-    if not PHI3_DIR.is_dir():
-        pytest.skip(f"Phi-3 tokenizer not found at {PHI3_DIR} (../shared is absent)")
+def phi3(phi3_tokenizer_dir):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(PHI3_DIR))
+    return AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
 
 
 @pytest.fixture(scope="module")
-def chatml():
+def chatml(phi3_tokenizer_dir):
     """Same vocabulary, ChatML template, markers added as special tokens that do NOT strip whitespace."""
-    if not PHI3_DIR.is_dir():
-        pytest.skip(f"Phi-3 tokenizer not found at {PHI3_DIR} (../shared is absent)")
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(PHI3_DIR))
+    tok = AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
     tok.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=False, lstrip=False)
                     for t in ("<|im_start|>", "<|im_end|>")], special_tokens=True)
     tok.chat_template = CHATML

@@ -12,8 +12,6 @@ from philora import tiny
 from philora.sample import SAMPLE_EVAL, SAMPLE_TRAIN
 from philora.tiny import PHI3_ADDED_TOKENS, TINY_NAME, build_tiny, resolve_model
 
-PHI3_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "phi3-tokenizer"
-
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 17 plus 25?"}],
     [{"role": "system", "content": "You are a helpful assistant."},
@@ -82,10 +80,8 @@ def test_text_round_trips(tok, text):
 
 
 @pytest.fixture(scope="module")
-def real():
-    if not PHI3_TOKENIZER.is_dir():
-        pytest.skip(f"real Phi-3 tokenizer not found at {PHI3_TOKENIZER}")
-    return AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
+def real(phi3_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(phi3_tokenizer_dir)
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
