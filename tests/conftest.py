@@ -1,15 +1,19 @@
-"""Shared fixtures: a private philora cache (never ~/.cache), the built-in tiny model built once, a
-smaller GQA Phi-3 with the same tokenizer, the real Phi-3 tokenizer (tests/fixtures), and a few
-sample conversations as files.
+"""What the test files share; they never import each other (nor this file).
 
-Kept small and generic; test files define their own specialised fixtures.
+Fixtures: a private philora cache (never ~/.cache), one torch thread, the built-in tiny model built
+once, a smaller GQA Phi-3 with the same tokenizer, the real Phi-3 tokenizer (tests/fixtures), a few
+sample conversations as files, and a random tiny Phi-3 base directory. Plain helper functions (tiny
+Phi-3 models, LoRA adapters written by philora and by peft, the CLI) come through the ``helpers``
+fixture: ``helpers.load_model(path)``.
 """
 
 import os
 import shutil
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -23,6 +27,15 @@ def philora_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _private_philora_cache(philora_cache, monkeypatch):
     monkeypatch.setenv("PHILORA_CACHE", str(philora_cache))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread (and two shared cores are not oversubscribed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +61,6 @@ def tiny_model_dir(philora_cache):
 def small_model_dir(tiny_model_dir, tmp_path_factory):
     """A smaller Phi-3 with grouped-query attention (64 hidden, 2 layers, 4 heads, 2 kv heads)
     and the tiny model's tokenizer and chat template."""
-    import torch
     from transformers import AutoConfig, Phi3Config, Phi3ForCausalLM
     out = tmp_path_factory.mktemp("small-phi3")
     base = AutoConfig.from_pretrained(tiny_model_dir)
@@ -76,3 +88,118 @@ def small_data(tmp_path_factory):
     (d / "train.jsonl").write_text("\n".join(train_lines) + "\n", encoding="utf-8")
     (d / "eval.jsonl").write_text("\n".join(eval_lines) + "\n", encoding="utf-8")
     return d / "train.jsonl", d / "eval.jsonl"
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A random tiny Phi-3 (``helpers.phi3_config``: 2 kv heads) saved as a model directory."""
+    return save_base(tmp_path_factory.mktemp("base"))
+
+
+# -----------------------------------------------------------------------------
+# helpers: tiny Phi-3 models, LoRA adapters written by philora and by peft, the CLI
+
+PEFT_TOL = dict(rtol=1e-5, atol=1e-5)  # philora against peft on the same adapter: fp32 summation order
+
+
+def phi3_config(kv_heads=2, **kw):
+    """A tiny Phi-3: hidden 64, 2 layers, 4 heads, grouped-query attention (2 kv heads)."""
+    from transformers import Phi3Config
+    return Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                      original_max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2, **kw)
+
+
+def save_base(path, seed=0, dtype=torch.float32, kv_heads=2):
+    """A random tiny Phi-3 saved as a Hugging Face model directory; returns the path as str."""
+    from transformers import Phi3ForCausalLM
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(phi3_config(kv_heads)).to(dtype)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def load_model(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+
+
+def token_ids(vocab=128, seed=1):
+    return torch.randint(3, vocab, (2, 11), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, ids):
+    return model(input_ids=ids).logits.float()
+
+
+def randomize(model, seed=3, scale=0.3):
+    """Nonzero LoRA factors everywhere (peft's or philora's), so every update shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def peft_adapter(base_dir, out_dir, seed=3, **lora_kwargs):
+    """An adapter written by peft itself (random factors); returns the live peft model."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(base_model_name_or_path=base_dir, **lora_kwargs)
+    model = randomize(get_peft_model(load_model(base_dir), config), seed).eval()
+    model.save_pretrained(out_dir)
+    return model
+
+
+def peft_logits(base_dir, adapter_dir, ids):
+    """Reference: peft's own loader on the unmodified base."""
+    from peft import PeftModel
+    return logits(PeftModel.from_pretrained(load_model(base_dir), adapter_dir).eval(), ids)
+
+
+def philora_run_adapter(base_dir, out_dir, seed=3, use_rslora=False):
+    """A philora adapter with per-slice LoRA (q and v of the fused qkv_proj) plus whole o_proj
+    and gate_up_proj, saved in PEFT format; returns the live philora model."""
+    from philora.adapter import save_adapter
+    from philora.inject import inject_lora
+    model = load_model(base_dir)
+    inject_lora(model, r=4, lora_alpha=8, target_modules=["o_proj", "gate_up_proj"],
+                fused_slices={"qkv_proj": ["q", "v"]}, use_rslora=use_rslora)
+    randomize(model, seed).eval()
+    save_adapter(model, out_dir, base_dir, r=4, lora_alpha=8, use_rslora=use_rslora)
+    return model
+
+
+def make_run(run_dir, base_dir, tokenizer_dir=None, **model_cfg):
+    """A philora run directory: per-slice adapter + config.yaml (+ the run's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from philora.config import Config, ModelConfig, save_config
+    model = philora_run_adapter(base_dir, run_dir)
+    save_config(Config(model=ModelConfig(name_or_path=str(base_dir), **model_cfg)), run_dir / "config.yaml")
+    if tokenizer_dir:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(run_dir)
+    return model
+
+
+def run_cli(capsys, *argv):
+    """philora's command line in-process: (exit code, the error line), the error line being the last
+    stderr line (loading progress bars may precede it)."""
+    from philora.cli import main
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    return code, lines[-1] if lines else ""
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """The helper functions above, for the test files."""
+    return types.SimpleNamespace(
+        PEFT_TOL=PEFT_TOL, phi3_config=phi3_config, save_base=save_base, load_model=load_model,
+        token_ids=token_ids, logits=logits, randomize=randomize, peft_adapter=peft_adapter,
+        peft_logits=peft_logits, philora_run_adapter=philora_run_adapter, make_run=make_run, run_cli=run_cli)

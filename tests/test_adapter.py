@@ -1,8 +1,5 @@
 """philora.adapter: PEFT adapters in and out, checked against peft itself (equal logits), and a
-one-line error for every adapter philora cannot load.
-
-Also holds the small builders the other adapter/merge/generate/report tests import.
-"""
+one-line error for every adapter philora cannot load."""
 
 import json
 import re
@@ -11,89 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from philora.adapter import AdapterError, apply_adapter, read_adapter, save_adapter
 from philora.inject import inject_lora, lora_layers
-
-PEFT_TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-# -----------------------------------------------------------------------------
-# builders (imported by the other test files)
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and two shared cores are not oversubscribed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def phi3_config(kv_heads=2, **kw):
-    """A tiny Phi-3: hidden 64, 2 layers, 4 heads, grouped-query attention (2 kv heads)."""
-    return Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                      original_max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2, **kw)
-
-
-def save_base(path, seed=0, dtype=torch.float32, kv_heads=2):
-    """A random tiny Phi-3 saved as a Hugging Face model directory; returns the path as str."""
-    torch.manual_seed(seed)
-    model = Phi3ForCausalLM(phi3_config(kv_heads)).to(dtype)
-    model.save_pretrained(path)
-    return str(path)
-
-
-def load_model(path, dtype=torch.float32):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
-
-
-def token_ids(vocab=128, seed=1):
-    return torch.randint(3, vocab, (2, 11), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model, ids):
-    return model(input_ids=ids).logits.float()
-
-
-def randomize(model, seed=3, scale=0.3):
-    """Nonzero LoRA factors everywhere (peft's or philora's), so every update shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
-def peft_adapter(base_dir, out_dir, seed=3, **lora_kwargs):
-    """An adapter written by peft itself (random factors); returns the live peft model."""
-    from peft import LoraConfig, get_peft_model
-    config = LoraConfig(base_model_name_or_path=base_dir, **lora_kwargs)
-    model = randomize(get_peft_model(load_model(base_dir), config), seed).eval()
-    model.save_pretrained(out_dir)
-    return model
-
-
-def peft_logits(base_dir, adapter_dir, ids):
-    """Reference: peft's own loader on the unmodified base."""
-    from peft import PeftModel
-    return logits(PeftModel.from_pretrained(load_model(base_dir), adapter_dir).eval(), ids)
-
-
-def philora_run_adapter(base_dir, out_dir, seed=3, use_rslora=False):
-    """A philora adapter with per-slice LoRA (q and v of the fused qkv_proj) plus whole o_proj
-    and gate_up_proj, saved in PEFT format; returns the live philora model."""
-    model = load_model(base_dir)
-    inject_lora(model, r=4, lora_alpha=8, target_modules=["o_proj", "gate_up_proj"],
-                fused_slices={"qkv_proj": ["q", "v"]}, use_rslora=use_rslora)
-    randomize(model, seed).eval()
-    save_adapter(model, out_dir, base_dir, r=4, lora_alpha=8, use_rslora=use_rslora)
-    return model
 
 
 def one_line_error(excinfo):
@@ -105,11 +23,6 @@ def one_line_error(excinfo):
 # -----------------------------------------------------------------------------
 # loading peft's adapters
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return save_base(tmp_path_factory.mktemp("base"))
-
-
 PEFT_CASES = {
     "plain": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "down_proj"]),
     "rslora+patterns": dict(r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear",
@@ -119,15 +32,16 @@ PEFT_CASES = {
 
 
 @pytest.mark.parametrize("case", PEFT_CASES)
-def test_peft_written_adapter_gives_peft_logits(base_dir, tmp_path, case):
-    ids = token_ids()
-    peft_model = peft_adapter(base_dir, tmp_path, **PEFT_CASES[case])
-    model = load_model(base_dir)
+def test_peft_written_adapter_gives_peft_logits(base_dir, tmp_path, case, helpers):
+    ids = helpers.token_ids()
+    peft_model = helpers.peft_adapter(base_dir, tmp_path, **PEFT_CASES[case])
+    model = helpers.load_model(base_dir)
     apply_adapter(model, tmp_path)
-    want = peft_logits(base_dir, tmp_path, ids)
-    assert_close(logits(peft_model, ids), want, rtol=0, atol=0)
-    assert_close(logits(model, ids), want, **PEFT_TOL)
-    assert (logits(model, ids) - logits(load_model(base_dir), ids)).abs().max() > 1e-2  # it did something
+    want = helpers.peft_logits(base_dir, tmp_path, ids)
+    assert_close(helpers.logits(peft_model, ids), want, rtol=0, atol=0)
+    assert_close(helpers.logits(model, ids), want, **helpers.PEFT_TOL)
+    base = helpers.logits(helpers.load_model(base_dir), ids)
+    assert (helpers.logits(model, ids) - base).abs().max() > 1e-2  # it did something
     if case == "rslora+patterns":  # patterns reached the layers: ranks and scalings differ by module
         layers = lora_layers(model)
         assert layers["model.layers.0.self_attn.o_proj"].r == 2
@@ -135,28 +49,28 @@ def test_peft_written_adapter_gives_peft_logits(base_dir, tmp_path, case):
         assert layers["model.layers.0.mlp.gate_up_proj"].scaling == pytest.approx(3 / 2)
 
 
-def test_keys_with_the_adapter_name(base_dir, tmp_path):
-    ids = token_ids()
-    peft_adapter(base_dir, tmp_path, r=4, lora_alpha=8, target_modules=["o_proj"])
-    want = peft_logits(base_dir, tmp_path, ids)
+def test_keys_with_the_adapter_name(base_dir, tmp_path, helpers):
+    ids = helpers.token_ids()
+    helpers.peft_adapter(base_dir, tmp_path, r=4, lora_alpha=8, target_modules=["o_proj"])
+    want = helpers.peft_logits(base_dir, tmp_path, ids)
     file = tmp_path / "adapter_model.safetensors"
     tensors = load_file(file)
     renamed = {re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", k): v for k, v in tensors.items()}
     assert renamed.keys() != tensors.keys()
     save_file(renamed, file)
-    model = load_model(base_dir)
+    model = helpers.load_model(base_dir)
     apply_adapter(model, tmp_path)
-    assert_close(logits(model, ids), want, **PEFT_TOL)
+    assert_close(helpers.logits(model, ids), want, **helpers.PEFT_TOL)
 
 
-def test_fan_in_fan_out_gpt2_with_biases(tmp_path):
+def test_fan_in_fan_out_gpt2_with_biases(tmp_path, helpers):
     """GPT-2 keeps Conv1D weights as (in, out); peft's bias='all' saves every bias too."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
     base.save_pretrained(tmp_path / "base")
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, bias="all")
-    peft_model = randomize(get_peft_model(load_model(tmp_path / "base"), config)).eval()
+    peft_model = helpers.randomize(get_peft_model(helpers.load_model(tmp_path / "base"), config)).eval()
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if p.requires_grad and n.endswith(".bias"):
@@ -164,36 +78,36 @@ def test_fan_in_fan_out_gpt2_with_biases(tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any(k.endswith("c_attn.base_layer.bias") for k in saved)
-    ids = token_ids(96)
-    model = load_model(tmp_path / "base")
+    ids = helpers.token_ids(96)
+    model = helpers.load_model(tmp_path / "base")
     apply_adapter(model, tmp_path / "adapter")
     assert lora_layers(model)["transformer.h.0.attn.c_attn"].fan_in_fan_out
-    assert_close(logits(model, ids), logits(peft_model, ids), **PEFT_TOL)
+    assert_close(helpers.logits(model, ids), helpers.logits(peft_model, ids), **helpers.PEFT_TOL)
 
 
 # -----------------------------------------------------------------------------
 # philora's adapters, read by peft
 
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_per_slice_adapter_loads_in_peft_and_back(base_dir, tmp_path, use_rslora):
-    ids = token_ids()
-    model = philora_run_adapter(base_dir, tmp_path, use_rslora=use_rslora)
+def test_per_slice_adapter_loads_in_peft_and_back(base_dir, tmp_path, use_rslora, helpers):
+    ids = helpers.token_ids()
+    model = helpers.philora_run_adapter(base_dir, tmp_path, use_rslora=use_rslora)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == ["gate_up_proj", "o_proj", "qkv_proj"]
     assert config["rank_pattern"] == {"qkv_proj": 8}  # q and v: rank 4 each, block-diagonal
-    want = logits(model, ids)
-    assert_close(peft_logits(base_dir, tmp_path, ids), want, **PEFT_TOL)
-    again = load_model(base_dir)
+    want = helpers.logits(model, ids)
+    assert_close(helpers.peft_logits(base_dir, tmp_path, ids), want, **helpers.PEFT_TOL)
+    again = helpers.load_model(base_dir)
     apply_adapter(again, tmp_path)
-    assert_close(logits(again, ids), want, **PEFT_TOL)
+    assert_close(helpers.logits(again, ids), want, **helpers.PEFT_TOL)
 
 
-def test_trained_biases_export_where_peft_reads_them(tmp_path):
+def test_trained_biases_export_where_peft_reads_them(tmp_path, helpers):
     """bias='all': a LoRA layer's own bias is peft's '<module>.base_layer.bias', others keep their name."""
     torch.manual_seed(0)
     gpt2 = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     GPT2LMHeadModel(gpt2).save_pretrained(tmp_path / "base")
-    model = load_model(tmp_path / "base")
+    model = helpers.load_model(tmp_path / "base")
     inject_lora(model, r=4, lora_alpha=8, target_modules=["c_attn"], bias="all")
     with torch.no_grad():
         for p in model.parameters():
@@ -203,11 +117,12 @@ def test_trained_biases_export_where_peft_reads_them(tmp_path):
     keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in keys
     assert "base_model.model.transformer.h.0.ln_1.bias" in keys
-    ids = token_ids(96)
-    assert_close(peft_logits(tmp_path / "base", tmp_path / "adapter", ids), logits(model, ids), **PEFT_TOL)
-    again = load_model(tmp_path / "base")
+    ids = helpers.token_ids(96)
+    want = helpers.logits(model, ids)
+    assert_close(helpers.peft_logits(tmp_path / "base", tmp_path / "adapter", ids), want, **helpers.PEFT_TOL)
+    again = helpers.load_model(tmp_path / "base")
     apply_adapter(again, tmp_path / "adapter")
-    assert_close(logits(again, ids), logits(model, ids), **PEFT_TOL)
+    assert_close(helpers.logits(again, ids), helpers.logits(model, ids), **helpers.PEFT_TOL)
 
 
 # -----------------------------------------------------------------------------
@@ -247,13 +162,13 @@ UNSUPPORTED = {
 
 
 @pytest.mark.parametrize("case", UNSUPPORTED)
-def test_unsupported_or_broken_adapter_is_one_line(base_dir, tmp_path, case):
+def test_unsupported_or_broken_adapter_is_one_line(base_dir, tmp_path, case, helpers):
     extra, edit, needle = UNSUPPORTED[case]
-    peft_adapter(base_dir, tmp_path, r=4, lora_alpha=8, target_modules=["o_proj"], **(extra or {}))
+    helpers.peft_adapter(base_dir, tmp_path, r=4, lora_alpha=8, target_modules=["o_proj"], **(extra or {}))
     if edit:
         edit(tmp_path)
     with pytest.raises(AdapterError) as e:
-        apply_adapter(load_model(base_dir), tmp_path)
+        apply_adapter(helpers.load_model(base_dir), tmp_path)
     assert needle in one_line_error(e)
 
 
@@ -263,23 +178,23 @@ def test_missing_directory(tmp_path):
     one_line_error(e)
 
 
-def test_wrong_base_names_the_module(base_dir, tmp_path):
-    peft_adapter(base_dir, tmp_path / "a", r=4, lora_alpha=8, target_modules=["o_proj"])
-    other = load_model(save_base(tmp_path / "other", kv_heads=4))  # same names, o_proj fits ...
+def test_wrong_base_names_the_module(base_dir, tmp_path, helpers):
+    helpers.peft_adapter(base_dir, tmp_path / "a", r=4, lora_alpha=8, target_modules=["o_proj"])
+    other = helpers.load_model(helpers.save_base(tmp_path / "other", kv_heads=4))  # same names, o_proj fits ...
     apply_adapter(other, tmp_path / "a")
-    peft_adapter(base_dir, tmp_path / "b", r=4, lora_alpha=8, target_modules=["qkv_proj"])
+    helpers.peft_adapter(base_dir, tmp_path / "b", r=4, lora_alpha=8, target_modules=["qkv_proj"])
     with pytest.raises(AdapterError) as e:  # ... qkv_proj does not (GQA 128 rows vs MHA 192)
-        apply_adapter(load_model(tmp_path / "other"), tmp_path / "b")
+        apply_adapter(helpers.load_model(tmp_path / "other"), tmp_path / "b")
     msg = one_line_error(e)
     assert "'model.layers.0.self_attn.qkv_proj' has lora_A (4, 64) / lora_B (128, 4)" in msg
     assert "(192, 4)" in msg
 
 
-def test_unknown_module_lists_the_models_modules(base_dir, tmp_path):
-    peft_adapter(base_dir, tmp_path, r=4, lora_alpha=8, target_modules=["o_proj"])
+def test_unknown_module_lists_the_models_modules(base_dir, tmp_path, helpers):
+    helpers.peft_adapter(base_dir, tmp_path, r=4, lora_alpha=8, target_modules=["o_proj"])
     _edit_tensors(tmp_path, lambda t: {k.replace("o_proj", "out_proj"): v for k, v in t.items()})
     with pytest.raises(AdapterError) as e:
-        apply_adapter(load_model(base_dir), tmp_path)
+        apply_adapter(helpers.load_model(base_dir), tmp_path)
     msg = one_line_error(e)
     assert "module 'model.layers.0.self_attn.out_proj' is not in the base model" in msg
     assert "self_attn.qkv_proj" in msg

@@ -7,10 +7,6 @@ import loralib
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_adapter import one_thread  # noqa: F401 (autouse fixture)
-from test_adapter import (PEFT_TOL, load_model, logits, peft_adapter, peft_logits, philora_run_adapter, randomize,
-                          save_base, token_ids)
-from test_merge import run_cli
 from torch.testing import assert_close
 
 import philora.lora as plora
@@ -21,34 +17,38 @@ from philora.inject import inject_lora
 SLICES = {"qkv_proj": [True, False, True]}  # q and v, as in loralib's README
 
 
-def loralib_phi3(base_dir, r=4, lora_alpha=8, targets=None, seed=3):
-    """The base with real loralib layers: MergedLinear where ``targets`` gives enable_lora, else Linear."""
-    targets = targets or {"qkv_proj": SLICES["qkv_proj"], "o_proj": None, "gate_up_proj": None}
-    model = load_model(base_dir)
-    for name, module in list(model.named_modules()):
-        short = name.rsplit(".", 1)[-1]
-        if short not in targets:
-            continue
-        out_f, in_f = module.weight.shape
-        if targets[short] is None:
-            new = loralib.Linear(in_f, out_f, r=r, lora_alpha=lora_alpha, bias=False, merge_weights=False)
-        else:
-            new = loralib.MergedLinear(in_f, out_f, r=r, lora_alpha=lora_alpha, enable_lora=targets[short],
-                                       bias=False, merge_weights=False)
-        new.weight = module.weight
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
-    return randomize(model, seed).eval()
+@pytest.fixture(scope="module")
+def loralib_phi3(helpers):
+    """loralib_phi3(base_dir, ...): the base with real loralib layers: MergedLinear where ``targets``
+    gives enable_lora, else Linear."""
+    def build(base_dir, r=4, lora_alpha=8, targets=None, seed=3):
+        targets = targets or {"qkv_proj": SLICES["qkv_proj"], "o_proj": None, "gate_up_proj": None}
+        model = helpers.load_model(base_dir)
+        for name, module in list(model.named_modules()):
+            short = name.rsplit(".", 1)[-1]
+            if short not in targets:
+                continue
+            out_f, in_f = module.weight.shape
+            if targets[short] is None:
+                new = loralib.Linear(in_f, out_f, r=r, lora_alpha=lora_alpha, bias=False, merge_weights=False)
+            else:
+                new = loralib.MergedLinear(in_f, out_f, r=r, lora_alpha=lora_alpha, enable_lora=targets[short],
+                                           bias=False, merge_weights=False)
+            new.weight = module.weight
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+        return helpers.randomize(model, seed).eval()
+    return build
 
 
 @pytest.fixture(scope="module")
-def mha_base(tmp_path_factory):
-    return save_base(tmp_path_factory.mktemp("mha"), kv_heads=4)  # equal q/k/v slices, as loralib needs
+def mha_base(tmp_path_factory, helpers):
+    return helpers.save_base(tmp_path_factory.mktemp("mha"), kv_heads=4)  # equal q/k/v slices, as loralib needs
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_loralib_checkpoint_to_peft(mha_base, tmp_path, suffix):
-    ids = token_ids()
+def test_loralib_checkpoint_to_peft(mha_base, tmp_path, suffix, helpers, loralib_phi3):
+    ids = helpers.token_ids()
     model = loralib_phi3(mha_base)
     ckpt = tmp_path / f"lora{suffix}"
     state = {k: v.contiguous() for k, v in model.state_dict().items()}  # the whole model: LoRA is picked out
@@ -57,54 +57,54 @@ def test_loralib_checkpoint_to_peft(mha_base, tmp_path, suffix):
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["gate_up_proj", "o_proj", "qkv_proj"]
     assert config["rank_pattern"] == {"qkv_proj": 8}
-    got, want = peft_logits(mha_base, tmp_path / "peft", ids), logits(model, ids)
+    got, want = helpers.peft_logits(mha_base, tmp_path / "peft", ids), helpers.logits(model, ids)
     print(f"loralib -> peft: max |peft - loralib| = {(got - want).abs().max():.2e}")
-    assert_close(got, want, **PEFT_TOL)
+    assert_close(got, want, **helpers.PEFT_TOL)
 
 
-def test_slices_come_from_the_model_when_only_one_choice_fits(tmp_path):
+def test_slices_come_from_the_model_when_only_one_choice_fits(tmp_path, helpers):
     """GQA (q 64 rows, k and v 32): k+v is the only pair of 64 rows; q+v would be ambiguous."""
-    base = save_base(tmp_path / "gqa")
-    ids = token_ids()
-    model = load_model(base)
+    base = helpers.save_base(tmp_path / "gqa")
+    ids = helpers.token_ids()
+    model = helpers.load_model(base)
     inject_lora(model, r=4, lora_alpha=8, target_modules=["o_proj"], fused_slices={"qkv_proj": ["k", "v"]})
-    randomize(model)
+    helpers.randomize(model)
     torch.save(plora.lora_state_dict(model), tmp_path / "kv.pt")
     convert(str(tmp_path / "kv.pt"), tmp_path / "peft", to="peft", r=4, lora_alpha=8, base=base)
-    assert_close(peft_logits(base, tmp_path / "peft", ids), logits(model, ids), **PEFT_TOL)
-    model = load_model(base)
+    assert_close(helpers.peft_logits(base, tmp_path / "peft", ids), helpers.logits(model, ids), **helpers.PEFT_TOL)
+    model = helpers.load_model(base)
     inject_lora(model, r=4, lora_alpha=8, target_modules=["o_proj"], fused_slices={"qkv_proj": ["q", "v"]})
     torch.save(plora.lora_state_dict(model), tmp_path / "qv.pt")
     with pytest.raises(PhiloraError, match=r"fits: q\+k or q\+v\); pass enable_lora"):
         convert(str(tmp_path / "qv.pt"), tmp_path / "peft2", to="peft", r=4, lora_alpha=8, base=base)
 
 
-def test_philora_adapter_to_loralib(mha_base, tmp_path, capsys):
-    ids = token_ids()
-    philora_run_adapter(mha_base, tmp_path / "run")
-    want = peft_logits(mha_base, tmp_path / "run", ids)
+def test_philora_adapter_to_loralib(mha_base, tmp_path, capsys, helpers, loralib_phi3):
+    ids = helpers.token_ids()
+    helpers.philora_run_adapter(mha_base, tmp_path / "run")
+    want = helpers.peft_logits(mha_base, tmp_path / "run", ids)
     out = convert(str(tmp_path / "run"), tmp_path / "lora.safetensors", to="loralib", base=mha_base)
     assert "qkv_proj: MergedLinear(enable_lora=[True, False, True])" in capsys.readouterr().out
     model = loralib_phi3(mha_base, seed=99)
     missing, unexpected = model.load_state_dict(load_file(out), strict=False)
     assert not unexpected and all("lora_" not in k for k in missing)
-    got = logits(model, ids)
+    got = helpers.logits(model, ids)
     print(f"philora -> loralib: max |loralib - peft| = {(got - want).abs().max():.2e}")
-    assert_close(got, want, **PEFT_TOL)
+    assert_close(got, want, **helpers.PEFT_TOL)
 
 
-def test_peft_patterns_and_rslora_to_loralib(mha_base, tmp_path):
+def test_peft_patterns_and_rslora_to_loralib(mha_base, tmp_path, helpers, loralib_phi3):
     """One rank, per-module alphas and rsLoRA: loralib's single alpha/r absorbs them into lora_B."""
-    ids = token_ids()
-    peft_adapter(mha_base, tmp_path / "a", r=4, lora_alpha=8, use_rslora=True, target_modules=["o_proj", "down_proj"],
-                 alpha_pattern={"o_proj": 3})
+    ids = helpers.token_ids()
+    helpers.peft_adapter(mha_base, tmp_path / "a", r=4, lora_alpha=8, use_rslora=True,
+                         target_modules=["o_proj", "down_proj"], alpha_pattern={"o_proj": 3})
     out = convert(str(tmp_path / "a"), tmp_path / "lora.pt", to="loralib", r=4, lora_alpha=4)
     model = loralib_phi3(mha_base, r=4, lora_alpha=4, targets={"o_proj": None, "down_proj": None}, seed=99)
     model.load_state_dict(torch.load(out, weights_only=True), strict=False)
-    assert_close(logits(model, ids), peft_logits(mha_base, tmp_path / "a", ids), **PEFT_TOL)
+    assert_close(helpers.logits(model, ids), helpers.peft_logits(mha_base, tmp_path / "a", ids), **helpers.PEFT_TOL)
 
 
-def test_round_trip_keeps_the_tensors(mha_base, tmp_path):
+def test_round_trip_keeps_the_tensors(mha_base, tmp_path, loralib_phi3):
     state = loralib.lora_state_dict(loralib_phi3(mha_base))
     torch.save(state, tmp_path / "lora.pt")
     convert(str(tmp_path / "lora.pt"), tmp_path / "peft", to="peft", r=4, lora_alpha=8, base=mha_base,
@@ -115,9 +115,9 @@ def test_round_trip_keeps_the_tensors(mha_base, tmp_path):
         assert_close(back[k], state[k], rtol=0, atol=0)
 
 
-def test_convert_bad_inputs_are_one_line(mha_base, tmp_path, capsys):
+def test_convert_bad_inputs_are_one_line(mha_base, tmp_path, capsys, helpers, loralib_phi3):
     torch.save(loralib.lora_state_dict(loralib_phi3(mha_base)), tmp_path / "lora.pt")
-    philora_run_adapter(mha_base, tmp_path / "run")
+    helpers.philora_run_adapter(mha_base, tmp_path / "run")
     (tmp_path / "taken.pt").write_text("")
     (tmp_path / "pickle.pt").write_bytes(b"\x80\x04\x95not a state dict")
     lora = tmp_path / "lora.pt"
@@ -135,7 +135,7 @@ def test_convert_bad_inputs_are_one_line(mha_base, tmp_path, capsys):
         (["--to", "loralib", tmp_path / "run", tmp_path / "taken.pt", "--base", mha_base], "already exists"),
     ]
     for (flag, to, src, out, *rest), needle in cases:
-        code, err = run_cli(capsys, "adapter", "convert", src, "--out", out, flag, to, *rest)
+        code, err = helpers.run_cli(capsys, "adapter", "convert", src, "--out", out, flag, to, *rest)
         assert code == 2 and err.startswith("philora: error:") and needle in err, (src, rest, err)
 
 
@@ -154,35 +154,35 @@ def _edit(path, **changes):
     file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
 
 
-def test_check_clean_and_rank_notes(mha_base, tmp_path, capsys):
-    philora_run_adapter(mha_base, tmp_path / "run")
+def test_check_clean_and_rank_notes(mha_base, tmp_path, capsys, helpers):
+    helpers.philora_run_adapter(mha_base, tmp_path / "run")
     assert check_lines(capsys, tmp_path / "run") == (0, [], f"{tmp_path / 'run'}: ok (6 LoRA modules, rank 4/8)")
-    peft_adapter(mha_base, tmp_path / "r64", r=64, lora_alpha=16, target_modules=["o_proj"])
+    helpers.peft_adapter(mha_base, tmp_path / "r64", r=64, lora_alpha=16, target_modules=["o_proj"])
     code, problems, _ = check_lines(capsys, tmp_path / "r64")
     assert code == 0 and problems == ["warning: rank 64: serve with vLLM --max-lora-rank 64 (its default is 16; "
                                       "allowed: 1, 8, 16, 32, 64, 128, 256, 320, 512)"]
-    peft_adapter(mha_base, tmp_path / "r600", r=600, lora_alpha=16, target_modules=["o_proj"])
+    helpers.peft_adapter(mha_base, tmp_path / "r600", r=600, lora_alpha=16, target_modules=["o_proj"])
     code, problems, _ = check_lines(capsys, tmp_path / "r600")
     assert code == 1 and problems == ["error: rank 600 is beyond vLLM's largest --max-lora-rank (512)"]
 
 
-def test_check_reports_what_vllm_rejects(mha_base, tmp_path, capsys):
-    peft_adapter(mha_base, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["o_proj"], use_dora=True)
+def test_check_reports_what_vllm_rejects(mha_base, tmp_path, capsys, helpers):
+    helpers.peft_adapter(mha_base, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["o_proj"], use_dora=True)
     code, problems, last = check_lines(capsys, tmp_path / "dora")
     assert code == 1 and len(problems) == 1 and "DoRA" in problems[0] and last.endswith("1 error(s), 0 warning(s)")
-    peft_adapter(mha_base, tmp_path / "misc", r=4, lora_alpha=8, target_modules=["o_proj"])
+    helpers.peft_adapter(mha_base, tmp_path / "misc", r=4, lora_alpha=8, target_modules=["o_proj"])
     _edit(tmp_path / "misc", bias="all", modules_to_save=["lm_head"])
     code, problems, _ = check_lines(capsys, tmp_path / "misc")
     assert code == 1 and any("modules_to_save" in p for p in problems) and any("bias='all'" in p for p in problems)
 
 
-def test_check_against_the_base(mha_base, tmp_path, capsys):
-    peft_adapter(mha_base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["qkv_proj"])
+def test_check_against_the_base(mha_base, tmp_path, capsys, helpers):
+    helpers.peft_adapter(mha_base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["qkv_proj"])
     _edit(tmp_path / "a", target_modules=["q_proj", "v_proj", "qkv_proj"])  # the cookbook's names do not exist
     code, problems, _ = check_lines(capsys, tmp_path / "a")
     assert code == 0 and problems == [f"warning: target_modules entry '{t}' matches no module of {mha_base}"
                                       for t in ("q_proj", "v_proj")]
-    gqa = save_base(tmp_path / "gqa")  # qkv_proj has 128 rows there, not 192
+    gqa = helpers.save_base(tmp_path / "gqa")  # qkv_proj has 128 rows there, not 192
     code, problems, _ = check_lines(capsys, tmp_path / "a", base=gqa)
     assert code == 1 and len(problems) == 2 + 2 and all("lora_B (192, 4)" in p for p in problems[:2])
     file = tmp_path / "a" / "adapter_model.safetensors"
@@ -194,5 +194,5 @@ def test_check_against_the_base(mha_base, tmp_path, capsys):
     _edit(tmp_path / "a", base_model_name_or_path=str(tmp_path / "gone"))
     code, problems, _ = check_lines(capsys, tmp_path / "a")
     assert code == 0 and "module names and shapes not checked; pass --base" in problems[-1]
-    code, err = run_cli(capsys, "adapter", "check", tmp_path / "missing")
+    code, err = helpers.run_cli(capsys, "adapter", "check", tmp_path / "missing")
     assert code == 2 and err.startswith("philora: error:") and "no adapter_config.json" in err

@@ -7,8 +7,6 @@ import shutil
 
 import pytest
 import torch
-from test_adapter import one_thread  # noqa: F401 (autouse fixture)
-from test_merge import make_run, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from philora import generate
@@ -82,9 +80,9 @@ def test_sampling_is_seeded(tiny_model_dir):
     assert run(0) != run(1)
 
 
-def test_adapter_unmerged_and_merged_reply_alike(tiny_model_dir, tmp_path):
+def test_adapter_unmerged_and_merged_reply_alike(tiny_model_dir, tmp_path, helpers):
     run = tmp_path / "run"
-    make_run(run, tiny_model_dir, tokenizer_dir=tiny_model_dir)
+    helpers.make_run(run, tiny_model_dir, tokenizer_dir=tiny_model_dir)
     merged = merge(str(run), tmp_path / "merged")
     messages = [{"role": "user", "content": "What is 2 plus 3?"}]
     replies = []
@@ -112,7 +110,7 @@ def test_chat_keeps_and_resets_the_conversation(scripted, monkeypatch, capsys):
     assert [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip()] == [reply] * 3
 
 
-def test_bad_inputs_are_one_line(scripted, tmp_path, capsys):
+def test_bad_inputs_are_one_line(scripted, tmp_path, capsys, helpers):
     path, _, _ = scripted
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"messages": [{"role": "robot", "content": "x"}]}\n')
@@ -131,5 +129,5 @@ def test_bad_inputs_are_one_line(scripted, tmp_path, capsys):
         (["chat", tmp_path], "not a run, adapter or model directory"),
     ]
     for argv, needle in cases:
-        code, err = run_cli(capsys, *argv)
+        code, err = helpers.run_cli(capsys, *argv)
         assert code == 2 and err.startswith("philora: error:") and needle in err, (argv, err)

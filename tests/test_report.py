@@ -8,9 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_adapter import one_thread  # noqa: F401 (autouse fixture)
-from test_adapter import load_model, logits, randomize, save_base, token_ids
-from test_merge import run_cli
 from torch.testing import assert_close
 
 from philora.config import load_config
@@ -49,7 +46,7 @@ def reference_loss(model, examples):
     return total / count
 
 
-def test_train_ends_with_the_report(run, tiny_model_dir):
+def test_train_ends_with_the_report(run, tiny_model_dir, helpers):
     from peft import PeftModel
     out, cfg = run
     files = {p.name for p in out.iterdir()}
@@ -60,8 +57,8 @@ def test_train_ends_with_the_report(run, tiny_model_dir):
     examples = [ex for _, ex in pairs][:6]
     assert report["eval_examples"] == 6 and len(report["samples"]) == 2
     final_eval = [m["eval_loss"] for m in read_metrics(out) if "eval_loss" in m][-1]
-    base = reference_loss(load_model(tiny_model_dir), examples)
-    tuned = reference_loss(PeftModel.from_pretrained(load_model(tiny_model_dir), out).eval(), examples)
+    base = reference_loss(helpers.load_model(tiny_model_dir), examples)
+    tuned = reference_loss(PeftModel.from_pretrained(helpers.load_model(tiny_model_dir), out).eval(), examples)
     print(f"report losses: base {report['base']['loss']:.6f} (reference {base:.6f}), "
           f"fine-tuned {report['fine_tuned']['loss']:.6f} (peft {tuned:.6f}, train's last eval {final_eval:.6f})")
     assert report["base"]["loss"] == pytest.approx(base, rel=1e-5)
@@ -79,10 +76,10 @@ def test_train_ends_with_the_report(run, tiny_model_dir):
     assert md.count("\n| 1 | ") == 1 and md.count("\n| 2 | ") == 1
 
 
-def test_eval_command_and_its_output_guard(run, tmp_path, capsys):
+def test_eval_command_and_its_output_guard(run, tmp_path, capsys, helpers):
     out, _ = run
     before = json.loads((out / "report.json").read_text())
-    code, _ = run_cli(capsys, "eval", out, "--out", tmp_path / "report", "--samples", "2")
+    code, _ = helpers.run_cli(capsys, "eval", out, "--out", tmp_path / "report", "--samples", "2")
     assert code == 0
     again = json.loads((tmp_path / "report" / "report.json").read_text())
     for side in ("base", "fine_tuned"):  # from disk, the same numbers and greedy generations
@@ -90,27 +87,27 @@ def test_eval_command_and_its_output_guard(run, tmp_path, capsys):
     assert [s["fine_tuned"] for s in again["samples"]] == [s["fine_tuned"] for s in before["samples"]]
     assert (tmp_path / "report" / "loss.png").is_file()
     for target in (tmp_path / "report", out):
-        code, err = run_cli(capsys, "eval", out, "--out", target)
+        code, err = helpers.run_cli(capsys, "eval", out, "--out", target)
         assert code == 2 and err.startswith("philora: error:") and "--force" in err
     files = sorted(p.name for p in out.iterdir())
-    assert run_cli(capsys, "eval", out, "--out", out, "--force", "--samples", "1", "--max-new-tokens", "2")[0] == 0
+    code, _ = helpers.run_cli(capsys, "eval", out, "--out", out, "--force", "--samples", "1", "--max-new-tokens", "2")
+    assert code == 0
     assert sorted(p.name for p in out.iterdir()) == files
 
 
-def test_adapter_without_run_config_needs_data(tiny_model_dir, tmp_path, capsys):
-    from test_merge import make_run
-    make_run(tmp_path / "run", tiny_model_dir, tokenizer_dir=tiny_model_dir)
+def test_adapter_without_run_config_needs_data(tiny_model_dir, tmp_path, capsys, helpers):
+    helpers.make_run(tmp_path / "run", tiny_model_dir, tokenizer_dir=tiny_model_dir)
     (tmp_path / "run" / "config.yaml").unlink()  # now a plain PEFT adapter directory
-    code, err = run_cli(capsys, "eval", tmp_path / "run", "--out", tmp_path / "r1")
+    code, err = helpers.run_cli(capsys, "eval", tmp_path / "run", "--out", tmp_path / "r1")
     assert code == 2 and "pass --data FILE" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    code, err = run_cli(capsys, "eval", tmp_path / "run", "--out", tmp_path / "r2", "--data", bad)
+    code, err = helpers.run_cli(capsys, "eval", tmp_path / "run", "--out", tmp_path / "r2", "--data", bad)
     assert code == 2 and err.startswith("philora: error:") and "bad.jsonl:1" in err
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(SAMPLE_TRAIN.read_text().splitlines(True)[:3]))
-    assert run_cli(capsys, "eval", tmp_path / "run", "--out", tmp_path / "r3", "--data", data,
-                   "--samples", "3", "--max-new-tokens", "4")[0] == 0
+    assert helpers.run_cli(capsys, "eval", tmp_path / "run", "--out", tmp_path / "r3", "--data", data,
+                           "--samples", "3", "--max-new-tokens", "4")[0] == 0
     report = json.loads((tmp_path / "r3" / "report.json").read_text())
     assert report["eval_examples"] == 3 and len(report["samples"]) == 3 and report["loss_plot"] is None
 
@@ -132,17 +129,17 @@ def test_eval_conversations_are_build_datasets_eval_split(tiny_model_dir, tmp_pa
     assert all(m[-1]["role"] == "assistant" for m, _ in pairs)
 
 
-def test_lora_disabled_is_exactly_the_base(tmp_path):
-    base_dir = save_base(tmp_path / "base")
-    ids = token_ids()
-    model = load_model(base_dir)
+def test_lora_disabled_is_exactly_the_base(tmp_path, helpers):
+    base_dir = helpers.save_base(tmp_path / "base")
+    ids = helpers.token_ids()
+    model = helpers.load_model(base_dir)
     inject_lora(model, r=4, lora_alpha=8, target_modules="all-linear", fused_slices={"qkv_proj": ["q"]})
-    randomize(model)
-    tuned = logits(model, ids)
+    helpers.randomize(model)
+    tuned = helpers.logits(model, ids)
     with lora_disabled(model):
-        assert_close(logits(model, ids), logits(load_model(base_dir), ids), rtol=0, atol=0)
-    assert_close(logits(model, ids), tuned, rtol=0, atol=0)
-    assert (tuned - logits(load_model(base_dir), ids)).abs().max() > 1e-2
+        assert_close(helpers.logits(model, ids), helpers.logits(helpers.load_model(base_dir), ids), rtol=0, atol=0)
+    assert_close(helpers.logits(model, ids), tuned, rtol=0, atol=0)
+    assert (tuned - helpers.logits(helpers.load_model(base_dir), ids)).abs().max() > 1e-2
 
 
 def test_overlap_metrics_hand_computed():
