@@ -23,15 +23,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import lora
-from .errors import PhiloraError
-from .inject import lora_layers
+from .config import PeftConfig
+from .errors import PhiloraError, first_line
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -57,16 +57,26 @@ class AdapterError(PhiloraError):
 # -----------------------------------------------------------------------------
 # writing
 
+def block_diagonal(B: torch.Tensor, split_sizes: List[int], enabled: List[bool], r: int) -> torch.Tensor:
+    """A per-slice lora_B (rows of the k enabled slices, r) as one plain LoRA's (out, r*k): the
+    i-th enabled slice's rows in columns [i*r, (i+1)*r), zero elsewhere."""
+    k = sum(enabled)
+    out = B.new_zeros((sum(split_sizes), r * k))
+    offset, row, i = 0, 0, 0
+    for size, on in zip(split_sizes, enabled):
+        if on:
+            out[offset:offset + size, i * r:(i + 1) * r] = B[row:row + size]
+            row, i = row + size, i + 1
+        offset += size
+    return out
+
+
 def _peft_factors(layer) -> Tuple[torch.Tensor, torch.Tensor]:
     """(lora_A (R, in), lora_B (out, R)) of a layer as one plain LoRA of rank R."""
     A, B = layer.lora_A.detach(), layer.lora_B.detach()
     if not isinstance(layer, lora.MergedLinear):
         return A.contiguous(), B.contiguous()
-    k = sum(layer.enable_lora)
-    full_B = B.new_zeros((layer.out_features, layer.r * k))
-    for i, (out0, size, a, b) in enumerate(layer._slices()):
-        full_B[out0:out0 + size, a] = B[b]
-    return A.contiguous(), full_B
+    return A.contiguous(), block_diagonal(B, layer.split_sizes, layer.enable_lora, layer.r)
 
 
 def _short(name: str) -> str:
@@ -76,7 +86,7 @@ def _short(name: str) -> str:
 def adapter_state(model) -> Tuple[Dict[str, torch.Tensor], Dict[str, int], Dict[str, float]]:
     """PEFT tensors plus {module: rank}, {module: alpha} for every LoRA layer of ``model``."""
     tensors, ranks, alphas = {}, {}, {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in lora.lora_layers(model).items():
         A, B = _peft_factors(layer)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B
@@ -98,15 +108,15 @@ def target_module_names(names: List[str], all_module_names: Optional[List[str]])
 
 
 def write_adapter(out_dir, tensors: Dict[str, torch.Tensor], ranks: Dict[str, int],
-                  alphas: Dict[str, float], base_model_name_or_path: Optional[str], r: int,
-                  lora_alpha: float, target_modules: List[str], lora_dropout: float = 0.0,
-                  bias: str = "none", use_rslora: bool = False, fan_in_fan_out: bool = False) -> Path:
-    """Write PEFT tensors and an adapter_config.json; modules whose rank is not ``r`` go to
-    rank_pattern / alpha_pattern (by short name when every module of that name agrees)."""
+                  alphas: Dict[str, float], base_model_name_or_path: Optional[str], pc: PeftConfig,
+                  target_modules: List[str], fan_in_fan_out: bool = False) -> Path:
+    """Write PEFT tensors and an adapter_config.json for the LoRA options of ``pc``; modules
+    whose rank is not ``pc.r`` go to rank_pattern / alpha_pattern (by short name when every
+    module of that name agrees)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(ranks)
-    rank_pattern = {n: v for n, v in ranks.items() if v != r}
+    rank_pattern = {n: v for n, v in ranks.items() if v != pc.r}
     alpha_pattern = {n: alphas[n] for n in rank_pattern}
     for short in sorted({_short(n) for n in names}):
         group = [n for n in rank_pattern if _short(n) == short]
@@ -119,9 +129,9 @@ def write_adapter(out_dir, tensors: Dict[str, torch.Tensor], ranks: Dict[str, in
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
-        "target_modules": target_modules, "bias": bias, "fan_in_fan_out": fan_in_fan_out,
-        "use_rslora": use_rslora, "use_dora": False, "modules_to_save": None,
+        "r": pc.r, "lora_alpha": pc.lora_alpha, "lora_dropout": pc.lora_dropout,
+        "target_modules": target_modules, "bias": pc.bias, "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": pc.use_rslora, "use_dora": False, "modules_to_save": None,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "init_lora_weights": True, "inference_mode": True,
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
@@ -132,14 +142,13 @@ def write_adapter(out_dir, tensors: Dict[str, torch.Tensor], ranks: Dict[str, in
     return out
 
 
-def save_adapter(model, out_dir, base_model_name_or_path: str, r: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, bias: str = "none", use_rslora: bool = False) -> Path:
-    """Write the PEFT adapter of ``model`` into ``out_dir``; returns the directory."""
+def save_adapter(model, out_dir, base_model_name_or_path: str, pc: PeftConfig) -> Path:
+    """Write the PEFT adapter of ``model`` (trained with ``pc``) into ``out_dir``; returns it."""
     tensors, ranks, alphas = adapter_state(model)
     if not tensors:
         raise AdapterError("the model has no LoRA layers to save")
-    layers = lora_layers(model)
-    if bias != "none":
+    layers = lora.lora_layers(model)
+    if pc.bias != "none":
         for n, p in model.named_parameters():
             if p.requires_grad and n.endswith("bias") and "lora_" not in n:
                 module = n[:-len(".bias")]  # peft wraps a LoRA layer's own bias as base_layer.bias
@@ -147,9 +156,9 @@ def save_adapter(model, out_dir, base_model_name_or_path: str, r: int, lora_alph
                 tensors[f"{PREFIX}{key}"] = p.detach()
     shorts = {_short(n) for n in ranks}
     linear = [n for n, m in model.named_modules() if _short(n) in shorts and hasattr(m, "weight")]
-    fifo = any(getattr(m, "fan_in_fan_out", False) for m in layers.values())
-    return write_adapter(out_dir, tensors, ranks, alphas, base_model_name_or_path, r, lora_alpha,
-                         target_module_names(list(ranks), linear), lora_dropout, bias, use_rslora, fifo)
+    fan_in_fan_out = any(getattr(m, "fan_in_fan_out", False) for m in layers.values())
+    return write_adapter(out_dir, tensors, ranks, alphas, base_model_name_or_path, pc,
+                         target_module_names(list(ranks), linear), fan_in_fan_out)
 
 
 # -----------------------------------------------------------------------------
@@ -184,6 +193,10 @@ def read_adapter_config(adapter_dir) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdapterError(f"{path}: no adapter_config.json (not a PEFT adapter directory)") from None
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read: {first_line(e)}") from None
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     if not isinstance(config, dict):
@@ -220,7 +233,7 @@ def load_adapter_weights(adapter_dir) -> Dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise AdapterError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise AdapterError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
@@ -291,88 +304,3 @@ def read_adapter(adapter_dir) -> Adapter:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise AdapterError(f"{adapter_dir}: {problems[0]}{more}")
     return adapter
-
-
-# -----------------------------------------------------------------------------
-# applying to a model
-
-def layer_shape(layer) -> Optional[Tuple[int, int]]:
-    """(in, out) of a linear layer (nn.Linear, GPT-2's Conv1D, a bitsandbytes 4-bit linear)."""
-    from .inject import _is_conv1d
-    if _is_conv1d(layer):
-        return tuple(layer.weight.shape)
-    if isinstance(layer, torch.nn.Linear) or type(layer).__name__ in ("Linear4bit", "Linear8bitLt"):
-        return layer.in_features, layer.out_features
-    return None
-
-
-def target_layer(model, name: str, A: torch.Tensor, B: torch.Tensor, where) -> torch.nn.Module:
-    """The base layer an adapter module names, checked to exist, be linear and fit A and B."""
-    from .inject import _short_names, linear_names
-    try:
-        layer = model.get_submodule(name)
-    except AttributeError:
-        raise AdapterError(f"{where}: module '{name}' is not in the base model (a different base? "
-                           f"the model has: {_short_names(linear_names(model))})") from None
-    shape = layer_shape(layer)
-    if shape is None:
-        raise AdapterError(f"{where}: module '{name}' is a {type(layer).__name__}; philora applies "
-                           f"LoRA to linear layers only")
-    (fan_in, fan_out), r = shape, A.shape[0]
-    if A.shape[1] != fan_in or B.shape[0] != fan_out:
-        raise AdapterError(f"{where}: '{name}' has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}, "
-                           f"the base model's layer needs ({r}, {fan_in}) / ({fan_out}, {r}) "
-                           f"(a different base model?)")
-    return layer
-
-
-def load_biases(model, adapter: Adapter, dtype: Optional[torch.dtype] = None) -> None:
-    """Copy the adapter's bias tensors into the model (as ``dtype``, when given)."""
-    for name, value in adapter.biases.items():
-        try:
-            param = model.get_parameter(name)
-        except AttributeError:
-            raise AdapterError(f"{adapter.path}: bias '{name}' is not a parameter of the base model") from None
-        if param.shape != value.shape:
-            raise AdapterError(f"{adapter.path}: bias '{name}' has shape {tuple(value.shape)}, the "
-                               f"base model's is {tuple(param.shape)}")
-        with torch.no_grad():
-            if dtype is None:
-                param.copy_(value)
-            else:
-                param.data = value.to(dtype)
-
-
-def apply_adapter(model, adapter: Union[str, Path, Adapter], lora_dtype: torch.dtype = torch.float32) -> dict:
-    """Inject and load a PEFT-format LoRA adapter into ``model`` (in place); returns its config."""
-    from .inject import Target, _make_layer, _set_module
-
-    adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
-    for name, (A, B, alpha) in adapter.modules.items():
-        base = target_layer(model, name, A, B, adapter.path)
-        layer = _make_layer(base, Target(name), A.shape[0], alpha, 0.0, adapter.use_rslora, lora_dtype)
-        with torch.no_grad():
-            layer.lora_A.copy_(A)
-            layer.lora_B.copy_(B)
-        _set_module(model, name, layer)
-    load_biases(model, adapter)
-    lora.mark_only_lora_as_trainable(model)
-    return adapter.config
-
-
-# -----------------------------------------------------------------------------
-# outputs
-
-def prepare_output_dir(out, force: bool, protect=()) -> Path:
-    """Create ``out``. An existing non-empty directory needs ``force`` (nothing is deleted here);
-    an input (``protect``) is never an output."""
-    out = Path(out)
-    for p in protect:
-        if p and Path(p).exists() and out.resolve() == Path(p).resolve():
-            raise PhiloraError(f"--out '{out}' is an input of this command; choose another directory")
-    if out.exists() and not out.is_dir():
-        raise PhiloraError(f"--out '{out}' exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise PhiloraError(f"--out '{out}' already exists and is not empty; pass --force to overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    return out

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-IGNORE = -100
+from .loss import IGNORE_INDEX
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> List[int]:
@@ -59,7 +59,7 @@ def collate(examples: Sequence[Dict[str, List[int]]], pad_id: int, packing: bool
         rows = [[i] for i in range(len(examples))]
     width = max(sum(lengths[i] for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, row in enumerate(rows):
@@ -68,7 +68,7 @@ def collate(examples: Sequence[Dict[str, List[int]]], pad_id: int, packing: bool
             n = lengths[i]
             ids[r, at:at + n] = torch.tensor(examples[i]["input_ids"])
             lab = torch.tensor(examples[i]["labels"])
-            lab[0] = IGNORE  # never predicted from the previous conversation's last token
+            lab[0] = IGNORE_INDEX  # never predicted from the previous conversation's last token
             labels[r, at:at + n] = lab
             pos[r, at:at + n] = torch.arange(n)
             mask[r, at:at + n] = 1
@@ -81,5 +81,5 @@ def collate(examples: Sequence[Dict[str, List[int]]], pad_id: int, packing: bool
     else:
         batch["attention_mask"] = mask
     batch["num_tokens"] = torch.tensor(sum(lengths))
-    batch["num_label_tokens"] = (labels[:, 1:] != IGNORE).sum()
+    batch["num_label_tokens"] = (labels[:, 1:] != IGNORE_INDEX).sum()
     return batch

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import PhiloraError
+from .errors import PhiloraError, first_line
 from .lora import lora_state_dict
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -103,11 +103,6 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, trainer_
     return final
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     """Restore LoRA tensors, optimizer, scheduler and RNG from ``path``; returns trainer_state.
 
@@ -118,7 +113,7 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     try:
         tensors = load_file(str(path / "lora.safetensors"))
     except Exception as e:  # missing or damaged file
-        raise CheckpointError(f"{path}: cannot read lora.safetensors: {_first_line(e)}") from None
+        raise CheckpointError(f"{path}: cannot read lora.safetensors: {first_line(e)}") from None
     expected = trainable_state(model)
     hint = f"resume with the peft_config the run was trained with (see {path / 'config.yaml'})"
     extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
@@ -137,6 +132,6 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
         rng = torch.load(path / "rng.pt", weights_only=True)
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{path}: cannot restore the training state: {_first_line(e)}") from None
+        raise CheckpointError(f"{path}: cannot restore the training state: {first_line(e)}") from None
     set_rng_state(rng)
     return state

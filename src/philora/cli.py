@@ -1,20 +1,53 @@
 """The ``philora`` command: a thin argparse layer over the Python API.
 
 Each sub-command parses its arguments and calls one function; user mistakes (PhiloraError)
-print one line, ``philora: error: ...``, and exit 2 with no traceback.
+print one line, ``philora: error: ...``, and exit 2 with no traceback. Outputs are checked here,
+once for every command (:func:`guard_output`): an existing one is replaced only with --force.
 """
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
+
+from .errors import PhiloraError
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"  # in a source checkout
+
+
+def guard_output(out: str, force: bool, directory: bool) -> None:
+    """Refuse to write over an existing output (a non-empty directory, or a file) without
+    --force, and a file where a directory is wanted."""
+    path = Path(out)
+    if directory and path.exists() and not path.is_dir():
+        raise PhiloraError(f"--out '{out}' exists and is not a directory")
+    if force:
+        return
+    if (directory and path.is_dir() and any(path.iterdir())) or (not directory and path.exists()):
+        raise PhiloraError(f"--out '{out}' already exists{' and is not empty' if directory else ''}; "
+                           f"pass --force to overwrite it")
+
+
+def _number(kind: type, ok: Callable, what: str):
+    """An argparse type: ``kind`` values for which ``ok`` holds, else 'must be WHAT'."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message to start the conversation")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=_number(float, lambda v: v >= 0, ">= 0"), default=0.7,
+                   help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=_number(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=0.9)
+    p.add_argument("--max-new-tokens", type=_number(int, lambda v: v >= 1, ">= 1"), default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None, help="base model for an adapter (default: the adapter's own)")
 
@@ -54,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a philora run directory (or PEFT adapter directory)")
     p.add_argument("--data", default=None, help="eval data file (default: the run's eval split)")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--samples", type=int, default=8, help="held-out prompts to generate for")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--samples", type=_number(int, lambda v: v >= 0, ">= 0"), default=8,
+                   help="held-out prompts to generate for")
+    p.add_argument("--max-new-tokens", type=_number(int, lambda v: v >= 1, ">= 1"), default=128)
     p.add_argument("--force", action="store_true", help="overwrite an existing report directory")
 
     p = sub.add_parser("adapter", help="check or convert LoRA adapters")
@@ -67,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("source", help="loralib .pt/.safetensors file, or a PEFT adapter directory")
     q.add_argument("--out", required=True, help="PEFT adapter directory, or a loralib .safetensors file")
     q.add_argument("--to", choices=["peft", "loralib"], required=True)
-    q.add_argument("--r", type=int, default=None, help="LoRA rank (loralib does not store it)")
-    q.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (loralib does not store it)")
+    q.add_argument("--r", type=_number(int, lambda v: v >= 1, ">= 1"), default=None,
+                   help="LoRA rank (loralib does not store it)")
+    q.add_argument("--lora-alpha", type=_number(float, lambda v: v > 0, "> 0"), default=None,
+                   help="LoRA alpha (loralib does not store it)")
     q.add_argument("--base", default=None, help="base model name or path the adapter is for")
     q.add_argument("--enable-lora", action="append", default=[], metavar="MODULE=1,0,1",
                    help="enabled slices of a fused module (loralib does not store them), repeatable")
@@ -80,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _enable_lora(items: List[str]) -> Optional[dict]:
     """["qkv_proj=1,0,1"] -> {"qkv_proj": [True, False, True]}."""
-    from .errors import PhiloraError
     out = {}
     for item in items:
         name, _, flags = item.partition("=")
@@ -98,12 +133,14 @@ def run(args: argparse.Namespace) -> int:
         config, overrides = args.config, list(args.overrides)
         if config and "=" in config and not Path(config).exists():  # only overrides were given
             config, overrides = None, [config] + overrides
+        from .report import end_of_run
         cfg = load_config(config, overrides)
-        train(cfg, resume=args.resume, overwrite=args.overwrite)
+        end_of_run(train(cfg, resume=args.resume, overwrite=args.overwrite), cfg)
         return 0
     if args.command == "merge":
         from .merge import merge
-        merge(args.source, args.out, base=args.base, dtype=args.dtype, force=args.force)
+        guard_output(args.out, args.force, directory=True)
+        merge(args.source, args.out, base=args.base, dtype=args.dtype)
         return 0
     if args.command in ("generate", "chat"):
         from . import generate
@@ -111,34 +148,50 @@ def run(args: argparse.Namespace) -> int:
                         max_new_tokens=args.max_new_tokens, seed=args.seed, base=args.base)
         if args.command == "chat":
             return generate.chat(args.source, **sampling)
+        if args.out is not None:
+            guard_output(args.out, args.force, directory=False)
         return generate.generate_cli(args.source, prompt=args.prompt, prompts=args.prompts,
-                                     out=args.out, stream=not args.no_stream, force=args.force,
-                                     **sampling)
+                                     out=args.out, stream=not args.no_stream, **sampling)
     if args.command == "eval":
         from .report import evaluate_run
+        guard_output(args.out, args.force, directory=True)
         evaluate_run(args.run, data=args.data, out=args.out, samples=args.samples,
-                     max_new_tokens=args.max_new_tokens, force=args.force)
+                     max_new_tokens=args.max_new_tokens)
         return 0
     if args.command == "adapter":
-        from . import adapter_tools
         if args.adapter_command == "check":
-            return adapter_tools.check_cli(args.adapter, base=args.base)
+            from .adapter_check import check_cli
+            return check_cli(args.adapter, base=args.base)
         if args.adapter_command == "convert":
-            adapter_tools.convert(args.source, args.out, to=args.to, r=args.r,
-                                  lora_alpha=args.lora_alpha, base=args.base, force=args.force,
-                                  enable_lora=_enable_lora(args.enable_lora))
+            from .adapter_convert import convert
+            guard_output(args.out, args.force, directory=args.to == "peft")
+            convert(args.source, args.out, to=args.to, r=args.r, lora_alpha=args.lora_alpha,
+                    base=args.base, enable_lora=_enable_lora(args.enable_lora))
             return 0
         build_parser().parse_args(["adapter", "--help"])
     build_parser().print_help()
     return 0
 
 
+def bench(argv: List[str]) -> int:
+    """``philora bench``: bench/run.py of the source checkout, with its own options."""
+    if not BENCH.is_file():
+        raise PhiloraError(f"philora bench runs {BENCH.relative_to(BENCH.parents[1])} from a source checkout "
+                           f"of philora; this installation has none (git clone the repository)")
+    spec = importlib.util.spec_from_file_location("philora_bench_run", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([a for a in argv if a != "--"])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    from .errors import PhiloraError
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # bench has its own parser: pass its options through untouched
-        from .bench import main as bench_main
-        return bench_main([a for a in argv[1:] if a != "--"])
+        try:
+            return bench(argv[1:])
+        except PhiloraError as e:
+            print(f"philora: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after an option (`philora train run.yaml --resume a.b=1`): argparse

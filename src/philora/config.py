@@ -76,7 +76,6 @@ class TrainingConfig:
     save_total_limit: int = 2
     eval_max_samples: int = 0  # 0: the whole eval set
     report_samples: int = 8  # held-out prompts generated for the end-of-run report (0: none)
-    compile: bool = False  # torch.compile the model (where it measurably helps: CUDA)
     fsdp: bool = False  # FullyShardedDataParallel instead of DDP under torchrun
     progress_bar: bool = True
 
@@ -103,7 +102,7 @@ class Config:
 
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.attn_implementation": ("eager", "sdpa", "philora_sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"),
+    "model.attn_implementation": ("eager", "sdpa", "philora_sdpa", "flash_attention_2"),
     "model.quantization": (None, "nf4", "fp4"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion"),
@@ -127,7 +126,7 @@ RANGES = {
     "training_config.weight_decay": (lambda v: v >= 0, ">= 0"),
     "training_config.adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "training_config.adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "training_config.adam_epsilon": (lambda v: v >= 0, ">= 0"),
+    "training_config.adam_epsilon": (lambda v: v > 0, "> 0 (0 divides by zero in Adam)"),
     "training_config.max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
     "training_config.logging_steps": (lambda v: v >= 1, ">= 1"),
     "training_config.eval_steps": (lambda v: v >= 0, ">= 0"),

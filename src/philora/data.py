@@ -34,20 +34,19 @@ from pathlib import Path
 
 import jinja2
 
-from philora.formats import FORMATS, DataError, detect_format, to_messages  # noqa: F401 (re-exported)
+from .errors import first_line
+from .formats import FORMATS, DataError, detect_format, to_messages  # noqa: F401 (re-exported)
+from .loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+SAMPLE_DIR = Path(__file__).resolve().parent / "data"  # made by scripts/make_sample_data.py
+SAMPLE_TRAIN = SAMPLE_DIR / "sample_train.jsonl"
+SAMPLE_EVAL = SAMPLE_DIR / "sample_eval.jsonl"
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 class MissingSplit(DataError):
     """A dataset has no such split (build_datasets then holds out part of train)."""
-
-
-def _one_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # -----------------------------------------------------------------------------
@@ -58,7 +57,6 @@ def load_records(source, split="train", errors=None):
     shipped train file, any other split: its eval file). With ``errors`` (a list), invalid JSON lines are
     appended to it as DataErrors instead of raised."""
     if source == "sample":  # philora's shipped data set
-        from philora.sample import SAMPLE_EVAL, SAMPLE_TRAIN
         source = str(SAMPLE_TRAIN if split == "train" else SAMPLE_EVAL)
     path = Path(source)
     if path.is_file():
@@ -70,7 +68,7 @@ def load_records(source, split="train", errors=None):
             try:
                 ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
             except Exception as e:
-                raise DataError(f"{source}: cannot read {suffix[1:]} file: {_one_line(e)}") from None
+                raise DataError(f"{source}: cannot read {suffix[1:]} file: {first_line(e)}") from None
             return [(f"{source} record {i}", dict(r)) for i, r in enumerate(ds, 1)]
         raise DataError(f"{source}: unsupported file type '{suffix}' (expected {', '.join(FILE_SUFFIXES)})")
     if is_dataset_name(source):
@@ -117,9 +115,9 @@ def _load_hub(name, split):
     except ValueError as e:
         if re.search(r"(unknown|bad) split", str(e), re.IGNORECASE):
             raise MissingSplit(f"{name}: no split '{split}'") from None
-        raise DataError(f"{name}: cannot load dataset: {_one_line(e)}") from None
+        raise DataError(f"{name}: cannot load dataset: {first_line(e)}") from None
     except Exception as e:  # unreachable hub, no such dataset, ...
-        raise DataError(f"{name}: cannot load dataset: {_one_line(e)}") from None
+        raise DataError(f"{name}: cannot load dataset: {first_line(e)}") from None
     return [(f"{name}[{split}] record {i}", dict(r)) for i, r in enumerate(ds, 1)]
 
 
@@ -222,16 +220,18 @@ def _common_prefix(a, b):
 # train / eval sets
 
 def build_datasets(cfg, tokenizer, seed, log=print):
-    """Encoded train and eval examples ({"input_ids", "labels"}) and counts, from a DataConfig."""
-    train, train_stats = _encode_source(cfg.train, cfg.train_split, cfg, tokenizer, log, "train")
+    """Encoded train examples ({"input_ids", "labels"}), eval examples (the same plus their
+    "messages", for held-out generations) and counts, from a DataConfig. The one place that
+    decides the eval split: training, ``philora eval`` and the end-of-run report all use it."""
+    train, train_stats = encode_source(cfg.train, cfg.train_split, cfg, tokenizer, log, "train")
     if not train:
         raise DataError(f"{cfg.train}: nothing to train on ({_summary(train_stats)})")
     evals, eval_stats = None, None
     if cfg.eval:
-        evals, eval_stats = _encode_source(cfg.eval, cfg.eval_split, cfg, tokenizer, log, "eval")
+        evals, eval_stats = encode_source(cfg.eval, cfg.eval_split, cfg, tokenizer, log, "eval")
     elif cfg.train == "sample" or is_dataset_name(cfg.train):
         try:
-            evals, eval_stats = _encode_source(cfg.train, cfg.eval_split, cfg, tokenizer, log, "eval")
+            evals, eval_stats = encode_source(cfg.train, cfg.eval_split, cfg, tokenizer, log, "eval")
         except MissingSplit:
             pass
     if evals is None:  # hold out a seeded fraction of train
@@ -252,6 +252,7 @@ def build_datasets(cfg, tokenizer, seed, log=print):
     for name, stats in (("train", train_stats), ("eval", eval_stats)):
         log(f"data: {name}: {stats['examples']} examples, {stats['tokens']} tokens "
             f"({stats['label_tokens']} trained on)")
+    train = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in train]
     return train, evals, {"train": train_stats, "eval": eval_stats}
 
 
@@ -269,7 +270,10 @@ def _summary(stats):
     return ", ".join(f"{k} {v}" for k, v in stats.items() if k != "source")
 
 
-def _encode_source(source, split, cfg, tokenizer, log, name):
+def encode_source(source, split, cfg, tokenizer, log=print, name="eval"):
+    """Encoded examples of one source ({"input_ids", "labels", "messages"}) and its counts; bad
+    records raise a DataError naming file and line, or are skipped and counted
+    (``cfg.skip_bad_records``); over-long ones are truncated or dropped per ``cfg.truncation``."""
     errors = [] if cfg.skip_bad_records else None
     records = load_records(source, split, errors=errors)
     label = f"{source}[{split}]" if source == "sample" or is_dataset_name(source) else source
@@ -282,7 +286,7 @@ def _encode_source(source, split, cfg, tokenizer, log, name):
             try:
                 ex = encode_chat(messages, tokenizer)
             except jinja2.TemplateError as e:  # e.g. "roles must alternate user/assistant"
-                raise DataError(f"{where}: the chat template rejects this conversation: {_one_line(e)}") from None
+                raise DataError(f"{where}: the chat template rejects this conversation: {first_line(e)}") from None
         except DataError as e:
             if errors is None:
                 raise
@@ -300,6 +304,7 @@ def _encode_source(source, split, cfg, tokenizer, log, name):
         elif all(t == IGNORE_INDEX for t in ex["labels"]):
             stats["dropped_no_labels"] += 1
             continue
+        ex["messages"] = messages
         examples.append(ex)
     stats["skipped"] = len(errors or [])
     if errors:

@@ -21,14 +21,16 @@ import torch
 import torch.distributed as dist
 
 from .errors import PhiloraError
+from .fsdp import FSDP_QUANT_ERROR, FSDPLoRA
 
 _OWNED = False  # whether setup() created the process group (then teardown() destroys it)
 
 
 @dataclass(frozen=True)
-class Dist:
+class World:
+    """This process's place in the run: its rank among ``size`` processes (1: no torchrun)."""
     rank: int = 0
-    world: int = 1
+    size: int = 1
     local_rank: int = 0
 
     @property
@@ -37,15 +39,15 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.size > 1
 
 
-def setup() -> Dist:
+def setup() -> World:
     """Join the process group if launched by torchrun; returns this process's facts."""
     global _OWNED
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if torch.cuda.is_available():
@@ -54,62 +56,62 @@ def setup() -> Dist:
         else:
             dist.init_process_group("gloo")
         _OWNED = True
-    return Dist(rank, world, local_rank)
+    return World(rank, size, local_rank)
 
 
-def teardown(d: Dist) -> None:
+def teardown(world: World) -> None:
     """Leave the group if setup() created it (a caller's own group stays up)."""
     global _OWNED
-    if d.enabled and dist.is_initialized() and _OWNED:
+    if world.enabled and dist.is_initialized() and _OWNED:
         dist.destroy_process_group()
         _OWNED = False
 
 
-def all_sum(d: Dist, *values: torch.Tensor) -> list:
+def all_sum(world: World, *values: torch.Tensor) -> list:
     """Sum each tensor over ranks (one collective); returns new tensors."""
     flat = torch.stack([torch.as_tensor(v).detach().double().reshape(()) for v in values])
-    if d.enabled:
+    if world.enabled:
         backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         flat = flat.to(backend_device)
         dist.all_reduce(flat)
     return [x.cpu() for x in flat.unbind(0)]
 
 
-def broadcast_object(d: Dist, obj):
+def broadcast_object(world: World, obj):
     """rank 0's ``obj`` on every rank."""
-    if not d.enabled:
+    if not world.enabled:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def on_main(d: Dist, fn):
+def on_main(world: World, fn):
     """``fn()`` run on rank 0 only, its result on every rank; a PhiloraError it raises is
     raised on every rank (instead of the others waiting for a result that never comes)."""
     result = None
-    if d.main:
+    if world.main:
         try:
             result = ("ok", fn())
         except PhiloraError as e:
             result = ("error", str(e))
-    status, value = broadcast_object(d, result)
+    status, value = broadcast_object(world, result)
     if status == "error":
         raise PhiloraError(value)
     return value
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
+def barrier(world: World) -> None:
+    if world.enabled:
         dist.barrier()
 
 
-def eval_batches(d: Dist, examples: list, batch: int) -> list:
+def eval_batches(world: World, examples: list, batch: int) -> list:
     """This rank's eval batches as (examples, counted) pairs, the same number on every rank
     (FSDP runs each forward on all ranks together): a rank short of data runs a stand-in batch
     that is not counted."""
-    mine = examples[d.rank::d.world]
-    n = math.ceil(math.ceil(len(examples) / d.world) / batch)
+    mine = examples[world.rank::world.size]
+    n = math.ceil(math.ceil(len(examples) / world.size) / batch)
     out = [(mine[s:s + batch], True) for s in range(0, len(mine), batch)]
     return out + [(examples[:1], False)] * (n - len(out))
 
@@ -120,36 +122,32 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(digest, "little") >> 1  # < 2**63: valid for every torch generator
 
 
-def global_batch(d: Dist, per_device: int, accumulation: int) -> int:
-    return d.world * per_device * accumulation
+def global_batch(world: World, per_device: int, accumulation: int) -> int:
+    return world.size * per_device * accumulation
 
 
-def check_run(d: Dist, cfg, n_train: int) -> None:
+def check_run(world: World, cfg, n_train: int) -> None:
     """Before the model loads: the world size must fit the data (one global micro-batch of
     distinct training samples), and FSDP cannot shard a 4-bit base."""
     per_device = cfg.training_config.per_device_train_batch_size
-    if d.enabled and n_train < d.world * per_device:
+    if world.enabled and n_train < world.size * per_device:
         raise PhiloraError(f"the training set has {n_train} examples, fewer than one micro-batch "
-                           f"across {d.world} processes ({d.world} x per_device_train_batch_size "
+                           f"across {world.size} processes ({world.size} x per_device_train_batch_size "
                            f"{per_device}); use fewer processes or a smaller per_device_train_batch_size")
-    if d.enabled and cfg.training_config.fsdp and cfg.model.quantization:
+    if world.enabled and cfg.training_config.fsdp and cfg.model.quantization:
         raise PhiloraError(FSDP_QUANT_ERROR)
 
 
-FSDP_QUANT_ERROR = ("training_config.fsdp does not work with model.quantization (a 4-bit base); "
-                    "set training_config.fsdp: false (DDP) for QLoRA")
-
-
-def check_resume(d: Dist, trainer_state: dict, per_device: int, accumulation: int) -> None:
+def check_resume(world: World, trainer_state: dict, per_device: int, accumulation: int) -> None:
     """A checkpoint resumes on any world size that keeps its global batch (steps, the LR
     schedule and the data position all count in it)."""
     step, seen = trainer_state.get("step", 0), trainer_state.get("samples_seen", 0)
     was = trainer_state.get("global_batch") or (seen // step if step else None)
-    now = global_batch(d, per_device, accumulation)
+    now = global_batch(world, per_device, accumulation)
     if was and was != now:
         old_world = trainer_state.get("world_size", "?")
         raise PhiloraError(f"--resume: the checkpoint was trained with a global batch of {was} "
-                           f"({old_world} processes), this run's is {now} ({d.world} x {per_device} x "
+                           f"({old_world} processes), this run's is {now} ({world.size} x {per_device} x "
                            f"{accumulation}); set per_device_train_batch_size / "
                            f"gradient_accumulation_steps so that processes x batch x accumulation = {was}")
 
@@ -157,8 +155,7 @@ def check_resume(d: Dist, trainer_state: dict, per_device: int, accumulation: in
 def wrap(module: torch.nn.Module, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
     """DistributedDataParallel (or FSDP) around ``module`` (only LoRA parameters train)."""
     if fsdp:
-        from .fsdp import wrap_fsdp
-        return wrap_fsdp(module, device)
+        return FSDPLoRA(module, device)
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [device.index] if device.type == "cuda" else None
     # forward_sync_buffers=False: the model's buffers are constants (rotary tables), and a buffer

@@ -21,8 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .distributed import FSDP_QUANT_ERROR
 from .errors import PhiloraError
+from .models import is_4bit
+
+FSDP_QUANT_ERROR = ("training_config.fsdp does not work with model.quantization (a 4-bit base); "
+                    "set training_config.fsdp: false (DDP) for QLoRA")
 
 
 def _layer_classes(model: nn.Module) -> set:
@@ -45,7 +48,7 @@ class FSDPLoRA(nn.Module):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        if any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in module.modules()):
+        if any(is_4bit(m) for m in module.modules()):
             raise PhiloraError(FSDP_QUANT_ERROR)
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         ignored = set(self.trainable)
@@ -97,6 +100,3 @@ class FSDPLoRA(nn.Module):
             g.copy_(flat[at:at + g.numel()].view_as(g))
             at += g.numel()
 
-
-def wrap_fsdp(module: nn.Module, device: torch.device) -> nn.Module:
-    return FSDPLoRA(module, device)

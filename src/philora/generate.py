@@ -1,94 +1,31 @@
 """Generate with a fine-tuned model: ``philora generate`` (one prompt or a JSONL file) and
 ``philora chat`` (interactive, keeps the conversation).
 
-A source is a philora run directory or any PEFT adapter directory (base + adapter, unmerged:
-philora's LoRA layers on the base), a merged or plain Hugging Face model directory, or a model
-name (``tiny``). Prompts go through the tokenizer's chat template, exactly as in training, and
-generation stops on the model's end-of-turn tokens: the generation config's eos ids, the
-tokenizer's eos and the architecture's stop tokens (Phi-3: ``<|end|>``, ``<|endoftext|>``),
-which are never part of the reply. Decoding is transformers' ``generate``; streaming is its
-``TextStreamer``. Hand-written glue only: sources, stop tokens, prompt files and the chat loop.
+A source is what ``loading.load_source`` takes: a run or PEFT adapter directory (base +
+adapter, unmerged), a merged or plain model directory, or a model name (``tiny``). Prompts go
+through the tokenizer's chat template, exactly as in training, and generation stops on the
+model's end-of-turn tokens (``models.stop_token_ids``: the generation config's eos ids, the
+tokenizer's eos, Phi-3's ``<|end|>``), which are never part of the reply. Decoding is
+transformers' ``generate``; streaming is its ``TextStreamer``. Hand-written glue only: prompt
+files and the chat loop.
 """
 
 import json
 import sys
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
 
-from .adapter import CONFIG_NAME, AdapterError, apply_adapter, read_adapter_config
-from .config import Config, ModelConfig, load_config
 from .errors import PhiloraError
-from .models import stop_token_strings
+from .loading import load_source
+from .models import stop_token_ids
 
 ROLES = ("system", "user", "assistant")
 
 
 # -----------------------------------------------------------------------------
-# sources
-
-@dataclass(frozen=True)
-class Source:
-    """What to load: a (base) model, and an adapter directory to put on it, if any."""
-    model_cfg: ModelConfig
-    adapter_dir: Optional[Path] = None
-    tokenizer_path: Optional[str] = None  # run directories carry the run's tokenizer
-    run_cfg: Optional[Config] = None  # a philora run's config.yaml
-
-
-def resolve_source(source: str, base: Optional[str] = None) -> Source:
-    """Decide what ``source`` is; an adapter's base is ``base``, else the run's model, else the
-    adapter's ``base_model_name_or_path``. Raises PhiloraError (one line)."""
-    path = Path(source)
-    if (path / CONFIG_NAME).is_file():
-        adapter_cfg = read_adapter_config(path)
-        run_cfg = load_config(str(path / "config.yaml")) if (path / "config.yaml").is_file() else None
-        model_cfg = run_cfg.model if run_cfg else ModelConfig()
-        name = base or (run_cfg.model.name_or_path if run_cfg else adapter_cfg.get("base_model_name_or_path"))
-        if not name:
-            raise AdapterError(f"{path / CONFIG_NAME}: no base_model_name_or_path; pass --base MODEL")
-        tokenizer = str(path) if (path / "tokenizer_config.json").is_file() else None
-        return Source(replace(model_cfg, name_or_path=name), path, tokenizer, run_cfg)
-    if base:
-        raise PhiloraError(f"--base is for adapters, and '{source}' is not an adapter directory "
-                           f"(no {CONFIG_NAME})")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise PhiloraError(f"{source}: not a run, adapter or model directory (no {CONFIG_NAME} or config.json)")
-    if not path.exists() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
-        raise PhiloraError(f"{source}: no such directory")
-    return Source(ModelConfig(name_or_path=source))
-
-
-def load_source(source: str, base: Optional[str] = None, device=None):
-    """(model in eval mode, tokenizer, Source): base + adapter unmerged, or a plain model."""
-    from .loading import load_model_and_tokenizer, load_tokenizer, pick_device
-
-    src = resolve_source(source, base)
-    device = device or pick_device()
-    model, tokenizer, _ = load_model_and_tokenizer(src.model_cfg, device, training=False)
-    if src.tokenizer_path:
-        tokenizer = load_tokenizer(src.tokenizer_path, src.model_cfg.trust_remote_code)
-    if src.adapter_dir is not None:
-        apply_adapter(model, src.adapter_dir)
-    model.requires_grad_(False)
-    return model.eval(), tokenizer, src
-
-
-# -----------------------------------------------------------------------------
 # generation
-
-def stop_token_ids(model, tokenizer) -> List[int]:
-    """Ids that end a reply: generation config eos, tokenizer eos, the architecture's stop tokens."""
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    ids.append(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[s] for s in stop_token_strings(model.config) if s in vocab]
-    return sorted({int(i) for i in ids if i is not None})
-
 
 def chat_ids(tokenizer, messages: Sequence[dict]) -> List[int]:
     """Token ids of ``messages`` through the chat template, with the assistant header appended."""
@@ -196,15 +133,12 @@ def _with_system(messages: List[dict], system: Optional[str]) -> List[dict]:
 
 
 def generate_cli(source, prompt=None, prompts=None, out=None, stream=True, system=None,
-                 temperature=0.7, top_p=0.9, max_new_tokens=256, seed=0, base=None,
-                 force=False) -> int:
+                 temperature=0.7, top_p=0.9, max_new_tokens=256, seed=0, base=None) -> int:
     """``philora generate``: a reply to ``prompt`` on stdout, or JSONL replies for ``prompts``."""
     if (prompt is None) == (prompts is None):
         raise PhiloraError("give either --prompt TEXT or --prompts FILE.jsonl")
     if out is not None and prompts is None:
         raise PhiloraError("--out is for --prompts (one prompt's reply goes to stdout)")
-    if out is not None and Path(out).exists() and not force:
-        raise PhiloraError(f"--out '{out}' already exists; pass --force to overwrite it")
     records = read_prompts(prompts) if prompts else None  # bad files fail before the model loads
     model, tokenizer, _ = load_source(source, base)
     sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)

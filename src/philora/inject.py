@@ -12,17 +12,23 @@ fused output), or per slice (``fused_slices: {qkv_proj: [q, v]}``, or the cookbo
 
 import math
 import re
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from . import lora
+from . import lora, quant
+from .adapter import Adapter, AdapterError, read_adapter
+from .config import PeftConfig
 from .dropout import Dropout
 from .errors import PhiloraError
 from .models import fused_slices as model_fused_slices
-from .models import slice_aliases
+from .models import is_4bit, is_conv1d, is_linear, linear_shape, short_names, slice_aliases
+
+# LoRA factors train in float32 on any base dtype: Adam's updates to small factors vanish in bf16.
+LORA_DTYPE = torch.float32
 
 
 class InjectError(PhiloraError):
@@ -38,25 +44,10 @@ class Target:
     split_sizes: Optional[tuple] = None
 
 
-def _is_conv1d(m: nn.Module) -> bool:
-    # transformers' GPT-2-style Conv1D: a linear layer with weight stored (in, out).
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-
-
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or _is_conv1d(m)
-
-
 def linear_names(model: nn.Module) -> List[str]:
     """Dotted names of the model's linear layers, output embedding (lm_head) excluded."""
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [n for n, m in model.named_modules() if _is_linear(m) and m is not out_emb]
-
-
-def _short_names(names: Sequence[str]) -> str:
-    # "model.layers.0.self_attn.qkv_proj" -> "self_attn.qkv_proj"; one entry per distinct suffix.
-    short = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n in names})
-    return ", ".join(short)
+    return [n for n, m in model.named_modules() if is_linear(m) and m is not out_emb]
 
 
 def find_targets(model: nn.Module, target_modules: Union[str, List[str]],
@@ -82,7 +73,7 @@ def find_targets(model: nn.Module, target_modules: Union[str, List[str]],
         whole.update(n for n in names if re.fullmatch(target_modules, n))
         if not whole:
             raise InjectError(f"peft_config.target_modules: regex '{target_modules}' matches no "
-                              f"linear module (the model has: {_short_names(names)})")
+                              f"linear module (the model has: {short_names(names)})")
     elif target_modules == "all-linear":
         whole.update(names)
     else:
@@ -95,7 +86,7 @@ def find_targets(model: nn.Module, target_modules: Union[str, List[str]],
                     continue
             if not hits:
                 raise InjectError(f"peft_config.target_modules: '{key}' matches no linear module "
-                                  f"(the model has: {_short_names(names)})")
+                                  f"(the model has: {short_names(names)})")
             whole.update(hits)
     for fused, wanted in (fused_slices or {}).items():
         if not wanted:
@@ -105,11 +96,11 @@ def find_targets(model: nn.Module, target_modules: Union[str, List[str]],
             hit = slice_target(fused, s, f"fused_slices.{fused}") or hit
         if not hit:
             raise InjectError(f"peft_config.fused_slices: '{fused}' matches no linear module "
-                              f"(the model has: {_short_names(names)})")
+                              f"(the model has: {short_names(names)})")
 
     if not whole and not per_slice:  # e.g. target_modules: [] and no fused_slices
         raise InjectError(f"peft_config.target_modules: selects no module; name some, or use "
-                          f"'all-linear' (the model has: {_short_names(names)})")
+                          f"'all-linear' (the model has: {short_names(names)})")
     targets = {n: Target(n) for n in sorted(whole)}
     for n, wanted in per_slice.items():  # per-slice requests override a whole-module target
         slice_names, sizes = model_fused_slices(config, n)
@@ -118,71 +109,118 @@ def find_targets(model: nn.Module, target_modules: Union[str, List[str]],
     return dict(sorted(targets.items()))
 
 
-def _make_layer(base: nn.Module, target: Target, r: int, alpha: float, dropout: float,
-                use_rslora: bool, lora_dtype: torch.dtype) -> nn.Module:
-    """A philora.lora layer around ``base``'s own weight and bias tensors."""
-    if type(base).__name__ in ("Linear4bit", "Linear8bitLt"):  # QLoRA: quantized base layer
-        from .quant import make_lora_quantized
-        return make_lora_quantized(base, target, r, alpha, dropout, use_rslora, lora_dtype)
-    fifo = _is_conv1d(base)
-    out_f, in_f = (base.weight.shape[1], base.weight.shape[0]) if fifo else base.weight.shape
-    common = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, fan_in_fan_out=fifo,
-                  merge_weights=False, bias=base.bias is not None, device="meta")
-    if target.slices is None:
-        new = lora.Linear(in_f, out_f, **common)
+def lora_layer(base: nn.Module, target: Target, pc: PeftConfig) -> nn.Module:
+    """The LoRA layer that replaces ``base``: rank ``pc.r`` on the whole output or on the
+    target's slices, around ``base``'s own weight and bias tensors (not copied).
+
+    The one place that decides how a LoRA layer starts: factors in LORA_DTYPE on the base's
+    device, A kaiming-uniform and B zero (as loralib and PEFT), scaling alpha/r or, with
+    rsLoRA, alpha/sqrt(r), the slice mask, and the dropout.
+    """
+    enable = None if target.slices is None else [s in target.slices for s in target.slice_names]
+    if is_4bit(base):  # QLoRA: the bitsandbytes layer stays whole as base_layer
+        new = quant.Linear4bitLoRA(base, pc.r, pc.lora_alpha) if enable is None else \
+            quant.MergedLinear4bitLoRA(base, pc.r, pc.lora_alpha, enable, target.split_sizes)
     else:
-        enable = [s in target.slices for s in target.slice_names]
-        new = lora.MergedLinear(in_f, out_f, enable_lora=enable, split_sizes=target.split_sizes, **common)
-    # Reuse the model's tensors; fan_in_fan_out layers keep the (in, out) layout as stored.
-    new.weight = base.weight
-    new.bias = base.bias
-    new.weight.requires_grad = False
+        fan_in_fan_out = is_conv1d(base)  # weight stored (in, out): kept so, not transposed
+        in_f, out_f = linear_shape(base)
+        common = dict(r=pc.r, lora_alpha=pc.lora_alpha, fan_in_fan_out=fan_in_fan_out,
+                      merge_weights=False, bias=base.bias is not None, device="meta")
+        new = lora.Linear(in_f, out_f, **common) if enable is None else \
+            lora.MergedLinear(in_f, out_f, enable_lora=enable, split_sizes=target.split_sizes, **common)
+        new.weight = base.weight
+        new.bias = base.bias
+        new.weight.requires_grad = False
     device = base.weight.device
-    new.lora_A = nn.Parameter(torch.empty(new.lora_A.shape, device=device, dtype=lora_dtype))
-    new.lora_B = nn.Parameter(torch.empty(new.lora_B.shape, device=device, dtype=lora_dtype))
-    if hasattr(new, "lora_ind"):
-        new.lora_ind = torch.tensor([e for s, e in zip(new.split_sizes, new.enable_lora)
-                                     for _ in range(s)], dtype=torch.bool, device=device)
-    nn.init.kaiming_uniform_(new.lora_A, a=math.sqrt(5))  # as loralib and PEFT
+    new.lora_A = nn.Parameter(torch.empty(new.lora_A.shape, device=device, dtype=LORA_DTYPE))
+    new.lora_B = nn.Parameter(torch.empty(new.lora_B.shape, device=device, dtype=LORA_DTYPE))
+    nn.init.kaiming_uniform_(new.lora_A, a=math.sqrt(5))
     nn.init.zeros_(new.lora_B)
-    if use_rslora:
-        new.scaling = alpha / math.sqrt(r)
-    new.use_rslora = use_rslora
+    new.scaling = pc.lora_alpha / (math.sqrt(pc.r) if pc.use_rslora else pc.r)
+    new.use_rslora = pc.use_rslora
+    if enable is not None:  # rows of the fused output that carry LoRA
+        new.lora_ind = torch.tensor([e for s, e in zip(target.split_sizes, enable) for _ in range(s)],
+                                    dtype=torch.bool, device=device)
+    # The same distribution as nn.Dropout with a ~2.5x cheaper mask on CPU (dropout.py).
+    new.lora_dropout = Dropout(p=pc.lora_dropout) if pc.lora_dropout > 0 else nn.Identity()
     new.train(base.training)
     return new
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` with ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def inject_lora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                target_modules: Union[str, List[str]] = "all-linear",
-                fused_slices: Optional[Dict[str, List[str]]] = None, use_rslora: bool = False,
-                bias: str = "none", lora_dtype: torch.dtype = torch.float32) -> Dict[str, Target]:
-    """Swap the targets for LoRA layers, freeze everything else. Returns the targets."""
-    if r <= 0:
-        raise InjectError(f"peft_config.r must be > 0, got {r}")
-    targets = find_targets(model, target_modules, fused_slices)
+def inject_lora(model: nn.Module, pc: PeftConfig) -> Dict[str, Target]:
+    """Swap the targets of ``pc`` for LoRA layers, freeze everything else. Returns the targets."""
+    if pc.r <= 0:
+        raise InjectError(f"peft_config.r must be > 0, got {pc.r}")
+    targets = find_targets(model, pc.target_modules, pc.fused_slices)
     for name, target in targets.items():
-        base = model.get_submodule(name)
-        layer = _make_layer(base, target, r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
-        if lora_dropout > 0:  # the same distribution with a ~2.5x cheaper mask on CPU
-            layer.lora_dropout = Dropout(p=lora_dropout)
-        _set_module(model, name, layer)
-    lora.mark_only_lora_as_trainable(model, bias=bias)
+        set_module(model, name, lora_layer(model.get_submodule(name), target, pc))
+    lora.mark_only_lora_as_trainable(model, bias=pc.bias)
     return targets
 
 
-def lora_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    """{dotted name: layer} of every philora.lora layer with LoRA factors in ``model``."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, lora.LoRALayer) and hasattr(m, "lora_A")}
-
-
-def count_parameters(model: nn.Module) -> tuple:
+def count_parameters(model: nn.Module) -> Tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# -- a saved adapter on a model ---------------------------------------------------------------
+
+def target_layer(model: nn.Module, name: str, A: torch.Tensor, B: torch.Tensor, where) -> nn.Module:
+    """The base layer an adapter module names, checked to exist, be linear and fit A and B."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise AdapterError(f"{where}: module '{name}' is not in the base model (a different base? "
+                           f"the model has: {short_names(linear_names(model))})") from None
+    shape = linear_shape(layer)
+    if shape is None:
+        raise AdapterError(f"{where}: module '{name}' is a {type(layer).__name__}; philora applies "
+                           f"LoRA to linear layers only")
+    (fan_in, fan_out), r = shape, A.shape[0]
+    if A.shape[1] != fan_in or B.shape[0] != fan_out:
+        raise AdapterError(f"{where}: '{name}' has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}, "
+                           f"the base model's layer needs ({r}, {fan_in}) / ({fan_out}, {r}) "
+                           f"(a different base model?)")
+    return layer
+
+
+def load_biases(model: nn.Module, adapter: Adapter, dtype: Optional[torch.dtype] = None) -> None:
+    """Copy the adapter's bias tensors into the model (as ``dtype``, when given)."""
+    for name, value in adapter.biases.items():
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:
+            raise AdapterError(f"{adapter.path}: bias '{name}' is not a parameter of the base model") from None
+        if param.shape != value.shape:
+            raise AdapterError(f"{adapter.path}: bias '{name}' has shape {tuple(value.shape)}, the "
+                               f"base model's is {tuple(param.shape)}")
+        with torch.no_grad():
+            if dtype is None:
+                param.copy_(value)
+            else:
+                param.data = value.to(dtype)
+
+
+def apply_adapter(model: nn.Module, adapter: Union[str, Path, Adapter]) -> dict:
+    """Inject and load a PEFT-format LoRA adapter into ``model`` (in place); returns its config.
+    Each module gets its own rank and alpha (PEFT's rank_pattern / alpha_pattern)."""
+    adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+    spec = PeftConfig(lora_dropout=0.0, use_rslora=adapter.use_rslora)
+    for name, (A, B, alpha) in adapter.modules.items():
+        base = target_layer(model, name, A, B, adapter.path)
+        layer = lora_layer(base, Target(name), replace(spec, r=A.shape[0], lora_alpha=alpha))
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+        set_module(model, name, layer)
+    load_biases(model, adapter)
+    lora.mark_only_lora_as_trainable(model)
+    return adapter.config

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE = -100
+IGNORE_INDEX = -100  # the label of a position that is not trained on (as torch's cross_entropy)
 
 
 class _FrozenHeadCE(torch.autograd.Function):
@@ -78,7 +78,7 @@ class CausalLMLoss(nn.Module):
         out = self.model.get_decoder()(**inputs, use_cache=False)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         targets = labels[:, 1:]
-        keep = targets != IGNORE
+        keep = targets != IGNORE_INDEX
         h = hidden[:, :-1][keep]  # (N, H): only positions whose next token is a label
         y = targets[keep]
         n = keep.sum()

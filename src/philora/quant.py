@@ -8,11 +8,12 @@ the LoRA branch exactly as ``philora.lora.Linear`` / ``MergedLinear`` do, with t
 ``lora_A`` / ``lora_B`` names and shapes, so checkpoints and PEFT adapters are unchanged.
 
 A 4-bit weight cannot take a LoRA delta in place, so merging goes through
-:func:`load_dequantized_base`: the 4-bit base, dequantised to a plain model in the output dtype.
+the dequantised base (``merge.load_dequantized_base``, with :func:`dequantize_weight`).
 Hand-written around bitsandbytes (not PEFT's bnb layers) because the LoRA layers are philora's.
 """
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,7 @@ import torch.nn as nn
 from . import lora
 from .config import ModelConfig
 from .errors import PhiloraError
-from .lora.layers import _lora_branch
+from .models import is_4bit
 
 BNB_DEVICES = ("cuda", "cpu", "xpu")
 
@@ -34,14 +35,13 @@ def _bnb():
     return bitsandbytes
 
 
-def _check_quantizable(cfg: ModelConfig) -> None:
+def _check_quantizable(cfg: ModelConfig, path: str) -> None:
     """Fail before a long load when transformers would find nothing to quantise."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from .loading import resolve_path
     try:
-        config = AutoConfig.from_pretrained(resolve_path(cfg.name_or_path), revision=cfg.revision,
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision,
                                             trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError):
         return  # the loader reports an unloadable model in its own words
@@ -64,8 +64,9 @@ def _check_quantizable(cfg: ModelConfig) -> None:
                            f"model type '{config.model_type}'; set model.quantization: null")
 
 
-def quantization_kwargs(cfg: ModelConfig, device: torch.device) -> dict:
-    """``from_pretrained`` keyword arguments that load the base in 4 bits on ``device``."""
+def quantization_kwargs(cfg: ModelConfig, path: str, device: torch.device,
+                        compute_dtype: torch.dtype) -> dict:
+    """``from_pretrained`` keyword arguments that load the base at ``path`` in 4 bits on ``device``."""
     if not cfg.quantization:
         return {}
     if cfg.quantization not in ("nf4", "fp4"):
@@ -74,18 +75,13 @@ def quantization_kwargs(cfg: ModelConfig, device: torch.device) -> dict:
     if device.type not in BNB_DEVICES:
         raise PhiloraError(f"model.quantization: bitsandbytes 4-bit does not run on '{device.type}'; "
                            f"use a CUDA GPU or the CPU, or set model.quantization: null")
-    _check_quantizable(cfg)
+    _check_quantizable(cfg, path)
     from transformers import BitsAndBytesConfig
 
-    from .loading import resolve_dtype
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
                            bnb_4bit_use_double_quant=cfg.double_quant,
-                           bnb_4bit_compute_dtype=resolve_dtype(cfg.compute_dtype, device))
+                           bnb_4bit_compute_dtype=compute_dtype)
     return {"quantization_config": q, "device_map": {"": str(device)}}
-
-
-def _is_4bit(m: nn.Module) -> bool:
-    return type(m).__name__ == "Linear4bit"
 
 
 def _no_cpu_repacking(m: nn.Module) -> None:
@@ -98,7 +94,7 @@ def _no_cpu_repacking(m: nn.Module) -> None:
 
 def prepare_quantized(model: nn.Module) -> nn.Module:
     """Check a 4-bit-loaded model really has 4-bit layers; keep them trainable on CPU."""
-    layers = [m for m in model.modules() if _is_4bit(m)]
+    layers = [m for m in model.modules() if is_4bit(m)]
     if not layers:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise PhiloraError(f"model.quantization: no layer of model type '{model_type}' was "
@@ -111,23 +107,20 @@ def prepare_quantized(model: nn.Module) -> nn.Module:
 # -- LoRA on a quantized base ------------------------------------------------------------------
 
 class _QuantBase:
-    """Mixin: the frozen base is a bitsandbytes module kept whole as ``base_layer``."""
+    """Mixin: the frozen base is a bitsandbytes module kept whole as ``base_layer``. The LoRA
+    factors are made here with their shapes only (on the meta device): ``inject.lora_layer``
+    gives them their device, dtype, init and scaling, as for every other LoRA layer."""
 
     weight = property(lambda self: self.base_layer.weight)
     bias = property(lambda self: self.base_layer.bias)
 
-    def _setup(self, base: nn.Module, shape_A: tuple, shape_B: tuple, use_rslora: bool,
-               dtype: torch.dtype) -> None:
+    def _setup(self, base: nn.Module, shape_A: tuple, shape_B: tuple) -> None:
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.fan_in_fan_out = False
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(shape_A, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(shape_B, device=device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as loralib and PEFT
-        nn.init.zeros_(self.lora_B)
-        self.scaling = self.lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
-        self.use_rslora = use_rslora
+        self.lora_A = nn.Parameter(torch.empty(shape_A, device="meta"))
+        self.lora_B = nn.Parameter(torch.empty(shape_B, device="meta"))
+        self.scaling = self.lora_alpha / self.r
         _no_cpu_repacking(base)
         self.train(base.training)
 
@@ -140,49 +133,35 @@ class _QuantBase:
                            "`philora merge` (it dequantises the base first)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The 4-bit base runs as bitsandbytes' module; the LoRA half is lora.Linear's /
-        # lora.MergedLinear's own _lora_out (the other base of each class below).
+        # The 4-bit base runs as bitsandbytes' module; the LoRA branch is lora.Linear's /
+        # lora.MergedLinear's own (the other base of each class below).
         result = self.base_layer(x)
-        h = _lora_branch(x, self.lora_dropout, self.lora_A) * self.scaling
-        return result + self._lora_out(h).to(result.dtype)
+        return result + self.lora_forward(x).to(result.dtype)
 
 
 class Linear4bitLoRA(_QuantBase, lora.Linear):
     """``base_layer(x) + (dropout(x) A.T B.T) * scaling``; lora_A (r, in), lora_B (out, r)."""
 
-    def __init__(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, lora_dtype: torch.dtype = torch.float32):
+    def __init__(self, base: nn.Module, r: int, lora_alpha: float):
         nn.Module.__init__(self)
-        lora.LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights=False)
-        self._setup(base, (r, base.in_features), (base.out_features, r), use_rslora, lora_dtype)
+        lora.LoRALayer.__init__(self, r, lora_alpha, 0.0, merge_weights=False)
+        self._setup(base, (r, base.in_features), (base.out_features, r))
 
 
 class MergedLinear4bitLoRA(_QuantBase, lora.MergedLinear):
     """A fused 4-bit projection with LoRA on some slices; factors as ``lora.MergedLinear``."""
 
-    def __init__(self, base: nn.Module, r: int, lora_alpha: float, enable_lora, split_sizes,
-                 lora_dropout: float = 0.0, use_rslora: bool = False,
-                 lora_dtype: torch.dtype = torch.float32):
+    def __init__(self, base: nn.Module, r: int, lora_alpha: float, enable_lora: Sequence[bool],
+                 split_sizes: Sequence[int]):
         nn.Module.__init__(self)
-        lora.LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights=False)
+        lora.LoRALayer.__init__(self, r, lora_alpha, 0.0, merge_weights=False)
         self.enable_lora = [bool(e) for e in enable_lora]
         self.split_sizes = [int(s) for s in split_sizes]
         if sum(self.split_sizes) != base.out_features or not any(self.enable_lora):
             raise ValueError(f"split_sizes {self.split_sizes} must sum to {base.out_features} "
                              f"with at least one slice enabled")
         rows = sum(s for s, e in zip(self.split_sizes, self.enable_lora) if e)
-        self._setup(base, (r * sum(self.enable_lora), base.in_features), (rows, r), use_rslora,
-                    lora_dtype)
-
-
-def make_lora_quantized(base: nn.Module, target, r: int, alpha: float, dropout: float,
-                        use_rslora: bool, lora_dtype: torch.dtype) -> nn.Module:
-    """The LoRA layer for a bitsandbytes base (``inject.Target``: whole module or slices)."""
-    if target.slices is None:
-        return Linear4bitLoRA(base, r, alpha, dropout, use_rslora, lora_dtype)
-    enable = [s in target.slices for s in target.slice_names]
-    return MergedLinear4bitLoRA(base, r, alpha, enable, target.split_sizes, dropout, use_rslora,
-                                lora_dtype)
+        self._setup(base, (r * sum(self.enable_lora), base.in_features), (rows, r))
 
 
 # -- merging: dequantise the base first --------------------------------------------------------
@@ -194,32 +173,3 @@ def dequantize_weight(weight) -> torch.Tensor:
     if getattr(state, "packing_format_for_cpu", False):  # undo bitsandbytes' CPU inference layout
         data, state = bf._convert_weight_packed_for_cpu_inverse(data, state)
     return bf.dequantize_4bit(data, state)
-
-
-def load_dequantized_base(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
-    """The 4-bit base of ``model_cfg`` as a plain model in ``dtype`` on the CPU.
-
-    Each Linear4bit becomes an ``nn.Linear`` holding its dequantised weight, layer by layer (on
-    a GPU the peak is the 4-bit model plus one layer), so base + adapter merged from it computes
-    what training saw. The result has no quantization config: ``save_pretrained`` writes it plain.
-    """
-    from .loading import load_model_and_tokenizer
-    if not model_cfg.quantization:
-        raise PhiloraError("load_dequantized_base needs model.quantization (nf4 or fp4)")
-    model, _, _ = load_model_and_tokenizer(model_cfg, training=False)
-    prepare_quantized(model)
-    for name, m in list(model.named_modules()):
-        if not _is_4bit(m):
-            continue
-        new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        new.weight = nn.Parameter(dequantize_weight(m.weight).to("cpu", dtype), requires_grad=False)
-        if m.bias is not None:
-            new.bias = nn.Parameter(m.bias.detach().to("cpu", dtype), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    elif hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model.to("cpu", dtype)

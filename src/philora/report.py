@@ -7,8 +7,9 @@ Reports, as ``report.md`` (tables, the training loss curve) and ``report.json``:
 
 One model serves both sides: base + adapter with philora's LoRA layers, and the base is the same
 model with every LoRA layer's scaling set to 0 (:func:`lora_disabled`), so the comparison costs
-one model in memory and the end of training can reuse the model it has. The eval split is rebuilt
-from the run's ``config.yaml`` with data.py's pieces, in build_datasets' order and selection.
+one model in memory and the end of training reuses the model it has. The eval split is the one
+``data.build_datasets`` makes (from the run's ``config.yaml``) and the loss is ``train.evaluate``:
+the numbers are those training logged, by construction.
 The overlap metrics are hand-written (a few lines each; no extra dependency): text is lowercased
 and split into words with punctuation dropped, as in SQuAD's scorer (articles are kept).
 """
@@ -16,8 +17,8 @@ and split into words with punctuation dropped, as in SQuAD's scorer (articles ar
 import contextlib
 import json
 import math
-import random
 import re
+import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -25,10 +26,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .adapter import prepare_output_dir
-from .config import Config, DataConfig
-from .errors import PhiloraError
-from .inject import lora_layers
+from .config import Config
+from .data import build_datasets, encode_source
+from .errors import PhiloraError, first_line
+from .generate import chat_ids, generate_ids
+from .loading import load_source, resolve_source
+from .lora import lora_layers
+from .loss import IGNORE_INDEX, CausalLMLoss
+from .metrics import plot_losses
+from .train import TrainResult, evaluate
 
 
 
@@ -75,54 +81,7 @@ LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUG
 
 
 # -----------------------------------------------------------------------------
-# the eval split as conversations
-
-def encoded_conversations(source: str, split: str, dc: DataConfig, tokenizer) -> List[Tuple[list, dict]]:
-    """(messages, {"input_ids", "labels"}) of a data source, kept and cut as data.py does."""
-    from .data import IGNORE_INDEX, DataError, encode_chat, load_records, to_messages
-
-    errors = [] if dc.skip_bad_records else None
-    pairs = []
-    for where, record in load_records(source, split, errors=errors):
-        try:
-            messages = to_messages(record, dc.format, where)
-        except DataError:
-            if errors is None:
-                raise
-            continue
-        ex = encode_chat(messages, tokenizer)
-        if len(ex["input_ids"]) > dc.max_length:
-            if dc.truncation == "drop":
-                continue
-            ex = {k: v[:dc.max_length] for k, v in ex.items()}
-        if all(t == IGNORE_INDEX for t in ex["labels"]):
-            continue
-        pairs.append((messages, ex))
-    return pairs
-
-
-def eval_conversations(cfg: Config, tokenizer) -> List[Tuple[list, dict]]:
-    """The run's eval split, the same examples in the same order as data.build_datasets."""
-    from .data import DataError, MissingSplit, is_dataset_name
-
-    dc, seed = cfg.data, cfg.training_config.seed
-    if dc.eval:
-        return encoded_conversations(dc.eval, dc.eval_split, dc, tokenizer)
-    if dc.train == "sample" or is_dataset_name(dc.train):
-        try:
-            return encoded_conversations(dc.train, dc.eval_split, dc, tokenizer)
-        except MissingSplit:
-            pass
-    train = encoded_conversations(dc.train, dc.train_split, dc, tokenizer)
-    n = len(train)
-    n_eval = max(1, round(n * dc.eval_fraction)) if dc.eval_fraction > 0 else 0
-    if n_eval >= n:
-        raise DataError(f"{dc.train}: {n} example(s) are too few to hold out eval_fraction={dc.eval_fraction}")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [pair for k, pair in enumerate(train) if k in held]
-
+# held-out prompts, base vs fine-tuned
 
 def held_out(messages: Sequence[dict]) -> Tuple[List[dict], str]:
     """(prompt: the conversation before its last assistant turn, reference: that turn)."""
@@ -160,21 +119,6 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def eval_loss(model, examples: List[dict], pad_id: int, dc: DataConfig, batch_size: int) -> Dict[str, float]:
-    """Loss per label token (as training's eval: the same collate and loss) and perplexity."""
-    from .batching import collate
-    from .loss import CausalLMLoss
-
-    loss_fn, device = CausalLMLoss(model), next(model.parameters()).device
-    total, count = 0.0, 0
-    for s in range(0, len(examples), batch_size):
-        batch = collate(examples[s:s + batch_size], pad_id, dc.packing, dc.max_length)
-        loss_sum, n = loss_fn({k: v.to(device) for k, v in batch.items()})
-        total, count = total + float(loss_sum), count + int(n)
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "label_tokens": count}
-
-
 def score(pairs: Sequence[Tuple[str, str]]) -> Dict[str, float]:
     """Mean of each overlap metric over (prediction, reference) pairs."""
     return {k: sum(f(p, r) for p, r in pairs) / max(len(pairs), 1) for k, f in METRICS.items()}
@@ -183,14 +127,11 @@ def score(pairs: Sequence[Tuple[str, str]]) -> Dict[str, float]:
 # -----------------------------------------------------------------------------
 # the report
 
-def evaluate_run(run, data: Optional[str] = None, out=None, samples: int = 8, max_new_tokens: int = 128,
-                 force: bool = False, model=None, tokenizer=None, eval_examples=None) -> dict:
-    """Evaluate base vs fine-tuned for a run (or adapter) directory; writes report.md and
-    report.json to ``out`` (which may be the run directory: nothing else in it is touched).
-    ``model`` (with philora LoRA layers), ``tokenizer`` and encoded ``eval_examples`` let the
-    end of training reuse what it has. Returns the report as a dict."""
-    from .generate import chat_ids, generate_ids, load_source, resolve_source
-
+def evaluate_run(run, data: Optional[str] = None, out=None, samples: int = 8,
+                 max_new_tokens: int = 128) -> dict:
+    """``philora eval``: base vs fine-tuned for a run (or adapter) directory on the run's eval
+    split (data.build_datasets: the examples training evaluated on) or on ``data``; writes
+    report.md and report.json to ``out``. Returns the report as a dict."""
     if out is None:
         raise PhiloraError("evaluate_run: give an output directory (--out)")
     src = resolve_source(str(run))
@@ -199,42 +140,66 @@ def evaluate_run(run, data: Optional[str] = None, out=None, samples: int = 8, ma
     cfg = src.run_cfg
     if cfg is None and data is None:
         raise PhiloraError(f"{run}: no config.yaml (not a philora run), so no eval split: pass --data FILE")
-    out_dir = prepare_output_dir(out, force)  # out may be the run: only the report files are written
-    if model is None:
-        model, tokenizer, _ = load_source(str(run))
-    elif tokenizer is None:
-        from .loading import load_tokenizer, resolve_path
-        tokenizer = load_tokenizer(src.tokenizer_path or resolve_path(src.model_cfg.name_or_path))
-    dc = cfg.data if cfg else DataConfig()
+    cfg = cfg or Config(model=src.model_cfg)
+    model, tokenizer, _ = load_source(str(run))
+    quiet = lambda *a, **k: None  # noqa: E731 (training already logged the data counts)
     if data:
-        pairs = encoded_conversations(data, dc.eval_split, replace(dc, skip_bad_records=False), tokenizer)
-        described, eval_examples = data, None
+        examples, _ = encode_source(data, cfg.data.eval_split, replace(cfg.data, skip_bad_records=False),
+                                    tokenizer, quiet)
     else:
-        pairs = eval_conversations(cfg, tokenizer)
-        described = dc.eval or f"{dc.train} (eval split)"
-    if not pairs:
-        if eval_examples is not None:  # the end of a run with no eval split: nothing to report
-            print("eval: no eval conversations, no report")
-            return {}
+        _, examples, _ = build_datasets(cfg.data, tokenizer, cfg.training_config.seed, log=quiet)
+    limit = cfg.training_config.eval_max_samples
+    examples = examples[:limit] if limit > 0 else examples
+    if not examples:
         raise PhiloraError(f"{data or run}: no eval conversations to report on")
-    limit = cfg.training_config.eval_max_samples if cfg else 0
-    examples = eval_examples if eval_examples is not None else [ex for _, ex in pairs][:limit or None]
-    batch_size = cfg.training_config.per_device_eval_batch_size if cfg else 8
-    prompts = [held_out(m) for m, _ in pairs[:samples]]
+    described = data or cfg.data.eval or f"{cfg.data.train} (eval split)"
+    return write_report(model, tokenizer, cfg, examples, Path(run), Path(out), described, samples,
+                        max_new_tokens)
+
+
+def end_of_run(result: TrainResult, cfg: Config) -> Optional[dict]:
+    """The report that ends ``philora train`` (rank 0, ``report_samples`` > 0, an eval split),
+    on the model and eval examples the run already has. The run is finished and saved by now,
+    so nothing here may fail it: any error becomes one warning line."""
+    if not result.main or cfg.training_config.report_samples <= 0:
+        return None
+    if not result.eval_examples:
+        print("eval: no eval conversations, no report")
+        return None
+    try:
+        return write_report(result.model, result.tokenizer, cfg, result.eval_examples, result.output_dir,
+                            result.output_dir, cfg.data.eval or f"{cfg.data.train} (eval split)",
+                            cfg.training_config.report_samples)
+    except Exception as e:  # noqa: BLE001 (the adapter is saved: a report problem must not undo that)
+        print(f"philora: warning: the run finished and is saved in {result.output_dir}, but the "
+              f"end-of-run report failed: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
+        return None
+
+
+def write_report(model, tokenizer, cfg: Config, examples: List[dict], run: Path, out_dir: Path,
+                 described: str, samples: int, max_new_tokens: int = 128) -> dict:
+    """Base vs fine-tuned on ``examples`` (encoded, with their "messages"): loss, perplexity and
+    ``samples`` greedy generations; writes report.md / report.json (and loss.png) to ``out_dir``,
+    which may be the run directory: nothing else in it is touched."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    prompts = [held_out(ex["messages"]) for ex in examples[:samples]]
     ids = [chat_ids(tokenizer, p) for p, _ in prompts]
     refs = [r for _, r in prompts]
+    loss_fn = CausalLMLoss(model)
     results = {}
     with eval_mode(model):
         for side, ctx in (("fine_tuned", contextlib.nullcontext()), ("base", lora_disabled(model))):
             with ctx:
-                loss = eval_loss(model, examples, tokenizer.pad_token_id, dc, batch_size)
+                loss = evaluate(loss_fn, examples, cfg, tokenizer.pad_token_id, device)["eval_loss"]
                 replies = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens) if ids else []
             texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
-            results[side] = {"loss": loss["loss"], "perplexity": loss["perplexity"],
+            results[side] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
                              **score(list(zip(texts, refs))), "generations": texts}
+    label_tokens = sum(sum(t != IGNORE_INDEX for t in ex["labels"][1:]) for ex in examples)
     report = {
-        "run": str(run), "base_model": src.model_cfg.name_or_path, "data": described,
-        "eval_examples": len(examples), "label_tokens": loss["label_tokens"], "max_new_tokens": max_new_tokens,
+        "run": str(run), "base_model": cfg.model.name_or_path, "data": described,
+        "eval_examples": len(examples), "label_tokens": label_tokens, "max_new_tokens": max_new_tokens,
         "base": {k: v for k, v in results["base"].items() if k != "generations"},
         "fine_tuned": {k: v for k, v in results["fine_tuned"].items() if k != "generations"},
         "samples": [],
@@ -243,7 +208,7 @@ def evaluate_run(run, data: Optional[str] = None, out=None, samples: int = 8, ma
         base, tuned = results["base"]["generations"][k], results["fine_tuned"]["generations"][k]
         report["samples"].append({"prompt": prompt, "reference": ref, "base": base, "fine_tuned": tuned,
                                   "scores": {"base": score([(base, ref)]), "fine_tuned": score([(tuned, ref)])}})
-    report["loss_plot"] = _loss_plot(Path(run), out_dir)
+    report["loss_plot"] = _loss_plot(run, out_dir)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out_dir / "report.md").write_text(markdown(report), encoding="utf-8")
     print(f"eval: loss {report['base']['loss']:.4f} (base) -> {report['fine_tuned']['loss']:.4f} "
@@ -252,7 +217,6 @@ def evaluate_run(run, data: Optional[str] = None, out=None, samples: int = 8, ma
 
 
 def _loss_plot(run: Path, out_dir: Path) -> Optional[str]:
-    from .metrics import plot_losses
     if (run / "metrics.jsonl").is_file():
         path = plot_losses(run, path=out_dir / "loss.png")
         return path.name if path else None

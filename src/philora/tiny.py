@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from philora.sample import SAMPLE_TRAIN
+from .data import SAMPLE_TRAIN
 
 TINY_NAME = "tiny-phi3-v1"  # bump when the recipe below changes, so caches rebuild
 

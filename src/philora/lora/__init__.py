@@ -5,9 +5,9 @@ Pure torch. See ``layers.py`` for what is fixed relative to loralib 0.1.2.
 
 from .conv import Conv1d, Conv2d, Conv3d, ConvLoRA
 from .layers import Embedding, Linear, LoRALayer, MergedLinear
-from .utils import lora_state_dict, mark_only_lora_as_trainable
+from .utils import lora_layers, lora_state_dict, mark_only_lora_as_trainable
 
 __all__ = [
     "LoRALayer", "Embedding", "Linear", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d", "Conv3d",
-    "mark_only_lora_as_trainable", "lora_state_dict",
+    "mark_only_lora_as_trainable", "lora_state_dict", "lora_layers",
 ]

@@ -189,10 +189,13 @@ class Linear(LoRALayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self._T(self.weight), bias=self.bias)
         if self._has_lora() and not self.merged:
-            # (x A.T) B.T: O(tokens * r * (in + out)); scaling applied on the r-wide tensor.
-            h = _lora_branch(x, self.lora_dropout, self.lora_A) * self.scaling
-            result = result + self._lora_out(h).to(result.dtype)
+            result = result + self.lora_forward(x).to(result.dtype)
         return result
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The LoRA branch alone, in the LoRA dtype: (..., in) -> (..., out)."""
+        # (x A.T) B.T: O(tokens * r * (in + out)); scaling applied on the r-wide tensor.
+        return self._lora_out(_lora_branch(x, self.lora_dropout, self.lora_A) * self.scaling)
 
     def _lora_out(self, h: torch.Tensor) -> torch.Tensor:
         """(..., r), already scaled -> (..., out): the B half of the LoRA branch."""
@@ -283,10 +286,13 @@ class MergedLinear(LoRALayer, nn.Linear):
         result = F.linear(x, self._T(self.weight), bias=self.bias)
         if not self._has_lora() or self.merged:
             return result
+        return result + self.lora_forward(x).to(result.dtype)
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The LoRA branch alone, in the LoRA dtype: (..., in) -> (..., out), zero on disabled slices."""
         # One matmul for all of A, then each slice's (tokens, r) @ (r, size): never the
         # out x in delta that loralib builds on every call (loralib#109).
-        h = _lora_branch(x, self.lora_dropout, self.lora_A) * self.scaling
-        return result + self._lora_out(h).to(result.dtype)
+        return self._lora_out(_lora_branch(x, self.lora_dropout, self.lora_A) * self.scaling)
 
     def _lora_out(self, h: torch.Tensor) -> torch.Tensor:
         """(..., r*k), already scaled -> (..., out): each enabled slice's B, zeros elsewhere."""

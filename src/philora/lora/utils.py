@@ -51,3 +51,9 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Ten
             if bias_name in state:
                 out[bias_name] = state[bias_name]
     return out
+
+
+def lora_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """{dotted name: layer} of every LoRA layer in ``model`` that has LoRA factors (r > 0).
+    Not in loralib; the one way the rest of philora finds its adapted layers."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer) and hasattr(m, "lora_A")}

@@ -7,7 +7,7 @@ spelling backwards, unit conversion, ...) so that a few-million-parameter model 
 LoRA for a couple of minutes on a CPU visibly learns them, yet varied enough to read like chat:
 some conversations carry a system message that changes the answer style, some have two turns.
 
-    python -m philora.sample     # regenerates src/philora/data/sample_{train,eval}.jsonl
+    python scripts/make_sample_data.py     # regenerates src/philora/data/sample_{train,eval}.jsonl
 
 Each line is {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}.
 The eval file holds conversations that do not appear in the train file (same task families).
@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "src" / "philora" / "data"
 SAMPLE_TRAIN = DATA_DIR / "sample_train.jsonl"
 SAMPLE_EVAL = DATA_DIR / "sample_eval.jsonl"
 SEED = 1234

@@ -1,19 +1,12 @@
-"""``philora adapter check`` and ``philora adapter convert``.
+"""``philora adapter convert``: loralib checkpoints to PEFT adapters and back.
 
-check: what a serving engine (vLLM) will refuse or serve wrongly, before deploying: features it
-rejects (DoRA, modules_to_save, bias, ...), ranks beyond the largest ``--max-lora-rank`` it
-accepts (1, 8, 16, 32, 64, 128, 256, 320, 512; vllm/config/lora.py ``MaxLoRARanks``, default
-16), and against the base model (built on the meta device: names and shapes, no weights) target
-modules it does not have, since an adapter whose modules match nothing serves the base model.
-
-convert: loralib checkpoints (``<module>.lora_A`` / ``.lora_B`` state dicts; loralib stores
-neither r nor alpha) to PEFT adapters and back. A loralib ``MergedLinear`` (a fused projection
-with LoRA on k of its slices, A (r*k, in), B (rows of those slices, r)) becomes one PEFT LoRA
-of rank r*k with a block-diagonal lora_B and alpha*k (scaling alpha*k / (r*k) = alpha / r), as
-philora's own adapters are saved; going back, the block structure is read off lora_B. Which
-slices a MergedLinear enabled is not in a loralib checkpoint: it comes from the base model's
-fused-slice table when only one choice fits, else from ``enable_lora``.
-Hand-written because no library converts between the two formats.
+loralib checkpoints are ``<module>.lora_A`` / ``.lora_B`` state dicts; loralib stores neither r
+nor alpha. A loralib ``MergedLinear`` (a fused projection with LoRA on k of its slices, A (r*k,
+in), B (rows of those slices, r)) becomes one PEFT LoRA of rank r*k with a block-diagonal lora_B
+and alpha*k (scaling alpha*k / (r*k) = alpha / r), as philora's own adapters are saved; going
+back, the block structure is read off lora_B. Which slices a MergedLinear enabled is not in a
+loralib checkpoint: it comes from the base model's fused-slice table when only one choice fits,
+else from ``enable_lora``. Hand-written because no library converts between the two formats.
 """
 
 import itertools
@@ -25,34 +18,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapter import (PREFIX, AdapterError, layer_shape, prepare_output_dir, read_adapter, scan_adapter,
-                      target_layer, target_module_names, write_adapter)
-from .errors import PhiloraError
+from .adapter import PREFIX, block_diagonal, read_adapter, target_module_names, write_adapter
+from .config import PeftConfig
+from .errors import PhiloraError, first_line
+from .inject import linear_names, target_layer
+from .loading import meta_model
+from .models import fused_slices, is_conv1d, linear_shape
 
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-VLLM_DEFAULT_MAX_LORA_RANK = 16
 LORALIB_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])$")
-
-
-def meta_model(name_or_path: str, local_only: bool = False):
-    """The model's module tree on the meta device (no weights, no memory). Raises PhiloraError."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .loading import resolve_path
-    path = resolve_path(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError) as e:
-        raise PhiloraError(f"cannot load base model config '{name_or_path}': {str(e).splitlines()[0]}") from None
 
 
 def _slice_layout(model, name: str, enable_lora: Optional[Dict[str, Sequence[bool]]],
                   out_features: Optional[int]) -> Optional[Tuple[List[int], List[bool]]]:
     """(slice sizes, enabled) of a fused module: from ``enable_lora`` (keyed by module name or
     its last part) with the model's slice sizes or equal slices, else the model's table alone."""
-    from .models import fused_slices
     table = fused_slices(model.config, name) if model is not None else None
     given = (enable_lora or {}).get(name, (enable_lora or {}).get(name.rsplit(".", 1)[-1]))
     if given is not None:
@@ -69,7 +48,7 @@ def _out_features(model, name: str) -> Optional[int]:
     if model is None:
         return None
     try:
-        shape = layer_shape(model.get_submodule(name))
+        shape = linear_shape(model.get_submodule(name))
     except AttributeError:
         return None
     return shape[1] if shape else None
@@ -88,7 +67,6 @@ def _to_block_diagonal(name: str, B: torch.Tensor, k: int, r: int, model, enable
     if enabled is None:  # the model's table: the one choice of k slices whose rows add up
         fits = [c for c in itertools.combinations(range(len(sizes)), k) if sum(sizes[i] for i in c) == B.shape[0]]
         if len(fits) != 1:
-            from .models import fused_slices
             names = fused_slices(model.config, name)[0]
             options = " or ".join("+".join(names[i] for i in c) for c in fits) or "none"
             raise PhiloraError(f"'{name}': which {k} slices carry LoRA is not in a loralib checkpoint "
@@ -98,14 +76,7 @@ def _to_block_diagonal(name: str, B: torch.Tensor, k: int, r: int, model, enable
     if sum(enabled) != k or sum(s for s, e in zip(sizes, enabled) if e) != B.shape[0]:
         raise PhiloraError(f"'{name}': lora_B has {B.shape[0]} rows and A has {k}x r rows; enabled "
                            f"slices {enabled} of sizes {sizes} do not fit")
-    out = B.new_zeros((sum(sizes), r * k))
-    offset, row, i = 0, 0, 0
-    for size, on in zip(sizes, enabled):
-        if on:
-            out[offset:offset + size, i * r:(i + 1) * r] = B[row:row + size]
-            row, i = row + size, i + 1
-        offset += size
-    return out
+    return block_diagonal(B, sizes, enabled, r)
 
 
 def _from_block_diagonal(name: str, B: torch.Tensor, k: int, r: int, model,
@@ -144,27 +115,28 @@ def load_loralib(path: Path) -> Dict[str, torch.Tensor]:
         state = load_file(str(path)) if path.suffix == ".safetensors" else \
             torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refusals, corrupt files: all one line
-        raise PhiloraError(f"{path}: cannot read a state dict ({str(e).strip().splitlines()[0]})") from None
+        raise PhiloraError(f"{path}: cannot read a state dict ({first_line(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PhiloraError(f"{path}: expected a flat state dict of tensors")
     return state
 
 
 def convert(source, out, to: str, r: Optional[int] = None, lora_alpha: Optional[float] = None,
-            base: Optional[str] = None, force: bool = False,
+            base: Optional[str] = None,
             enable_lora: Optional[Dict[str, Sequence[bool]]] = None) -> Path:
     """loralib checkpoint -> PEFT adapter directory (to="peft"), or PEFT adapter -> loralib
-    .safetensors / .pt file (to="loralib"). Returns the output path."""
+    .safetensors / .pt file (to="loralib"). Returns the output path (written over if it
+    exists: the CLI refuses an existing output without --force)."""
     if to not in ("peft", "loralib"):
         raise PhiloraError(f"--to must be peft or loralib, got {to!r}")
     model = meta_model(base) if base else None
     if to == "peft":
-        return _loralib_to_peft(Path(source), out, r, lora_alpha, base, force, model, enable_lora)
-    return _peft_to_loralib(source, Path(out), r, lora_alpha, force, model, enable_lora)
+        return _loralib_to_peft(Path(source), Path(out), r, lora_alpha, base, model, enable_lora)
+    return _peft_to_loralib(source, Path(out), r, lora_alpha, model, enable_lora)
 
 
-def _loralib_to_peft(source: Path, out, r, lora_alpha, base, force, model, enable_lora) -> Path:
-    from .inject import _is_conv1d, linear_names
+def _loralib_to_peft(source: Path, out: Path, r: Optional[int], lora_alpha: Optional[float],
+                     base: Optional[str], model, enable_lora) -> Path:
     if r is None or lora_alpha is None:
         raise PhiloraError("loralib checkpoints store neither r nor lora_alpha: pass --r and --lora-alpha")
     state = load_loralib(source)
@@ -191,22 +163,21 @@ def _loralib_to_peft(source: Path, out, r, lora_alpha, base, force, model, enabl
         tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = A, B
         ranks[name], alphas[name] = r * k, lora_alpha * k
     skipped = len(state) - 2 * len(factors)
-    out_dir = prepare_output_dir(out, force)
     names = list(ranks)
-    fifo = model is not None and any(_is_conv1d(model.get_submodule(n)) for n in names)
-    write_adapter(out_dir, tensors, ranks, alphas, base, r, lora_alpha,
-                  target_module_names(names, linear_names(model) if model is not None else None),
-                  fan_in_fan_out=fifo)
+    fan_in_fan_out = model is not None and any(is_conv1d(model.get_submodule(n)) for n in names)
+    spec = PeftConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0)
+    out_dir = write_adapter(out, tensors, ranks, alphas, base, spec,
+                            target_module_names(names, linear_names(model) if model is not None else None),
+                            fan_in_fan_out)
     note = f"; {skipped} non-LoRA tensors left out" if skipped else ""
     print(f"converted {len(names)} loralib modules (r={r}, lora_alpha={lora_alpha}) -> PEFT adapter {out_dir}{note}")
     return out_dir
 
 
-def _peft_to_loralib(source, out: Path, r, lora_alpha, force, model, enable_lora) -> Path:
+def _peft_to_loralib(source, out: Path, r: Optional[int], lora_alpha: Optional[float], model,
+                     enable_lora) -> Path:
     if out.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
         raise PhiloraError(f"--out '{out}': a loralib checkpoint is a file ending in .safetensors or .pt")
-    if out.exists() and not force:
-        raise PhiloraError(f"--out '{out}' already exists; pass --force to overwrite")
     adapter = read_adapter(source)
     cfg = adapter.config
     rs = adapter.use_rslora
@@ -236,72 +207,3 @@ def _peft_to_loralib(source, out: Path, r, lora_alpha, force, model, enable_lora
     for name, enabled in merged.items():
         print(f"  {name}: MergedLinear(enable_lora={enabled})")
     return out
-
-
-# -----------------------------------------------------------------------------
-# check
-
-def _target_matches(target_modules, names: List[str]) -> List[str]:
-    """Entries of a PEFT target_modules list that match none of the model's module names."""
-    if not isinstance(target_modules, list):
-        return []
-    return [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-
-
-def check(adapter_dir, base: Optional[str] = None) -> Tuple[List[str], List[str]]:
-    """(errors, warnings) for serving ``adapter_dir`` with vLLM on ``base``. Unreadable: AdapterError."""
-    adapter, errors = scan_adapter(adapter_dir)
-    cfg, warnings = adapter.config, []
-    if cfg.get("bias", "none") != "none":
-        errors.append(f"bias={cfg['bias']!r}: vLLM does not support adapter biases")
-    modules = adapter.modules
-    ranks = [A.shape[0] for A, _, _ in modules.values()]
-    ranks += [v for v in [cfg.get("r"), *(cfg.get("rank_pattern") or {}).values()] if isinstance(v, int)]
-    top = max(ranks, default=0)
-    if top > VLLM_MAX_LORA_RANKS[-1]:
-        errors.append(f"rank {top} is beyond vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
-    elif top > VLLM_DEFAULT_MAX_LORA_RANK:
-        need = min(c for c in VLLM_MAX_LORA_RANKS if c >= top)
-        warnings.append(f"rank {top}: serve with vLLM --max-lora-rank {need} (its default is "
-                        f"{VLLM_DEFAULT_MAX_LORA_RANK}; allowed: {', '.join(map(str, VLLM_MAX_LORA_RANKS))})")
-    if modules and not errors and len({round(adapter.scaling(n), 9) for n in modules}) > 1:
-        warnings.append("rank_pattern/alpha_pattern give modules different scalings; vLLM versions that "
-                        "read only r and lora_alpha scale them wrongly")
-    name = base or cfg.get("base_model_name_or_path")
-    if not name:
-        warnings.append("no base model (base_model_name_or_path is empty): module names and shapes "
-                        "not checked; pass --base")
-        return errors, warnings
-    try:
-        model = meta_model(name, local_only=base is None)
-    except PhiloraError as e:
-        warnings.append(f"{e}: module names and shapes not checked; pass --base")
-        return errors, warnings
-    for module, (A, B, _) in sorted(modules.items()):
-        try:
-            target_layer(model, module, A, B, Path(adapter_dir).name)
-        except AdapterError as e:
-            errors.append(str(e))
-    names = [n for n, _ in model.named_modules()]
-    for t in _target_matches(cfg.get("target_modules"), names):
-        warnings.append(f"target_modules entry '{t}' matches no module of {name}")
-    if modules and all(m not in names for m in modules):
-        errors.append(f"none of the adapter's modules is in {name}: it would serve the base model unchanged")
-    return errors, warnings
-
-
-def check_cli(adapter, base: Optional[str] = None) -> int:
-    """``philora adapter check``: one line per problem; exit 1 on an error, 0 when clean."""
-    errors, warnings = check(adapter, base)
-    for e in errors:
-        print(f"error: {e}")
-    for w in warnings:
-        print(f"warning: {w}")
-    if errors:
-        print(f"{adapter}: {len(errors)} error(s), {len(warnings)} warning(s)")
-        return 1
-    a = read_adapter(adapter)
-    ranks = sorted({A.shape[0] for A, _, _ in a.modules.values()})
-    print(f"{adapter}: ok ({len(a.modules)} LoRA modules, rank {'/'.join(map(str, ranks))}"
-          f"{f', {len(warnings)} warning(s)' if warnings else ''})")
-    return 0
