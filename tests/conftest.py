@@ -196,10 +196,84 @@ def run_cli(capsys, *argv):
     return code, lines[-1] if lines else ""
 
 
+# -----------------------------------------------------------------------------
+# helpers: short training runs (test_train*.py)
+
+CKPT_FILES = {"lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.yaml"}
+
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+def make_args(out, model, data, *overrides):
+    """Overrides for a 4-step run of ``model`` on ``data`` (train, eval files) into ``out``."""
+    train_file, eval_file = data
+    return [
+        f"model.name_or_path={model}", f"data.train={train_file}", f"data.eval={eval_file}",
+        "data.max_length=128", f"training_config.output_dir={out}", "training_config.max_steps=4",
+        "training_config.per_device_train_batch_size=4", "training_config.per_device_eval_batch_size=8",
+        "training_config.logging_steps=1", "training_config.eval_steps=0", "training_config.save_steps=0",
+        "training_config.report_samples=0", "training_config.progress_bar=false",
+        "training_config.warmup_steps=1", "training_config.learning_rate=5e-3",
+        "peft_config.r=4", "peft_config.lora_alpha=8", *overrides]
+
+
+def make_cfg(out, model, data, *overrides):
+    from philora.config import load_config
+    return load_config(None, make_args(out, model, data, *overrides))
+
+
+class Recorder:
+    """Records the model train() builds and, at every optimizer step, the trainable parameters
+    and their gradients (before the update); optionally 'kills' the run at a given step."""
+
+    def __init__(self):
+        self.models, self.steps, self.kill_at = [], [], None
+
+    def names(self):
+        return [n for n, p in self.models[-1].named_parameters() if p.requires_grad]
+
+
+def install_recorder(mp) -> Recorder:
+    from philora import train as train_mod
+    rec = Recorder()
+    real_inject = train_mod.inject_lora
+
+    def inject(model, *args, **kwargs):
+        rec.models.append(model)
+        return real_inject(model, *args, **kwargs)
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            params = [p for g in self.param_groups for p in g["params"]]
+            rec.steps.append([(p.detach().clone(), p.grad.detach().clone()) for p in params])
+            if rec.kill_at is not None and len(rec.steps) == rec.kill_at:
+                raise Killed(f"killed at step {rec.kill_at}")
+            return super().step(closure)
+
+    mp.setattr(train_mod, "inject_lora", inject)
+    mp.setattr(torch.optim, "AdamW", RecordingAdamW)
+    return rec
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """A Recorder installed for this test (``helpers.install_recorder`` for a narrower scope)."""
+    return install_recorder(monkeypatch)
+
+
+def adapter_tensors(out):
+    from safetensors.torch import load_file
+    return load_file(str(Path(out) / "adapter_model.safetensors"))
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """The helper functions above, for the test files."""
     return types.SimpleNamespace(
         PEFT_TOL=PEFT_TOL, phi3_config=phi3_config, save_base=save_base, load_model=load_model,
         token_ids=token_ids, logits=logits, randomize=randomize, peft_adapter=peft_adapter,
-        peft_logits=peft_logits, philora_run_adapter=philora_run_adapter, make_run=make_run, run_cli=run_cli)
+        peft_logits=peft_logits, philora_run_adapter=philora_run_adapter, make_run=make_run, run_cli=run_cli,
+        CKPT_FILES=CKPT_FILES, Killed=Killed, make_args=make_args, make_cfg=make_cfg,
+        install_recorder=install_recorder, adapter_tensors=adapter_tensors)
