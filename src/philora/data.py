@@ -31,9 +31,11 @@ import os
 import random
 import re
 from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import jinja2
 
+from .config import DataConfig
 from .errors import first_line
 from .formats import FORMATS, DataError, detect_format, to_messages  # noqa: F401 (re-exported)
 from .loss import IGNORE_INDEX
@@ -52,7 +54,7 @@ class MissingSplit(DataError):
 # -----------------------------------------------------------------------------
 # reading records
 
-def load_records(source, split="train", errors=None):
+def load_records(source: str, split: str = "train", errors: Optional[list] = None) -> List[Tuple[str, dict]]:
     """(where, record) pairs of a file, a dataset (hub name or local folder) or "sample" (split "train": the
     shipped train file, any other split: its eval file). With ``errors`` (a list), invalid JSON lines are
     appended to it as DataErrors instead of raised."""
@@ -76,14 +78,14 @@ def load_records(source, split="train", errors=None):
     raise DataError(f"{source}: no such file")
 
 
-def is_dataset_name(source):
+def is_dataset_name(source: str) -> bool:
     """A local dataset folder or what looks like a hub name ("owner/name") rather than a missing file."""
     path = Path(source)
     return path.is_dir() or (not path.exists() and bool(HUB_NAME.match(source))
                              and path.suffix.lower() not in FILE_SUFFIXES)
 
 
-def _read_json(path, source, errors):
+def _read_json(path: Path, source: str, errors: Optional[list]) -> List[Tuple[str, dict]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -108,7 +110,7 @@ def _read_json(path, source, errors):
     return records
 
 
-def _load_hub(name, split):
+def _load_hub(name: str, split: str) -> List[Tuple[str, dict]]:
     import datasets
     try:
         ds = datasets.load_dataset(name, split=split)
@@ -124,7 +126,7 @@ def _load_hub(name, split):
 # -----------------------------------------------------------------------------
 # tokenization with assistant-only labels
 
-def encode_chat(messages, tokenizer, max_length=None):
+def encode_chat(messages: List[dict], tokenizer, max_length: Optional[int] = None) -> Dict[str, List[int]]:
     """Token ids of the chat template and labels: -100 except assistant contents and their end-of-turn token."""
     chat = [{"role": m["role"], "content": m["content"]} for m in messages]
     ids = _as_ids(tokenizer.apply_chat_template(chat, tokenize=True))
@@ -219,7 +221,7 @@ def _common_prefix(a, b):
 # -----------------------------------------------------------------------------
 # train / eval sets
 
-def build_datasets(cfg, tokenizer, seed, log=print):
+def build_datasets(cfg: DataConfig, tokenizer, seed: int, log: Callable = print) -> Tuple[List[dict], List[dict], dict]:
     """Encoded train examples ({"input_ids", "labels"}), eval examples (the same plus their
     "messages", for held-out generations) and counts, from a DataConfig. The one place that
     decides the eval split: training, ``philora eval`` and the end-of-run report all use it."""
@@ -256,21 +258,22 @@ def build_datasets(cfg, tokenizer, seed, log=print):
     return train, evals, {"train": train_stats, "eval": eval_stats}
 
 
-def _counts(source):
+def _counts(source: str) -> dict:
     return {"source": source, "records": 0, "skipped": 0, "truncated": 0, "dropped_too_long": 0,
             "dropped_no_labels": 0}
 
 
-def _token_counts(examples):
+def _token_counts(examples: List[dict]) -> dict:
     return {"examples": len(examples), "tokens": sum(len(ex["input_ids"]) for ex in examples),
             "label_tokens": sum(sum(1 for t in ex["labels"] if t != IGNORE_INDEX) for ex in examples)}
 
 
-def _summary(stats):
+def _summary(stats: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in stats.items() if k != "source")
 
 
-def encode_source(source, split, cfg, tokenizer, log=print, name="eval"):
+def encode_source(source: str, split: str, cfg: DataConfig, tokenizer, log: Callable = print,
+                  name: str = "eval") -> Tuple[List[dict], dict]:
     """Encoded examples of one source ({"input_ids", "labels", "messages"}) and its counts; bad
     records raise a DataError naming file and line, or are skipped and counted
     (``cfg.skip_bad_records``); over-long ones are truncated or dropped per ``cfg.truncation``."""

@@ -16,6 +16,8 @@ Every mistake raises DataError with one line: "<where>: what is wrong", where is
 "file.parquet record 3" (given by the caller, see philora.data.load_records).
 """
 
+from typing import List
+
 from .errors import PhiloraError
 
 ROLES = ("system", "user", "assistant")
@@ -27,7 +29,7 @@ class DataError(PhiloraError):
     """A mistake in the data; the message is one line naming the file and line (or record)."""
 
 
-def detect_format(record, where="record"):
+def detect_format(record: dict, where: str = "record") -> str:
     """Which of FORMATS a record is in, from its keys (null values count as absent: Arrow adds them)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -46,7 +48,7 @@ def detect_format(record, where="record"):
                     "conversations, prompt+completion or instruction+output)")
 
 
-def to_messages(record, fmt="auto", where="record"):
+def to_messages(record: dict, fmt: str = "auto", where: str = "record") -> List[dict]:
     """The validated conversation of a record: [{"role", "content"}, ...], ending with an assistant turn."""
     if fmt == "auto":
         fmt = detect_format(record, where)

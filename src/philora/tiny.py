@@ -89,7 +89,7 @@ def _corpus():
     return texts + GENERIC_TEXT.splitlines()
 
 
-def build_tokenizer(vocab_size=2000):
+def build_tokenizer(vocab_size: int = 2000):
     """A Phi-3-like fast tokenizer: vocab_size base pieces (3 specials, 256 bytes, BPE) + 11 added tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -137,7 +137,7 @@ def build_tokenizer(vocab_size=2000):
     )
 
 
-def build_model(tokenizer, seed=0):
+def build_model(tokenizer, seed: int = 0):
     """A randomly initialised (seeded) float32 Phi3ForCausalLM sized for CPU experiments."""
     import torch
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
@@ -167,7 +167,7 @@ def build_model(tokenizer, seed=0):
     return model
 
 
-def build_tiny(path, seed=0):
+def build_tiny(path, seed: int = 0) -> None:
     """Write the tiny model (weights, config, generation config, tokenizer, template) to path."""
     from transformers.utils import logging as hf_logging
 
@@ -192,11 +192,11 @@ def build_tiny(path, seed=0):
     return path
 
 
-def cache_dir():
+def cache_dir() -> Path:
     return Path(os.environ.get("PHILORA_CACHE") or Path.home() / ".cache" / "philora")
 
 
-def resolve_model(name_or_path):
+def resolve_model(name_or_path: str) -> str:
     """name_or_path unchanged, except "tiny": the tiny model's directory (built once, cached)."""
     if name_or_path != "tiny":
         return name_or_path
