@@ -2,9 +2,24 @@
 # One-time, idempotent set-up: a virtualenv in .venv with philora and its pinned dependencies.
 # torch is asked for first and exactly (constraints.txt), so pip never pulls a newer CUDA build
 # on a CPU machine; everything else is pinned by constraints.txt too.
+#
+#   scripts/setup.sh           philora, its test and benchmark dependencies (a few minutes)
+#   scripts/setup.sh --tests   also llama-cpp-python (the real GGUF client the export tests run),
+#                              built from source the first time (~8 minutes on 2 cores; pip's wheel
+#                              cache keeps the wheel, so later set-ups on the machine take seconds),
+#                              and its source distribution in .venv/src (llama.cpp's own converter,
+#                              the reference the export tests compare against; never installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TESTS=0
+for arg in "$@"; do
+  case "$arg" in
+    --tests) TESTS=1 ;;
+    *) echo "usage: scripts/setup.sh [--tests]" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
+LLAMA_CPP=llama-cpp-python==0.3.36
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
@@ -13,4 +28,14 @@ if [ ! -f .venv/.philora-installed ] || [ constraints.txt -nt .venv/.philora-ins
   .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
   .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,bench,qlora]"
   touch .venv/.philora-installed
+fi
+if [ "$TESTS" = 1 ] && { [ ! -f .venv/.philora-tests-installed ] || [ constraints.txt -nt .venv/.philora-tests-installed ] || [ pyproject.toml -nt .venv/.philora-tests-installed ]; }; then
+  # niced, so a first build leaves the machine usable; CMAKE_BUILD_PARALLEL_LEVEL=1 on a shared box
+  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" nice -n 19 \
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,bench,qlora,llama-cpp]"
+  mkdir -p .venv/src
+  if [ ! -f .venv/src/llama_cpp_python-0.3.36.tar.gz ]; then
+    .venv/bin/python -m pip download -q --no-deps --no-binary :all: -d .venv/src "$LLAMA_CPP"
+  fi
+  touch .venv/.philora-tests-installed
 fi

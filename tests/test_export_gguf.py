@@ -1,0 +1,402 @@
+"""philora export gguf: the GGUF equals what llama.cpp's own convert_hf_to_gguf.py writes (tensors and
+metadata, bit for bit, beyond the documented additions), llama.cpp itself (llama-cpp-python)
+tokenizes chat prompts as transformers does and generates the merged model's greedy tokens, the
+Ollama TEMPLATE renders conversations as the chat template does, and bad inputs are one-line errors.
+
+llama.cpp's converter is read from the llama-cpp-python source distribution (``scripts/setup.sh
+--tests`` puts it in .venv/src; never committed). The llama.cpp tests skip only when llama_cpp is
+not importable (``scripts/setup.sh --tests`` installs it).
+"""
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from philora.errors import PhiloraError
+from philora.export_gguf import export_gguf
+from philora.export_ollama import FORMATS, detect, go_template
+
+PHI3_TOKENIZER = Path(__file__).parent / "fixtures" / "phi3-tokenizer"
+LLAMA_CPP = "llama_cpp_python-0.3.36"
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not importable (scripts/setup.sh --tests)")
+
+CHATS = [
+    [{"role": "user", "content": "What is 17 plus 25?"}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"},
+     {"role": "user", "content": "Write a haiku about the sea."}],
+]
+
+
+# -----------------------------------------------------------------------------
+# tiny models and runs
+
+def _tiny_phi3(out: Path, tokenizer_dir: Path, longrope=False, seed=0) -> Path:
+    """A random tiny Phi-3 with the given tokenizer: GQA, sliding window 2047, untied (Phi-3-mini);
+    or LongRoPE + partial rotary 0.75 + tied embeddings (Phi-4-mini's traits)."""
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    kw = dict(vocab_size=-(-len(tok) // 64) * 64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+              original_max_position_embeddings=4096, sliding_window=2047, tie_word_embeddings=False,
+              initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id)
+    if longrope:
+        half = int(0.75 * 16) // 2
+        kw.update(max_position_embeddings=16384, partial_rotary_factor=0.75, tie_word_embeddings=True,
+                  sliding_window=None, rope_parameters={
+                      "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4096,
+                      "short_factor": [1.0 + 0.1 * i for i in range(half)],
+                      "long_factor": [1.5 + 0.2 * i for i in range(half)]})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        Phi3ForCausalLM(Phi3Config(**kw)).save_pretrained(out)
+    _copy_tokenizer(tokenizer_dir, out)
+    return out
+
+
+def _tiny_llama(out: Path, tokenizer_dir: Path) -> Path:
+    """A random tiny Llama (GQA) with a byte-fallback BPE tokenizer (no tokenizer.model)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=-(-len(tok) // 64) * 64, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=False,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(out)
+    _copy_tokenizer(tokenizer_dir, out)
+    return out
+
+
+def _copy_tokenizer(src: Path, out: Path) -> None:
+    for f in Path(src).iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, out / f.name)
+
+
+def _linear_names(model_dir: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+
+
+def _make_run(run: Path, base: Path, quantization=None, seed=3) -> Path:
+    """A philora run directory (config.yaml, PEFT adapter, the run's tokenizer) with LoRA on every
+    linear layer; qkv / q_proj get another rank and alpha (rank_pattern, alpha_pattern), so one
+    adapter-wide alpha could not express the scaling."""
+    from philora.config import Config, ModelConfig, save_config
+    run.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors, special = {}, r"(qkv_proj|q_proj)"
+    for name, m in _linear_names(base).items():
+        r = 8 if re.search(special + "$", name) else 4
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, m.in_features, generator=g) * 0.3
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(m.out_features, r, generator=g) * 0.3
+    save_file(tensors, str(run / "adapter_model.safetensors"))
+    (run / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "r": 4,
+        "lora_alpha": 8, "rank_pattern": {special: 8}, "alpha_pattern": {special: 24}, "bias": "none",
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in _linear_names(base)}), "use_rslora": False}))
+    model_cfg = ModelConfig(name_or_path=str(base), **({"quantization": quantization} if quantization else {}))
+    save_config(Config(model=model_cfg), run / "config.yaml")
+    _copy_tokenizer(base, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def phi3_base(tmp_path_factory):
+    return _tiny_phi3(tmp_path_factory.mktemp("phi3") / "phi3-mini-tiny", PHI3_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def phi3_run(phi3_base, tmp_path_factory):
+    return _make_run(tmp_path_factory.mktemp("runs") / "phi3-run", phi3_base)
+
+
+@pytest.fixture(scope="module")
+def phi3_merged(phi3_run, tmp_path_factory):
+    from philora.merge import merge
+    return merge(str(phi3_run), tmp_path_factory.mktemp("merged") / "m", dtype="float32")
+
+
+# -----------------------------------------------------------------------------
+# GGUF files: what is in them
+
+def _read(path: Path):
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: (t.tensor_type.name, [int(s) for s in t.shape], np.asarray(t.data).tobytes()) for t in r.tensors}
+    return fields, tensors
+
+
+@pytest.fixture(scope="session")
+def converter(tmp_path_factory):
+    """llama.cpp's convert_hf_to_gguf.py (with its conversion/ package and gguf-py), unpacked from
+    the llama-cpp-python sdist in .venv/src, or downloaded with pip when it is not there."""
+    if not HAS_LLAMA_CPP:
+        pytest.skip("llama_cpp is not importable (scripts/setup.sh --tests)")
+    sdist = Path(sys.prefix) / "src" / f"{LLAMA_CPP}.tar.gz"
+    out = tmp_path_factory.mktemp("llama.cpp")
+    if not sdist.is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d",
+                        str(out), LLAMA_CPP.replace("_", "-").replace("-0.", "==0.")], check=True)
+        sdist = out / f"{LLAMA_CPP}.tar.gz"
+    root = f"{LLAMA_CPP}/vendor/llama.cpp/"
+    keep = (root + "convert_hf_to_gguf.py", root + "conversion/", root + "gguf-py/")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(out, members=[m for m in tar.getmembers() if m.name.startswith(keep)], filter="data")
+    return out / root / "convert_hf_to_gguf.py"
+
+
+def _reference(converter, model_dir: Path, out: Path, outtype: str) -> Path:
+    p = subprocess.run([sys.executable, str(converter), str(model_dir), "--outfile", str(out), "--outtype", outtype],
+                       capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+
+# keys philora adds beyond llama.cpp's converter, and the name (llama.cpp's converter: the directory's)
+ADDED = {"tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix",
+         "tokenizer.ggml.eot_token_id", "general.name"}
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("longrope,outtype", [(False, "f32"), (False, "bf16"), (True, "q8_0"), (True, "f16")])
+def test_phi3_equals_llama_cpp_converter(converter, phi3_base, tmp_path, longrope, outtype):
+    """Tiny Phi-3 with the real Phi-3 tokenizer (SentencePiece): every tensor (type, shape, bytes) and
+    every metadata value equal llama.cpp's own converter's, plus eot / flags read from the tokenizer."""
+    base = phi3_base if not longrope else _tiny_phi3(tmp_path / "phi3-longrope", PHI3_TOKENIZER, longrope=True)
+    ref_fields, ref_tensors = _read(_reference(converter, base, tmp_path / "ref.gguf", outtype))
+    fields, tensors = _read(export_gguf(base, tmp_path / "out" / "model.gguf", outtype=outtype))
+    assert tensors.keys() == ref_tensors.keys() and len(tensors) == (16 if longrope else 15)
+    for name in tensors:
+        assert tensors[name] == ref_tensors[name], name
+    assert {k: v for k, v in fields.items() if k not in ADDED} == {k: v for k, v in ref_fields.items() if k not in ADDED}
+    assert ref_fields.keys() - fields.keys() == set()
+    assert fields["tokenizer.ggml.eot_token_id"] == 32007  # <|end|>
+    assert fields["tokenizer.ggml.eos_token_id"] == 32000 and fields["tokenizer.ggml.bos_token_id"] == 1
+    assert fields["tokenizer.ggml.add_bos_token"] is False  # as the tokenizer: no <s> before a prompt
+    assert "phi-3" in fields["general.name"].lower()  # llama.cpp then right-strips Phi-3's special tokens
+    if longrope:  # partial rotary: 12 of 16 dims; LongRoPE factors; tied: no output.weight
+        assert fields["phi3.rope.dimension_count"] == 12 and "rope_factors_long.weight" in tensors
+        assert "output.weight" not in tensors and fields["phi3.attention.sliding_window"] == 0
+
+
+@needs_llama_cpp
+def test_llama_bpe_equals_llama_cpp_converter(converter, tiny_model_dir, tmp_path):
+    """Tiny Llama with a byte-fallback BPE tokenizer: tensors (q/k rows permuted) and metadata as
+    llama.cpp's converter writes them; the vocabulary differs where documented (scores replay the
+    merge order, special added tokens are CONTROL, padded to the embedding rows)."""
+    base = _tiny_llama(tmp_path / "llama", Path(tiny_model_dir))
+    ref_fields, ref_tensors = _read(_reference(converter, base, tmp_path / "ref.gguf", "f16"))
+    fields, tensors = _read(export_gguf(base, tmp_path / "out" / "model.gguf", outtype="f16"))
+    assert tensors == ref_tensors
+    vocab = {"tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.tokens"}
+    assert {k: v for k, v in fields.items() if k not in ADDED | vocab} == \
+        {k: v for k, v in ref_fields.items() if k not in ADDED | vocab}
+    n = len(ref_fields["tokenizer.ggml.tokens"])
+    assert fields["tokenizer.ggml.tokens"][:n] == ref_fields["tokenizer.ggml.tokens"]
+    assert len(fields["tokenizer.ggml.tokens"]) == fields["llama.vocab_size"] == 2048
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(base)
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    types, ref_types = fields["tokenizer.ggml.token_type"], ref_fields["tokenizer.ggml.token_type"]
+    assert all(types[i] == (3 if i in special else ref_types[i]) for i in range(n))
+    assert fields["tokenizer.ggml.add_space_prefix"] is False  # this tokenizer never prepends "▁"
+
+
+# -----------------------------------------------------------------------------
+# the Ollama TEMPLATE: a tiny interpreter for the Go text/template subset it uses
+
+def _go_tokens(expr: str):
+    return re.findall(r'\(|\)|"(?:\\.|[^"\\])*"|[^\s()]+', expr)
+
+
+def _go_eval(tokens, i, ctx):
+    """Evaluate one operand at tokens[i]; returns (value, next index)."""
+    t = tokens[i]
+    if t == "(":
+        value, i = _go_command(tokens, i + 1, ctx)
+        assert tokens[i] == ")"
+        i += 1
+        while i < len(tokens) and tokens[i].startswith("."):
+            value, i = value[tokens[i][1:]], i + 1
+        return value, i
+    if t.startswith('"'):
+        return json.loads(t), i + 1
+    if t.isdigit():
+        return int(t), i + 1
+    if t.startswith("$."):
+        return ctx["$"][t[2:]], i + 1
+    if t.startswith("$"):
+        return ctx["vars"][t], i + 1
+    if t.startswith("."):
+        return ctx["dot"][t[1:]], i + 1
+    raise AssertionError(f"unknown operand {t!r}")
+
+
+FUNCS = {"eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "not": lambda a: not a,
+         "and": lambda a, b: a and b, "or": lambda a, b: a or b, "len": len,
+         "slice": lambda a, k: a[k:], "index": lambda a, k: a[k]}
+
+
+def _go_command(tokens, i, ctx):
+    if tokens[i] in FUNCS:
+        f, args, i = FUNCS[tokens[i]], [], i + 1
+        while i < len(tokens) and tokens[i] != ")":
+            value, i = _go_eval(tokens, i, ctx)
+            args.append(value)
+        return f(*args), i
+    return _go_eval(tokens, i, ctx)
+
+
+def _go_expr(expr, ctx):
+    value, i = _go_command(_go_tokens(expr), 0, ctx)
+    return value
+
+
+def _go_parse(template: str):
+    """Text and actions with {{- / -}} trimming applied, as a flat list of ("text", s) / ("act", s)."""
+    parts, pos = [], 0
+    for m in re.finditer(r"\{\{(-\s)?(.*?)(\s-)?\}\}", template, re.S):
+        text = template[pos:m.start()]
+        if m.group(1):
+            text = text.rstrip()
+        if parts and parts[-1][0] == "trim":
+            parts.pop()
+            text = text.lstrip()
+        parts.append(("text", text))
+        parts.append(("act", m.group(2).strip()))
+        if m.group(3):
+            parts.append(("trim", ""))
+        pos = m.end()
+    tail = template[pos:]
+    if parts and parts[-1][0] == "trim":
+        parts.pop()
+        tail = tail.lstrip()
+    return parts + [("text", tail)]
+
+
+def _go_block(parts, i, ctx, out, run=True):
+    """Run parts from i until an unmatched else/end; returns (index of it, its action)."""
+    while i < len(parts):
+        kind, s = parts[i]
+        if kind == "text":
+            if run:
+                out.append(s)
+            i += 1
+        elif s == "end" or s == "else" or s.startswith("else if "):
+            return i, s
+        elif s.startswith("if "):
+            taken, cond = False, s[3:]
+            while True:
+                hit = run and not taken and (cond is None or bool(_go_expr(cond, ctx)))
+                i, stop = _go_block(parts, i + 1, ctx, out, hit)
+                taken = taken or hit
+                if stop == "end":
+                    break
+                cond = None if stop == "else" else stop[len("else if "):]
+            i += 1
+        elif s.startswith("range "):
+            m = re.fullmatch(r"range (\$\w+), (\$\w+) := (.+)", s)
+            items = _go_expr(m.group(3), ctx) if run else []
+            start, end = i + 1, None
+            for k, item in enumerate(items):
+                inner = dict(ctx, dot=item, vars=dict(ctx["vars"], **{m.group(1): k, m.group(2): item}))
+                end, _ = _go_block(parts, start, inner, out)
+            if end is None:
+                end, _ = _go_block(parts, start, ctx, out, run=False)
+            i = end + 1
+        elif ":=" in s:
+            name, expr = (x.strip() for x in s.split(":=", 1))
+            if run:
+                ctx["vars"][name] = _go_expr(expr, ctx)
+            i += 1
+        else:
+            if run:
+                out.append(str(_go_expr(s, ctx)))
+            i += 1
+    return i, None
+
+
+def go_render(template: str, messages) -> str:
+    root = {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+    out = []
+    _go_block(_go_parse(template), 0, {"$": root, "dot": root, "vars": {}}, out)
+    return "".join(out)
+
+
+# Hub chat templates of each family (Phi-3: the fixture's own)
+TEMPLATES = {
+    "phi-3.5": "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+               "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+               "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+               "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
+    "phi-4-mini": "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and "
+                  "message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + "
+                  "'<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] "
+                  "+ '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+                  "{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}",
+    "phi-4": "{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + "
+             "message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' "
+             "+ message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'assistant') %}"
+             "{{'<|im_start|>assistant<|im_sep|>' + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}",
+    "chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+              "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    "qwen2.5": "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + "
+               "'<|im_end|>\n' }}{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are "
+               "a helpful assistant.<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == "
+               "\"user\") or (message.role == \"system\" and not loop.first) or (message.role == \"assistant\") %}"
+               "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}"
+               "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}",
+    "llama-3": "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+               "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+               "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+               "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+}
+
+
+@pytest.mark.parametrize("family", ["phi-3", *TEMPLATES])
+def test_ollama_template_renders_like_the_chat_template(family, tiny_model_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(PHI3_TOKENIZER if family == "phi-3" else tiny_model_dir)
+    if family != "phi-3":
+        tok.chat_template = TEMPLATES[family]
+    if family == "llama-3":
+        tok.bos_token = "<|begin_of_text|>"
+    fmt = detect(tok)
+    assert fmt is not None and fmt.name == family
+    bos = tok.bos_token if fmt.bos else ""
+    template = go_template(fmt)
+    chats = CHATS + [[{"role": "system", "content": ""}, {"role": "user", "content": "x"}]]
+    for chat in chats:  # a new reply: the assistant header is added
+        assert bos + go_render(template, chat) == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    for chat in CHATS:  # a conversation ending in an assistant turn is continued (prefill)
+        chat = chat + [{"role": "assistant", "content": "Sure, here"}]
+        assert bos + go_render(template, chat) == tok.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+
+
+def test_unknown_chat_template_is_not_guessed(tiny_model_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+    assert detect(tok) is None
+    assert {f.name for f in FORMATS} == {"phi-3", *TEMPLATES}
