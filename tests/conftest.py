@@ -172,6 +172,22 @@ def philora_run_adapter(base_dir, out_dir, seed=3, use_rslora=False):
     return model
 
 
+def lora_phi3(kv_heads=2, attn_implementation="sdpa"):
+    """A random tiny Phi-3 (phi3_config) with LoRA r=4, alpha 8, no dropout on every linear layer: the
+    base frozen, lora_B drawn from N(0, 0.1) so the LoRA path has an effect. Not saved anywhere."""
+    from transformers import Phi3ForCausalLM
+
+    from philora.inject import inject_lora
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(phi3_config(kv_heads, attn_implementation=attn_implementation)).float()
+    model.requires_grad_(False)
+    inject_lora(model, 4, 8, 0.0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
 def make_run(run_dir, base_dir, tokenizer_dir=None, **model_cfg):
     """A philora run directory: per-slice adapter + config.yaml (+ the run's tokenizer)."""
     from transformers import AutoTokenizer
@@ -268,12 +284,56 @@ def adapter_tensors(out):
     return load_file(str(Path(out) / "adapter_model.safetensors"))
 
 
+# -----------------------------------------------------------------------------
+# helpers: philora.lora's layers one by one (test_lora*.py)
+
+TIGHT = dict(rtol=1e-5, atol=1e-5)  # fp32: only the order of summation may differ
+
+
+@pytest.fixture
+def torch_seed():
+    """torch.manual_seed(0) before the test (``pytestmark = pytest.mark.usefixtures("torch_seed")``)."""
+    torch.manual_seed(0)
+
+
+def randomize_lora(model, std=0.5):
+    """Non-zero LoRA factors from the global RNG (B starts at zero, which would hide every bug in
+    the update)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0.0, std)
+    return model
+
+
+def expected_delta(layer):
+    """The update to a philora.lora layer's base weight, computed here from A, B and alpha/r, in
+    the weight's layout."""
+    from philora import lora
+    A, B, s = layer.lora_A.detach(), layer.lora_B.detach(), layer.lora_alpha / layer.r
+    if isinstance(layer, lora.Embedding):
+        return (B @ A).T * s
+    if isinstance(layer, lora.ConvLoRA):
+        return (B @ A).reshape(layer.conv.weight.shape) * s
+    if isinstance(layer, lora.MergedLinear):
+        delta, a, b, out0 = torch.zeros(layer.out_features, layer.in_features), 0, 0, 0
+        for size, on in zip(layer.split_sizes, layer.enable_lora):
+            if on:
+                delta[out0:out0 + size] = B[b:b + size] @ A[a:a + layer.r]
+                a, b = a + layer.r, b + size
+            out0 += size
+        return (delta.T if layer.fan_in_fan_out else delta) * s
+    return (B @ A).T * s if layer.fan_in_fan_out else (B @ A) * s
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """The helper functions above, for the test files."""
     return types.SimpleNamespace(
         PEFT_TOL=PEFT_TOL, phi3_config=phi3_config, save_base=save_base, load_model=load_model,
         token_ids=token_ids, logits=logits, randomize=randomize, peft_adapter=peft_adapter,
-        peft_logits=peft_logits, philora_run_adapter=philora_run_adapter, make_run=make_run, run_cli=run_cli,
+        peft_logits=peft_logits, philora_run_adapter=philora_run_adapter, lora_phi3=lora_phi3,
+        make_run=make_run, run_cli=run_cli,
         CKPT_FILES=CKPT_FILES, Killed=Killed, make_args=make_args, make_cfg=make_cfg,
-        install_recorder=install_recorder, adapter_tensors=adapter_tensors)
+        install_recorder=install_recorder, adapter_tensors=adapter_tensors,
+        TIGHT=TIGHT, randomize_lora=randomize_lora, expected_delta=expected_delta)

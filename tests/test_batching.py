@@ -4,11 +4,9 @@ import random
 
 import pytest
 import torch
-import torch.nn as nn
 
 from philora.attention import NAME, register
 from philora.batching import best_fit_decreasing, collate, epoch_order
-from philora.inject import inject_lora
 from philora.loss import CausalLMLoss
 
 register()
@@ -49,34 +47,19 @@ def test_collate_padded_tensors():
     assert b["labels"].tolist() == [[-100, 2, 3], [-100, -100, -100]]
 
 
-def lora_model(impl):
-    from transformers import Phi3Config, Phi3ForCausalLM
-    cfg = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
-                     eos_token_id=2, attn_implementation=impl)
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(cfg).float()
-    model.requires_grad_(False)
-    inject_lora(model, 4, 8, 0.0)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            nn.init.normal_(p, std=0.1)
-    return model
-
-
 def grads(model):
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("impl", ["sdpa", NAME, "eager"])
-def test_packed_batch_equals_sequences_one_by_one(impl):
+def test_packed_batch_equals_sequences_one_by_one(impl, helpers):
     rng = random.Random(0)
     exs = []
     for n in (30, 6, 17, 25, 9, 12):
         ids = [rng.randrange(3, 128) for _ in range(n)]
         p = rng.randrange(1, n - 1)
         exs.append({"input_ids": ids, "labels": [-100] * p + ids[p:]})
-    model = lora_model(impl)
+    model = helpers.lora_phi3(kv_heads=2, attn_implementation=impl)
     loss_fn = CausalLMLoss(model)
     packed = collate(exs, 0, True, 40)
     assert packed["input_ids"].shape[0] < len(exs)

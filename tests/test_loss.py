@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from philora.batching import collate
-from philora.inject import inject_lora
 from philora.loss import CausalLMLoss, lm_head_loss
 
 
@@ -55,28 +54,18 @@ def test_trainable_head_matches_full_logits():
     torch.testing.assert_close(head.weight.grad, ref_head.weight.grad)
 
 
-def model_and_batch(packing):
-    from transformers import Phi3Config, Phi3ForCausalLM
-    cfg = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
-                     eos_token_id=2, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(cfg).float()
-    model.requires_grad_(False)
-    inject_lora(model, 4, 8, 0.0)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            nn.init.normal_(p, std=0.1)
+def batch(packing):
+    """Three sequences (9, 20 and 14 tokens) with labels on their second half, collated."""
     rng = random.Random(0)
     exs = []
     for n in (9, 20, 14):
         ids = [rng.randrange(3, 128) for _ in range(n)]
         exs.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
-    return model, collate(exs, 0, packing, 64)
+    return collate(exs, 0, packing, 64)
 
 
-def test_causal_lm_loss_matches_transformers_loss_and_gradients():
-    model, b = model_and_batch(packing=False)
+def test_causal_lm_loss_matches_transformers_loss_and_gradients(helpers):
+    model, b = helpers.lora_phi3(kv_heads=4), batch(packing=False)  # no grouped-query attention
     loss_sum, n = CausalLMLoss(model)(b)
     assert n == b["num_label_tokens"]
     (loss_sum / n).backward()
@@ -90,8 +79,8 @@ def test_causal_lm_loss_matches_transformers_loss_and_gradients():
             torch.testing.assert_close(ours[k], p.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_no_label_tokens_gives_zero_and_backpropagates():
-    model, b = model_and_batch(packing=True)
+def test_no_label_tokens_gives_zero_and_backpropagates(helpers):
+    model, b = helpers.lora_phi3(kv_heads=4), batch(packing=True)
     b["labels"].fill_(-100)
     loss_sum, n = CausalLMLoss(model)(b)
     assert n.item() == 0 and loss_sum.item() == 0.0
