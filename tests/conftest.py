@@ -1,10 +1,11 @@
 """What the test files share; they never import each other (nor this file).
 
-Fixtures: a private philora cache (never ~/.cache), one torch thread, the built-in tiny model built
-once, a smaller GQA Phi-3 with the same tokenizer, the real Phi-3 tokenizer (tests/fixtures), a few
-sample conversations as files, and a random tiny Phi-3 base directory. Plain helper functions (tiny
-Phi-3 models, LoRA adapters written by philora and by peft, the CLI) come through the ``helpers``
-fixture: ``helpers.load_model(path)``.
+Fixtures: a private philora cache (never ~/.cache), one torch thread (autouse), the built-in tiny
+model built once, a smaller GQA Phi-3 with the same tokenizer, the real Phi-3 tokenizer
+(tests/fixtures), a few sample conversations as files, a random tiny Phi-3 base directory, a
+training-run recorder, and a torch seed. Plain helper functions and constants (tiny Phi-3 models,
+LoRA adapters written by philora and by peft, one-line errors, the CLI, short training runs,
+philora.lora's layers) come through the ``helpers`` fixture: ``helpers.load_model(path)``.
 """
 
 import os
@@ -97,10 +98,9 @@ def base_dir(tmp_path_factory):
 
 
 # -----------------------------------------------------------------------------
-# helpers: tiny Phi-3 models, LoRA adapters written by philora and by peft, the CLI
+# helpers: tiny Phi-3 models, LoRA adapters written by philora and by peft, errors, the CLI
 
-PEFT_TOL = dict(rtol=1e-5, atol=1e-5)  # philora against peft on the same adapter: fp32 summation order
-
+TIGHT = dict(rtol=1e-5, atol=1e-5)  # fp32: only the order of summation may differ (philora vs peft too)
 
 def phi3_config(kv_heads=2, **kw):
     """A tiny Phi-3: hidden 64, 2 layers, 4 heads, grouped-query attention (2 kv heads)."""
@@ -200,6 +200,17 @@ def make_run(run_dir, base_dir, tokenizer_dir=None, **model_cfg):
     return model
 
 
+def one_line_error(excinfo, *needles):
+    """The message of a raised PhiloraError: one non-empty line holding every needle."""
+    from philora.errors import PhiloraError
+    msg = str(excinfo.value)
+    assert isinstance(excinfo.value, PhiloraError), repr(excinfo.value)
+    assert "\n" not in msg and msg, msg
+    for n in needles:
+        assert n in msg, f"{n!r} not in {msg!r}"
+    return msg
+
+
 def run_cli(capsys, *argv):
     """philora's command line in-process: (exit code, the error line), the error line being the last
     stderr line (loading progress bars may precede it)."""
@@ -287,8 +298,6 @@ def adapter_tensors(out):
 # -----------------------------------------------------------------------------
 # helpers: philora.lora's layers one by one (test_lora*.py)
 
-TIGHT = dict(rtol=1e-5, atol=1e-5)  # fp32: only the order of summation may differ
-
 
 @pytest.fixture
 def torch_seed():
@@ -330,10 +339,10 @@ def expected_delta(layer):
 def helpers():
     """The helper functions above, for the test files."""
     return types.SimpleNamespace(
-        PEFT_TOL=PEFT_TOL, phi3_config=phi3_config, save_base=save_base, load_model=load_model,
+        TIGHT=TIGHT, phi3_config=phi3_config, save_base=save_base, load_model=load_model,
         token_ids=token_ids, logits=logits, randomize=randomize, peft_adapter=peft_adapter,
         peft_logits=peft_logits, philora_run_adapter=philora_run_adapter, lora_phi3=lora_phi3,
-        make_run=make_run, run_cli=run_cli,
+        make_run=make_run, one_line_error=one_line_error, run_cli=run_cli,
         CKPT_FILES=CKPT_FILES, Killed=Killed, make_args=make_args, make_cfg=make_cfg,
         install_recorder=install_recorder, adapter_tensors=adapter_tensors,
-        TIGHT=TIGHT, randomize_lora=randomize_lora, expected_delta=expected_delta)
+        randomize_lora=randomize_lora, expected_delta=expected_delta)

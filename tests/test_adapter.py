@@ -14,12 +14,6 @@ from philora.adapter import AdapterError, apply_adapter, read_adapter, save_adap
 from philora.inject import inject_lora, lora_layers
 
 
-def one_line_error(excinfo):
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg
-    return msg
-
-
 # -----------------------------------------------------------------------------
 # loading peft's adapters
 
@@ -39,7 +33,7 @@ def test_peft_written_adapter_gives_peft_logits(base_dir, tmp_path, case, helper
     apply_adapter(model, tmp_path)
     want = helpers.peft_logits(base_dir, tmp_path, ids)
     assert_close(helpers.logits(peft_model, ids), want, rtol=0, atol=0)
-    assert_close(helpers.logits(model, ids), want, **helpers.PEFT_TOL)
+    assert_close(helpers.logits(model, ids), want, **helpers.TIGHT)
     base = helpers.logits(helpers.load_model(base_dir), ids)
     assert (helpers.logits(model, ids) - base).abs().max() > 1e-2  # it did something
     if case == "rslora+patterns":  # patterns reached the layers: ranks and scalings differ by module
@@ -60,7 +54,7 @@ def test_keys_with_the_adapter_name(base_dir, tmp_path, helpers):
     save_file(renamed, file)
     model = helpers.load_model(base_dir)
     apply_adapter(model, tmp_path)
-    assert_close(helpers.logits(model, ids), want, **helpers.PEFT_TOL)
+    assert_close(helpers.logits(model, ids), want, **helpers.TIGHT)
 
 
 def test_fan_in_fan_out_gpt2_with_biases(tmp_path, helpers):
@@ -82,7 +76,7 @@ def test_fan_in_fan_out_gpt2_with_biases(tmp_path, helpers):
     model = helpers.load_model(tmp_path / "base")
     apply_adapter(model, tmp_path / "adapter")
     assert lora_layers(model)["transformer.h.0.attn.c_attn"].fan_in_fan_out
-    assert_close(helpers.logits(model, ids), helpers.logits(peft_model, ids), **helpers.PEFT_TOL)
+    assert_close(helpers.logits(model, ids), helpers.logits(peft_model, ids), **helpers.TIGHT)
 
 
 # -----------------------------------------------------------------------------
@@ -96,10 +90,10 @@ def test_per_slice_adapter_loads_in_peft_and_back(base_dir, tmp_path, use_rslora
     assert config["target_modules"] == ["gate_up_proj", "o_proj", "qkv_proj"]
     assert config["rank_pattern"] == {"qkv_proj": 8}  # q and v: rank 4 each, block-diagonal
     want = helpers.logits(model, ids)
-    assert_close(helpers.peft_logits(base_dir, tmp_path, ids), want, **helpers.PEFT_TOL)
+    assert_close(helpers.peft_logits(base_dir, tmp_path, ids), want, **helpers.TIGHT)
     again = helpers.load_model(base_dir)
     apply_adapter(again, tmp_path)
-    assert_close(helpers.logits(again, ids), want, **helpers.PEFT_TOL)
+    assert_close(helpers.logits(again, ids), want, **helpers.TIGHT)
 
 
 def test_trained_biases_export_where_peft_reads_them(tmp_path, helpers):
@@ -119,10 +113,10 @@ def test_trained_biases_export_where_peft_reads_them(tmp_path, helpers):
     assert "base_model.model.transformer.h.0.ln_1.bias" in keys
     ids = helpers.token_ids(96)
     want = helpers.logits(model, ids)
-    assert_close(helpers.peft_logits(tmp_path / "base", tmp_path / "adapter", ids), want, **helpers.PEFT_TOL)
+    assert_close(helpers.peft_logits(tmp_path / "base", tmp_path / "adapter", ids), want, **helpers.TIGHT)
     again = helpers.load_model(tmp_path / "base")
     apply_adapter(again, tmp_path / "adapter")
-    assert_close(helpers.logits(again, ids), helpers.logits(model, ids), **helpers.PEFT_TOL)
+    assert_close(helpers.logits(again, ids), helpers.logits(model, ids), **helpers.TIGHT)
 
 
 # -----------------------------------------------------------------------------
@@ -169,13 +163,13 @@ def test_unsupported_or_broken_adapter_is_one_line(base_dir, tmp_path, case, hel
         edit(tmp_path)
     with pytest.raises(AdapterError) as e:
         apply_adapter(helpers.load_model(base_dir), tmp_path)
-    assert needle in one_line_error(e)
+    assert needle in helpers.one_line_error(e)
 
 
-def test_missing_directory(tmp_path):
+def test_missing_directory(tmp_path, helpers):
     with pytest.raises(AdapterError, match="no adapter_config.json") as e:
         read_adapter(tmp_path / "nope")
-    one_line_error(e)
+    helpers.one_line_error(e)
 
 
 def test_wrong_base_names_the_module(base_dir, tmp_path, helpers):
@@ -185,7 +179,7 @@ def test_wrong_base_names_the_module(base_dir, tmp_path, helpers):
     helpers.peft_adapter(base_dir, tmp_path / "b", r=4, lora_alpha=8, target_modules=["qkv_proj"])
     with pytest.raises(AdapterError) as e:  # ... qkv_proj does not (GQA 128 rows vs MHA 192)
         apply_adapter(helpers.load_model(tmp_path / "other"), tmp_path / "b")
-    msg = one_line_error(e)
+    msg = helpers.one_line_error(e)
     assert "'model.layers.0.self_attn.qkv_proj' has lora_A (4, 64) / lora_B (128, 4)" in msg
     assert "(192, 4)" in msg
 
@@ -195,6 +189,6 @@ def test_unknown_module_lists_the_models_modules(base_dir, tmp_path, helpers):
     _edit_tensors(tmp_path, lambda t: {k.replace("o_proj", "out_proj"): v for k, v in t.items()})
     with pytest.raises(AdapterError) as e:
         apply_adapter(helpers.load_model(base_dir), tmp_path)
-    msg = one_line_error(e)
+    msg = helpers.one_line_error(e)
     assert "module 'model.layers.0.self_attn.out_proj' is not in the base model" in msg
     assert "self_attn.qkv_proj" in msg

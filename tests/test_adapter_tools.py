@@ -59,7 +59,7 @@ def test_loralib_checkpoint_to_peft(mha_base, tmp_path, suffix, helpers, loralib
     assert config["rank_pattern"] == {"qkv_proj": 8}
     got, want = helpers.peft_logits(mha_base, tmp_path / "peft", ids), helpers.logits(model, ids)
     print(f"loralib -> peft: max |peft - loralib| = {(got - want).abs().max():.2e}")
-    assert_close(got, want, **helpers.PEFT_TOL)
+    assert_close(got, want, **helpers.TIGHT)
 
 
 def test_slices_come_from_the_model_when_only_one_choice_fits(tmp_path, helpers):
@@ -71,7 +71,7 @@ def test_slices_come_from_the_model_when_only_one_choice_fits(tmp_path, helpers)
     helpers.randomize(model)
     torch.save(plora.lora_state_dict(model), tmp_path / "kv.pt")
     convert(str(tmp_path / "kv.pt"), tmp_path / "peft", to="peft", r=4, lora_alpha=8, base=base)
-    assert_close(helpers.peft_logits(base, tmp_path / "peft", ids), helpers.logits(model, ids), **helpers.PEFT_TOL)
+    assert_close(helpers.peft_logits(base, tmp_path / "peft", ids), helpers.logits(model, ids), **helpers.TIGHT)
     model = helpers.load_model(base)
     inject_lora(model, r=4, lora_alpha=8, target_modules=["o_proj"], fused_slices={"qkv_proj": ["q", "v"]})
     torch.save(plora.lora_state_dict(model), tmp_path / "qv.pt")
@@ -90,7 +90,7 @@ def test_philora_adapter_to_loralib(mha_base, tmp_path, capsys, helpers, loralib
     assert not unexpected and all("lora_" not in k for k in missing)
     got = helpers.logits(model, ids)
     print(f"philora -> loralib: max |loralib - peft| = {(got - want).abs().max():.2e}")
-    assert_close(got, want, **helpers.PEFT_TOL)
+    assert_close(got, want, **helpers.TIGHT)
 
 
 def test_peft_patterns_and_rslora_to_loralib(mha_base, tmp_path, helpers, loralib_phi3):
@@ -101,7 +101,7 @@ def test_peft_patterns_and_rslora_to_loralib(mha_base, tmp_path, helpers, lorali
     out = convert(str(tmp_path / "a"), tmp_path / "lora.pt", to="loralib", r=4, lora_alpha=4)
     model = loralib_phi3(mha_base, r=4, lora_alpha=4, targets={"o_proj": None, "down_proj": None}, seed=99)
     model.load_state_dict(torch.load(out, weights_only=True), strict=False)
-    assert_close(helpers.logits(model, ids), helpers.peft_logits(mha_base, tmp_path / "a", ids), **helpers.PEFT_TOL)
+    assert_close(helpers.logits(model, ids), helpers.peft_logits(mha_base, tmp_path / "a", ids), **helpers.TIGHT)
 
 
 def test_round_trip_keeps_the_tensors(mha_base, tmp_path, loralib_phi3):

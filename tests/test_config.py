@@ -7,22 +7,12 @@ import yaml
 
 from philora.config import (CONFIG_DIR, Config, ConfigError, ModelConfig, PeftConfig, TrainingConfig,
                             config_to_dict, load_config, save_config)
-from philora.errors import PhiloraError
 
 
 def write(tmp_path, text, name="run.yaml"):
     p = tmp_path / name
     p.write_text(text, encoding="utf-8")
     return p
-
-
-def one_line_error(excinfo, *needles):
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    assert isinstance(excinfo.value, PhiloraError)
-    for n in needles:
-        assert n in msg, f"{n!r} not in {msg!r}"
-    return msg
 
 
 def test_loads_yaml_into_frozen_dataclasses(tmp_path):
@@ -48,7 +38,7 @@ peft_config: {r: 4, target_modules: [qkv_proj, o_proj], fused_slices: {gate_up_p
         cfg.model = ModelConfig()
 
 
-def test_exponent_floats_in_yaml(tmp_path):
+def test_exponent_floats_in_yaml(tmp_path, helpers):
     """PyYAML reads `1e-4` (no dot) as a string; float keys accept it as the number it is."""
     p = write(tmp_path, "training_config:\n  learning_rate: 1e-4\n  adam_epsilon: 1E-8\n  weight_decay: 2e-2\n"
                         "model:\n  revision: 1e5\n")
@@ -57,7 +47,7 @@ def test_exponent_floats_in_yaml(tmp_path):
     assert load_config(p).model.revision == "1e5"  # a string key keeps the string
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, "training_config: {learning_rate: 1e-4x}", "b.yaml"))
-    one_line_error(e, "'training_config.learning_rate'")
+    helpers.one_line_error(e, "'training_config.learning_rate'")
 
 
 def test_empty_file_and_empty_sections_are_defaults(tmp_path):
@@ -70,11 +60,11 @@ def test_empty_file_and_empty_sections_are_defaults(tmp_path):
     ("training_config: {lerning_rate: 0.1}", "'training_config.lerning_rate'"),
     ("peft_config: {rank: 8}", "'peft_config.rank'"),
 ])
-def test_unknown_key_names_it(tmp_path, text, needle):
+def test_unknown_key_names_it(tmp_path, text, needle, helpers):
     p = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    one_line_error(e, str(p), needle, "unknown key")
+    helpers.one_line_error(e, str(p), needle, "unknown key")
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -90,11 +80,11 @@ def test_unknown_key_names_it(tmp_path, text, needle):
     ("model: 3", "'model'"),
     ("- a\n- b\n", "mapping"),
 ])
-def test_wrong_type_names_the_key(tmp_path, text, needle):
+def test_wrong_type_names_the_key(tmp_path, text, needle, helpers):
     p = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    one_line_error(e, str(p), needle)
+    helpers.one_line_error(e, str(p), needle)
 
 
 @pytest.mark.parametrize("key, bad", [
@@ -102,12 +92,12 @@ def test_wrong_type_names_the_key(tmp_path, text, needle):
     ("data.truncation", "cut"), ("training_config.lr_scheduler_type", "cosine_with_restarts"),
     ("peft_config.bias", "some"), ("model.quantization", "int3"),
 ])
-def test_choices(tmp_path, key, bad):
+def test_choices(tmp_path, key, bad, helpers):
     section, name = key.split(".")
     p = write(tmp_path, f"{section}: {{{name}: {bad}}}")
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    msg = one_line_error(e, f"'{key}'", bad)
+    msg = helpers.one_line_error(e, f"'{key}'", bad)
     assert "one of" in msg
 
 
@@ -117,15 +107,15 @@ def test_choices(tmp_path, key, bad):
     "peft_config.r=0", "peft_config.lora_dropout=1.0", "peft_config.lora_alpha=0", "data.max_length=1",
     "data.eval_fraction=1", "training_config.warmup_ratio=1.5",
 ])
-def test_out_of_range_values_name_the_key(tmp_path, override):
+def test_out_of_range_values_name_the_key(tmp_path, override, helpers):
     key = override.split("=")[0]
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
-    one_line_error(e, f"'{key}'", "must be")
+    helpers.one_line_error(e, f"'{key}'", "must be")
     p = write(tmp_path, "{}:\n  {}: {}\n".format(*key.split("."), override.split("=")[1]))
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    one_line_error(e, str(p), f"'{key}'")
+    helpers.one_line_error(e, str(p), f"'{key}'")
 
 
 def test_boundary_values_are_accepted():
@@ -135,35 +125,35 @@ def test_boundary_values_are_accepted():
     assert cfg.training_config.max_grad_norm == 0.0 and cfg.peft_config.lora_dropout == 0.0
 
 
-def test_bad_yaml_and_missing_file(tmp_path):
+def test_bad_yaml_and_missing_file(tmp_path, helpers):
     p = write(tmp_path, "model:\n  dtype: [unclosed\n")
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    one_line_error(e, str(p), "invalid YAML")
+    helpers.one_line_error(e, str(p), "invalid YAML")
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path / "nope.yaml")
-    one_line_error(e, "nope.yaml")
+    helpers.one_line_error(e, "nope.yaml")
     with pytest.raises(ConfigError) as e:  # a directory is not a config file
         load_config(tmp_path)
-    one_line_error(e, str(tmp_path))
+    helpers.one_line_error(e, str(tmp_path))
 
 
-def test_overrides_are_type_checked(tmp_path):
+def test_overrides_are_type_checked(tmp_path, helpers):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["training_config.max_steps=abc"])
-    one_line_error(e, "'training_config.max_steps'", "abc")
+    helpers.one_line_error(e, "'training_config.max_steps'", "abc")
     with pytest.raises(ConfigError) as e:
         load_config(None, ["training_config.lerning_rate=0.1"])
-    one_line_error(e, "'training_config.lerning_rate'")
+    helpers.one_line_error(e, "'training_config.lerning_rate'")
     with pytest.raises(ConfigError) as e:
         load_config(None, ["max_steps=3"])
-    one_line_error(e, "'max_steps'")
+    helpers.one_line_error(e, "'max_steps'")
     with pytest.raises(ConfigError) as e:
         load_config(None, ["training_config.max_steps"])
-    one_line_error(e, "training_config.max_steps", "key=value")
+    helpers.one_line_error(e, "training_config.max_steps", "key=value")
     with pytest.raises(ConfigError) as e:
         load_config(None, ["model.dtype=fp8"])
-    one_line_error(e, "'model.dtype'")
+    helpers.one_line_error(e, "'model.dtype'")
 
 
 def test_override_values_parse():
@@ -214,13 +204,13 @@ def test_overrides_apply_to_the_builtin_default():
     assert cfg.training_config.learning_rate != TrainingConfig().learning_rate
 
 
-def test_overrides_on_a_file_and_into_an_empty_section(tmp_path):
+def test_overrides_on_a_file_and_into_an_empty_section(tmp_path, helpers):
     p = write(tmp_path, "training_config:\n  max_steps: 5\npeft_config:\n")
     cfg = load_config(p, ["training_config.max_steps=6", "peft_config.r=2"])
     assert cfg.training_config.max_steps == 6 and cfg.peft_config.r == 2
     with pytest.raises(ConfigError) as e:  # a type error after overrides still names the file
         load_config(p, ["peft_config.r=two"])
-    one_line_error(e, str(p), "'peft_config.r'")
+    helpers.one_line_error(e, str(p), "'peft_config.r'")
 
 
 def test_save_config_round_trips(tmp_path):

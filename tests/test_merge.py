@@ -23,8 +23,8 @@ def test_merged_run_matches_peft_and_loads_unaided(base_dir, tmp_path, helpers):
     want = helpers.peft_logits(base_dir, tmp_path / "run", ids)
     got = helpers.logits(merged.eval(), ids)
     print(f"per-slice run: max |merged - peft| = {(got - want).abs().max():.2e}")
-    assert_close(got, want, **helpers.PEFT_TOL)
-    assert_close(got, helpers.logits(live, ids), **helpers.PEFT_TOL)
+    assert_close(got, want, **helpers.TIGHT)
+    assert_close(got, helpers.logits(live, ids), **helpers.TIGHT)
     assert (got - helpers.logits(helpers.load_model(base_dir), ids)).abs().max() > 1e-2
 
 
@@ -37,7 +37,7 @@ def test_merged_peft_adapter_with_rslora_and_patterns(base_dir, tmp_path, helper
     got = helpers.logits(helpers.load_model(out), ids)
     want = helpers.peft_logits(base_dir, tmp_path / "adapter", ids)
     print(f"peft rsLoRA + patterns: max |merged - peft| = {(got - want).abs().max():.2e}")
-    assert_close(got, want, **helpers.PEFT_TOL)
+    assert_close(got, want, **helpers.TIGHT)
 
 
 @pytest.mark.parametrize("out_dtype", [None, "float32"])
@@ -90,7 +90,7 @@ def test_quantized_run_merges_into_the_dequantized_base(base_dir, tmp_path, monk
     assert "dequantized" in capsys.readouterr().out
     ids = helpers.token_ids()
     want = helpers.peft_logits(base_dir, tmp_path / "run", ids)
-    assert_close(helpers.logits(helpers.load_model(out), ids), want, **helpers.PEFT_TOL)
+    assert_close(helpers.logits(helpers.load_model(out), ids), want, **helpers.TIGHT)
 
 
 def test_existing_output_needs_force_and_stale_shards_go(base_dir, tmp_path, capsys, helpers):

@@ -217,13 +217,7 @@ def test_shipped_qlora_config():
 
 # -- bad input: one line saying what to change -------------------------------------------------
 
-def one_line(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg
-    return msg
-
-
-def test_error_without_bitsandbytes(monkeypatch):
+def test_error_without_bitsandbytes(monkeypatch, helpers):
     real_import = builtins.__import__
 
     def fake_import(name, *args, **kwargs):
@@ -234,23 +228,23 @@ def test_error_without_bitsandbytes(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(PhiloraError) as e:
         quantization_kwargs(ModelConfig(name_or_path="x", quantization="nf4"), CPU)
-    assert "pip install bitsandbytes" in one_line(e) and "model.quantization: null" in one_line(e)
+    helpers.one_line_error(e, "pip install bitsandbytes", "model.quantization: null")
 
 
-def test_error_on_a_device_bitsandbytes_cannot_use():
+def test_error_on_a_device_bitsandbytes_cannot_use(helpers):
     with pytest.raises(PhiloraError) as e:
         quantization_kwargs(ModelConfig(name_or_path="x", quantization="nf4"), torch.device("mps"))
-    assert "'mps'" in one_line(e)
+    assert "'mps'" in helpers.one_line_error(e)
 
 
-def test_error_on_a_model_that_cannot_be_quantised(tiny_path, tmp_path):
+def test_error_on_a_model_that_cannot_be_quantised(tiny_path, tmp_path, helpers):
     # A base that is already quantised some other way (GPTQ here) cannot be loaded in 4 bits.
     config = json.loads((Path(tiny_path) / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(PhiloraError) as e:
         quantization_kwargs(qcfg(str(tmp_path)), CPU)
-    assert "already quantised (gptq)" in one_line(e)
+    assert "already quantised (gptq)" in helpers.one_line_error(e)
     # An architecture with no plain nn.Linear for bitsandbytes to convert.
     from transformers import AutoModelForCausalLM
     real = AutoModelForCausalLM.from_config
@@ -265,13 +259,13 @@ def test_error_on_a_model_that_cannot_be_quantised(tiny_path, tmp_path):
         mp.setattr(AutoModelForCausalLM, "from_config", no_linear)
         with pytest.raises(PhiloraError) as e:
             quantization_kwargs(qcfg(tiny_path), CPU)
-    assert "model type 'phi3'" in one_line(e)
+    assert "model type 'phi3'" in helpers.one_line_error(e)
     quantization_kwargs(qcfg(tiny_path), CPU)  # the real tiny Phi-3 passes
     # A model that loaded without any 4-bit layer.
     plain, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=tiny_path), CPU)
     with pytest.raises(PhiloraError) as e:
         prepare_quantized(plain)
-    one_line(e)
+    helpers.one_line_error(e)
 
 
 def test_lora_dtype_and_input_dtype(tiny_path):
