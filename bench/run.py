@@ -234,11 +234,12 @@ def print_profile(system: str, prof: Dict[str, dict], steps: int) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="philora bench", description=__doc__.split("\n")[0].strip("`"))
+    ap = argparse.ArgumentParser(prog="philora bench", description="philora against TRL + PEFT on the same "
+                                 "model shape, data and settings (bench/RESULTS.md)")
     ap.add_argument("--systems", nargs="+", default=None, choices=list(SYSTEMS))
     ap.add_argument("--shape", choices=list(SHAPES), default=None, help="default: gpu with CUDA, else cpu")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3, help="untimed first steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed first steps (at least 1)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--loss-steps", type=int, default=5, help="loss = mean of the last N steps")
