@@ -124,7 +124,7 @@ def phi3_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phi3_run(phi3_base, tmp_path_factory):
-    return _make_run(tmp_path_factory.mktemp("runs") / "phi3-run", phi3_base)
+    return _make_run(tmp_path_factory.mktemp("runs") / "chat-run", phi3_base)
 
 
 @pytest.fixture(scope="module")
@@ -400,3 +400,53 @@ def test_unknown_chat_template_is_not_guessed(tiny_model_dir):
     tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
     assert detect(tok) is None
     assert {f.name for f in FORMATS} == {"phi-3", *TEMPLATES}
+
+
+# -----------------------------------------------------------------------------
+# a run in one command; bad inputs
+
+def test_run_exports_merged_tensors_and_modelfile(phi3_run, phi3_merged, tmp_path):
+    """One call: the run is merged on the way (the GGUF holds the merged weights, not the base's) and
+    a Modelfile sits beside it with the Phi-3 template and every stop token."""
+    from safetensors.torch import load_file
+    out = export_gguf(phi3_run, tmp_path / "phi3.gguf", outtype="f32")
+    fields, tensors = _read(out)
+    merged = load_file(str(phi3_merged / "model.safetensors"))
+    for gguf_name, hf_name in [("blk.0.attn_qkv.weight", "model.layers.0.self_attn.qkv_proj.weight"),
+                               ("blk.1.ffn_up.weight", "model.layers.1.mlp.gate_up_proj.weight"),
+                               ("token_embd.weight", "model.embed_tokens.weight")]:
+        assert tensors[gguf_name][2] == merged[hf_name].numpy().tobytes(), gguf_name
+    assert fields["general.name"] == "chat-run (phi-3)"  # llama.cpp right-strips Phi-3 specials for such names
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert modelfile.splitlines()[1] == "FROM ./phi3.gguf"
+    assert '{{ "<|end|>\\n" }}' in modelfile and "# chat format: phi-3" in modelfile
+    stops = re.findall(r'^PARAMETER stop "(.*)"$', modelfile, re.M)
+    assert sorted(stops) == sorted(["<|assistant|>", "<|end|>", "<|endoftext|>"])
+    assert not list(tmp_path.glob(".philora-export-*")) and not list(tmp_path.glob("*.part"))
+
+
+def _one_line_error(match, fn, *args, **kwargs):
+    with pytest.raises(PhiloraError, match=match) as e:
+        fn(*args, **kwargs)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_bad_inputs_are_one_line_errors(phi3_base, tmp_path, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    _one_line_error(r"model_type 'gpt2' is not supported for GGUF export", export_gguf, gpt2, tmp_path / "a.gguf")
+    qlora = _make_run(tmp_path / "qlora-run", phi3_base, quantization="nf4")
+    _one_line_error(r"QLoRA run .*philora merge", export_gguf, qlora, tmp_path / "b.gguf")
+    _one_line_error(r"not a run or adapter", export_gguf, phi3_base, tmp_path / "c.gguf", adapter_only=True)
+    (tmp_path / "d.gguf").write_bytes(b"x")
+    _one_line_error(r"d.gguf' already exists; pass --force", export_gguf, phi3_base, tmp_path / "d.gguf")
+    assert (tmp_path / "d.gguf").read_bytes() == b"x"
+    _one_line_error(r"is a directory", export_gguf, phi3_base, tmp_path)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    _one_line_error(r"--outtype q4_k_m needs llama-cpp-python \(pip install llama-cpp-python\)",
+                    export_gguf, phi3_base, tmp_path / "e.gguf", outtype="q4_k_m")
+    export_gguf(phi3_base, tmp_path / "d.gguf", outtype="q8_0", force=True)
+    assert (tmp_path / "d.gguf").read_bytes()[:4] == b"GGUF"
+    _one_line_error(r"Modelfile' already exists", export_gguf, phi3_base, tmp_path / "f.gguf")

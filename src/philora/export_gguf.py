@@ -369,7 +369,7 @@ def _export(source, src, base, base_path: Path, out: Path, part: Path, outtype: 
         else:
             model_dir = base_path
             if src.adapter_dir is not None:
-                model_dir = merge(str(source), Path(tmp) / "merged", base=base, dtype="float32", force=True)
+                model_dir = merge(str(source), Path(tmp) / "merged", base=base, dtype="float32")
                 _tokenizer_model(model_dir, src, str(base_path))
             name_from = Path(source) if src.adapter_dir is not None else base_path
             if llama_cpp is None:
