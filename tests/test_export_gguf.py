@@ -450,3 +450,135 @@ def test_bad_inputs_are_one_line_errors(phi3_base, tmp_path, monkeypatch):
     export_gguf(phi3_base, tmp_path / "d.gguf", outtype="q8_0", force=True)
     assert (tmp_path / "d.gguf").read_bytes()[:4] == b"GGUF"
     _one_line_error(r"Modelfile' already exists", export_gguf, phi3_base, tmp_path / "f.gguf")
+
+
+# -----------------------------------------------------------------------------
+# llama.cpp itself: tokenization, greedy tokens, stop tokens, LoRA adapters
+
+N_NEW = 24  # greedy tokens per conversation
+
+
+def _llama(path: Path, lora: Path = None):
+    from llama_cpp import Llama
+    return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=256, n_batch=256, n_threads=1,
+                 n_threads_batch=1, logits_all=True, verbose=False)
+
+
+def _llama_logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)])
+
+
+def _llama_greedy(llm, ids, n=N_NEW):
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(out[-1:])
+    return out
+
+
+@torch.no_grad()
+def _hf_greedy(model, ids, n=N_NEW):
+    """Greedy tokens (no stop token: the raw argmax sequence) and each step's top-1 minus top-2 logit."""
+    seq, margins = list(ids), []
+    for _ in range(n):
+        top = model(torch.tensor([seq])).logits[0, -1].topk(2)
+        seq.append(int(top.indices[0]))
+        margins.append(float(top.values[0] - top.values[1]))
+    return seq[len(ids):], margins
+
+
+def _prompts(tok, chats=CHATS):
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    return texts, [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@pytest.fixture(scope="module")
+def phi3_reference(phi3_merged):
+    """The merged model in transformers: prompt ids, logits on them, greedy tokens and margins."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(phi3_merged)
+    model = AutoModelForCausalLM.from_pretrained(phi3_merged, dtype=torch.float32).eval()
+    texts, ids = _prompts(tok)
+    with torch.no_grad():
+        logits = [model(torch.tensor([i])).logits[0].numpy() for i in ids]
+    return texts, ids, logits, [_hf_greedy(model, i) for i in ids]
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0", "q4_k_m"])
+def test_llama_cpp_reproduces_greedy_tokens(phi3_run, phi3_reference, tmp_path, outtype):
+    """The exported run in llama.cpp: it tokenizes the chat-template text into transformers' ids and
+    generates the merged model's greedy tokens (f32: the logits too, to float rounding)."""
+    texts, ids, ref_logits, ref = phi3_reference
+    path = export_gguf(phi3_run, tmp_path / "m.gguf", outtype=outtype)
+    llm = _llama(path)
+    same, total = 0, 0
+    for text, prompt, logits, (want, margins) in zip(texts, ids, ref_logits, ref):
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt
+        got = _llama_greedy(llm, prompt)
+        agree = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+        same, total = same + agree, total + len(want)
+        print(f"{outtype}: {agree}/{len(want)} greedy tokens before the first difference "
+              f"(transformers' smallest top-2 margin {min(margins):.3f})")
+        if outtype == "f32":
+            assert np.abs(_llama_logits(llm, prompt) - logits).max() < 1e-3
+        if outtype != "q4_k_m":
+            assert got == want
+    size = path.stat().st_size / 2**20
+    print(f"{outtype}: {size:.2f} MiB, {same}/{total} greedy tokens agree")
+    if outtype == "q4_k_m":  # 4-bit: most tokens still agree on this tiny model
+        assert same >= total // 2
+
+
+@needs_llama_cpp
+def test_llama_cpp_stops_at_end_of_turn(phi3_run, tmp_path):
+    """What a runner reads from the file: <|end|> is the end-of-turn token and ends generation (so do
+    <|endoftext|>), Phi-3's specials are control tokens (never printed), BOS is not added."""
+    import llama_cpp
+    llm = _llama(export_gguf(phi3_run, tmp_path / "m.gguf", outtype="q8_0"))
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    assert llama_cpp.llama_vocab_eot(vocab) == 32007 and llama_cpp.llama_vocab_eos(vocab) == 32000
+    assert llama_cpp.llama_vocab_is_eog(vocab, 32007) and llama_cpp.llama_vocab_is_eog(vocab, 32000)
+    assert not llama_cpp.llama_vocab_is_eog(vocab, 450)
+    assert llm.detokenize([450, 32007]) == b" The" and llm.detokenize([32007], special=True) == b"<|end|>"
+    assert llm.tokenize(b"Hi", add_bos=True) == llm.tokenize(b"Hi", add_bos=False)  # add_bos_token false
+    assert llm.metadata["tokenizer.chat_template"].startswith("{% for message in messages %}")
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_the_adapter_only_export(phi3_base, phi3_run, phi3_reference, tmp_path):
+    """--adapter-only: the base GGUF plus the LoRA GGUF (scaling folded in, rank/alpha patterns and
+    all) generate the merged model's greedy tokens; the Modelfile names the base and the adapter."""
+    texts, ids, _, ref = phi3_reference
+    base = export_gguf(phi3_base, tmp_path / "base" / "base.gguf", outtype="f32")
+    lora = export_gguf(phi3_run, tmp_path / "lora" / "lora.gguf", outtype="f32", adapter_only=True)
+    fields, tensors = _read(lora)
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert len(tensors) == 2 * 8 and tensors["blk.0.attn_qkv.weight.lora_a"][1] == [64, 8]
+    modelfile = (tmp_path / "lora" / "Modelfile").read_text()
+    assert f"FROM {phi3_base.resolve()}" in modelfile and "ADAPTER ./lora.gguf" in modelfile
+    llm = _llama(base, lora=lora)
+    for prompt, (want, _) in zip(ids, ref):
+        assert _llama_greedy(llm, prompt) == want
+
+
+@needs_llama_cpp
+def test_llama_cpp_tokenizes_bpe_vocabularies_like_transformers(tiny_model_dir, tmp_path):
+    """philora's tiny model (Phi-3 with a byte-fallback BPE tokenizer, no tokenizer.model) and a tiny
+    Llama with the same tokenizer: llama.cpp's ids for the sample chats equal transformers', because
+    the scores replay the BPE merge order; its greedy tokens equal transformers' too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from philora.data import SAMPLE_EVAL
+    chats = [json.loads(line)["messages"][:-1] for line in SAMPLE_EVAL.read_text().splitlines()[:20]]
+    for name, model_dir in [("tiny-phi3", Path(tiny_model_dir)), ("llama", _tiny_llama(tmp_path / "llama", Path(tiny_model_dir)))]:
+        llm = _llama(export_gguf(model_dir, tmp_path / name / "m.gguf", outtype="f32"))
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        texts, ids = _prompts(tok, chats)
+        for text, want in zip(texts, ids):
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        assert _llama_greedy(llm, ids[0], 12) == _hf_greedy(model, ids[0], 12)[0]
