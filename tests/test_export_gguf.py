@@ -24,7 +24,6 @@ from safetensors.torch import save_file
 
 from philora.errors import PhiloraError
 from philora.export_gguf import export_gguf
-from philora.export_ollama import FORMATS, detect, go_template
 
 PHI3_TOKENIZER = Path(__file__).parent / "fixtures" / "phi3-tokenizer"
 LLAMA_CPP = "llama_cpp_python-0.3.36"
@@ -221,188 +220,6 @@ def test_llama_bpe_equals_llama_cpp_converter(converter, tiny_model_dir, tmp_pat
 
 
 # -----------------------------------------------------------------------------
-# the Ollama TEMPLATE: a tiny interpreter for the Go text/template subset it uses
-
-def _go_tokens(expr: str):
-    return re.findall(r'\(|\)|"(?:\\.|[^"\\])*"|[^\s()]+', expr)
-
-
-def _go_eval(tokens, i, ctx):
-    """Evaluate one operand at tokens[i]; returns (value, next index)."""
-    t = tokens[i]
-    if t == "(":
-        value, i = _go_command(tokens, i + 1, ctx)
-        assert tokens[i] == ")"
-        i += 1
-        while i < len(tokens) and tokens[i].startswith("."):
-            value, i = value[tokens[i][1:]], i + 1
-        return value, i
-    if t.startswith('"'):
-        return json.loads(t), i + 1
-    if t.isdigit():
-        return int(t), i + 1
-    if t.startswith("$."):
-        return ctx["$"][t[2:]], i + 1
-    if t.startswith("$"):
-        return ctx["vars"][t], i + 1
-    if t.startswith("."):
-        return ctx["dot"][t[1:]], i + 1
-    raise AssertionError(f"unknown operand {t!r}")
-
-
-FUNCS = {"eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "not": lambda a: not a,
-         "and": lambda a, b: a and b, "or": lambda a, b: a or b, "len": len,
-         "slice": lambda a, k: a[k:], "index": lambda a, k: a[k]}
-
-
-def _go_command(tokens, i, ctx):
-    if tokens[i] in FUNCS:
-        f, args, i = FUNCS[tokens[i]], [], i + 1
-        while i < len(tokens) and tokens[i] != ")":
-            value, i = _go_eval(tokens, i, ctx)
-            args.append(value)
-        return f(*args), i
-    return _go_eval(tokens, i, ctx)
-
-
-def _go_expr(expr, ctx):
-    value, i = _go_command(_go_tokens(expr), 0, ctx)
-    return value
-
-
-def _go_parse(template: str):
-    """Text and actions with {{- / -}} trimming applied, as a flat list of ("text", s) / ("act", s)."""
-    parts, pos = [], 0
-    for m in re.finditer(r"\{\{(-\s)?(.*?)(\s-)?\}\}", template, re.S):
-        text = template[pos:m.start()]
-        if m.group(1):
-            text = text.rstrip()
-        if parts and parts[-1][0] == "trim":
-            parts.pop()
-            text = text.lstrip()
-        parts.append(("text", text))
-        parts.append(("act", m.group(2).strip()))
-        if m.group(3):
-            parts.append(("trim", ""))
-        pos = m.end()
-    tail = template[pos:]
-    if parts and parts[-1][0] == "trim":
-        parts.pop()
-        tail = tail.lstrip()
-    return parts + [("text", tail)]
-
-
-def _go_block(parts, i, ctx, out, run=True):
-    """Run parts from i until an unmatched else/end; returns (index of it, its action)."""
-    while i < len(parts):
-        kind, s = parts[i]
-        if kind == "text":
-            if run:
-                out.append(s)
-            i += 1
-        elif s == "end" or s == "else" or s.startswith("else if "):
-            return i, s
-        elif s.startswith("if "):
-            taken, cond = False, s[3:]
-            while True:
-                hit = run and not taken and (cond is None or bool(_go_expr(cond, ctx)))
-                i, stop = _go_block(parts, i + 1, ctx, out, hit)
-                taken = taken or hit
-                if stop == "end":
-                    break
-                cond = None if stop == "else" else stop[len("else if "):]
-            i += 1
-        elif s.startswith("range "):
-            m = re.fullmatch(r"range (\$\w+), (\$\w+) := (.+)", s)
-            items = _go_expr(m.group(3), ctx) if run else []
-            start, end = i + 1, None
-            for k, item in enumerate(items):
-                inner = dict(ctx, dot=item, vars=dict(ctx["vars"], **{m.group(1): k, m.group(2): item}))
-                end, _ = _go_block(parts, start, inner, out)
-            if end is None:
-                end, _ = _go_block(parts, start, ctx, out, run=False)
-            i = end + 1
-        elif ":=" in s:
-            name, expr = (x.strip() for x in s.split(":=", 1))
-            if run:
-                ctx["vars"][name] = _go_expr(expr, ctx)
-            i += 1
-        else:
-            if run:
-                out.append(str(_go_expr(s, ctx)))
-            i += 1
-    return i, None
-
-
-def go_render(template: str, messages) -> str:
-    root = {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
-    out = []
-    _go_block(_go_parse(template), 0, {"$": root, "dot": root, "vars": {}}, out)
-    return "".join(out)
-
-
-# Hub chat templates of each family (Phi-3: the fixture's own)
-TEMPLATES = {
-    "phi-3.5": "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
-               "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
-               "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
-               "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
-    "phi-4-mini": "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and "
-                  "message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + "
-                  "'<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] "
-                  "+ '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
-                  "{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}",
-    "phi-4": "{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + "
-             "message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' "
-             "+ message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'assistant') %}"
-             "{{'<|im_start|>assistant<|im_sep|>' + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}"
-             "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}",
-    "chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-              "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
-    "qwen2.5": "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + "
-               "'<|im_end|>\n' }}{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are "
-               "a helpful assistant.<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == "
-               "\"user\") or (message.role == \"system\" and not loop.first) or (message.role == \"assistant\") %}"
-               "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}"
-               "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}",
-    "llama-3": "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-               "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
-               "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-               "{{ content }}{% endfor %}{% if add_generation_prompt %}"
-               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
-}
-
-
-@pytest.mark.parametrize("family", ["phi-3", *TEMPLATES])
-def test_ollama_template_renders_like_the_chat_template(family, tiny_model_dir):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(PHI3_TOKENIZER if family == "phi-3" else tiny_model_dir)
-    if family != "phi-3":
-        tok.chat_template = TEMPLATES[family]
-    if family == "llama-3":
-        tok.bos_token = "<|begin_of_text|>"
-    fmt = detect(tok)
-    assert fmt is not None and fmt.name == family
-    bos = tok.bos_token if fmt.bos else ""
-    template = go_template(fmt)
-    chats = CHATS + [[{"role": "system", "content": ""}, {"role": "user", "content": "x"}]]
-    for chat in chats:  # a new reply: the assistant header is added
-        assert bos + go_render(template, chat) == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    for chat in CHATS:  # a conversation ending in an assistant turn is continued (prefill)
-        chat = chat + [{"role": "assistant", "content": "Sure, here"}]
-        assert bos + go_render(template, chat) == tok.apply_chat_template(chat, tokenize=False, continue_final_message=True)
-
-
-def test_unknown_chat_template_is_not_guessed(tiny_model_dir):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
-    assert detect(tok) is None
-    assert {f.name for f in FORMATS} == {"phi-3", *TEMPLATES}
-
-
-# -----------------------------------------------------------------------------
 # a run in one command; bad inputs
 
 def test_run_exports_merged_tensors_and_modelfile(phi3_run, phi3_merged, tmp_path):
@@ -582,3 +399,74 @@ def test_llama_cpp_tokenizes_bpe_vocabularies_like_transformers(tiny_model_dir, 
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         assert _llama_greedy(llm, ids[0], 12) == _hf_greedy(model, ids[0], 12)[0]
+
+
+def _byte_level_tokenizer(out: Path, regex: str, template: str, specials):
+    """A byte-level BPE tokenizer (GPT-2 bytes, a Split regex as Qwen2 / Phi-4-mini) trained on the
+    sample data, with ``specials`` as special added tokens (the first is eos)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from philora.data import SAMPLE_TRAIN
+    texts = [m["content"] for line in SAMPLE_TRAIN.read_text().splitlines() for m in json.loads(line)["messages"]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0], pad_token=specials[0],
+                            chat_template=template).save_pretrained(out)
+    return out
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+PHI4_MINI = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+BYTE_LEVEL = {  # model type -> (pre-tokenizer regex, chat template, specials): Qwen2.5-like, Phi-4-mini-like
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+", CHATML, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
+    "phi3": (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+             r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+             r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+", PHI4_MINI,
+             ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>"]),
+}
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("model_type", list(BYTE_LEVEL))
+def test_llama_cpp_runs_byte_level_bpe_models(model_type, tmp_path):
+    """Byte-level BPE (Phi-4-mini's and Qwen's kind): tokens, merges and the pre-tokenizer name let
+    llama.cpp tokenize the sample chats as transformers does and generate its greedy tokens; the
+    end-of-turn token is the template's (<|end|>, <|im_end|>)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Qwen2Config
+    from philora.data import SAMPLE_EVAL
+    regex, template, specials = BYTE_LEVEL[model_type]
+    tok_dir = _byte_level_tokenizer(tmp_path / "tok", regex, template, specials)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    kw = dict(vocab_size=-(-len(tok) // 64) * 64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1,
+              tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = Phi3Config(original_max_position_embeddings=512, **kw) if model_type == "phi3" else Qwen2Config(**kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    if model_type == "qwen2":  # nonzero q/k/v biases, which llama.cpp must add too
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "model")
+    _copy_tokenizer(tok_dir, tmp_path / "model")
+    path = export_gguf(tmp_path / "model", tmp_path / "out" / "m.gguf", outtype="f32")
+    fields, _ = _read(path)
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == {"qwen2": "qwen2", "phi3": "gpt-4o"}[model_type]
+    assert fields["tokenizer.ggml.eot_token_id"] == tok.convert_tokens_to_ids(specials[2])
+    llm = _llama(path)
+    chats = [json.loads(line)["messages"][:-1] for line in SAMPLE_EVAL.read_text().splitlines()[:20]]
+    texts, ids = _prompts(tok, chats + [[{"role": "user", "content": "Ünïcödé 🦙 3.14159 don't\n\n  x"}]])
+    for text, want in zip(texts, ids):
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+    assert _llama_greedy(llm, ids[0], 12) == _hf_greedy(model, ids[0], 12)[0]
