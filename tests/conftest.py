@@ -1,3 +1,4 @@
+from philora.config import PeftConfig
 """What the test files share; they never import each other (nor this file).
 
 Fixtures: a private philora cache (never ~/.cache), one torch thread (autouse), the built-in tiny
@@ -82,7 +83,7 @@ def small_model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """24 train and 8 eval conversations from the shipped sample."""
-    from philora.sample import SAMPLE_EVAL, SAMPLE_TRAIN
+    from philora.data import SAMPLE_EVAL, SAMPLE_TRAIN
     d = tmp_path_factory.mktemp("data")
     train_lines = SAMPLE_TRAIN.read_text(encoding="utf-8").splitlines()[:24]
     eval_lines = SAMPLE_EVAL.read_text(encoding="utf-8").splitlines()[:8]
@@ -165,10 +166,9 @@ def philora_run_adapter(base_dir, out_dir, seed=3, use_rslora=False):
     from philora.adapter import save_adapter
     from philora.inject import inject_lora
     model = load_model(base_dir)
-    inject_lora(model, r=4, lora_alpha=8, target_modules=["o_proj", "gate_up_proj"],
-                fused_slices={"qkv_proj": ["q", "v"]}, use_rslora=use_rslora)
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, target_modules=["o_proj", "gate_up_proj"], fused_slices={"qkv_proj": ["q", "v"]}, use_rslora=use_rslora, lora_dropout=0.0))
     randomize(model, seed).eval()
-    save_adapter(model, out_dir, base_dir, r=4, lora_alpha=8, use_rslora=use_rslora)
+    save_adapter(model, out_dir, base_dir, PeftConfig(r=4, lora_alpha=8, use_rslora=use_rslora, lora_dropout=0.0))
     return model
 
 
@@ -181,7 +181,7 @@ def lora_phi3(kv_heads=2, attn_implementation="sdpa"):
     torch.manual_seed(0)
     model = Phi3ForCausalLM(phi3_config(kv_heads, attn_implementation=attn_implementation)).float()
     model.requires_grad_(False)
-    inject_lora(model, 4, 8, 0.0)
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.0))
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)

@@ -10,8 +10,10 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from philora.adapter import AdapterError, apply_adapter, read_adapter, save_adapter
-from philora.inject import inject_lora, lora_layers
+from philora.config import PeftConfig
+from philora.adapter import AdapterError, read_adapter, save_adapter
+from philora.inject import apply_adapter, inject_lora
+from philora.lora import lora_layers
 
 
 # -----------------------------------------------------------------------------
@@ -102,12 +104,12 @@ def test_trained_biases_export_where_peft_reads_them(tmp_path, helpers):
     gpt2 = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     GPT2LMHeadModel(gpt2).save_pretrained(tmp_path / "base")
     model = helpers.load_model(tmp_path / "base")
-    inject_lora(model, r=4, lora_alpha=8, target_modules=["c_attn"], bias="all")
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, target_modules=["c_attn"], bias="all", lora_dropout=0.0))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape) * 0.3)
-    save_adapter(model, tmp_path / "adapter", str(tmp_path / "base"), r=4, lora_alpha=8, bias="all")
+    save_adapter(model, tmp_path / "adapter", str(tmp_path / "base"), PeftConfig(r=4, lora_alpha=8, bias="all", lora_dropout=0.0))
     keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in keys
     assert "base_model.model.transformer.h.0.ln_1.bias" in keys

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from philora.config import PeftConfig
 from philora.attention import NAME, register, segments
 from philora.batching import collate
 from philora.inject import inject_lora
@@ -61,7 +62,7 @@ def test_gradients_equal_transformers_block_diagonal_sdpa():
         model = tiny_model(impl, seed=3)
         model.requires_grad_(False)
         torch.manual_seed(0)
-        inject_lora(model, 4, 8, 0.0)
+        inject_lora(model, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.0))
         for n, p in model.named_parameters():  # B = 0 at init: give the LoRA path a real effect
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.1)

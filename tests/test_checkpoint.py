@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 from transformers import Phi3Config, Phi3ForCausalLM
 
+from philora.config import PeftConfig
 from philora import checkpoint
 from philora.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from philora.errors import PhiloraError
@@ -23,7 +24,7 @@ def make(r=4, targets="all-linear", lora_seed=0):
     torch.manual_seed(0)
     model = Phi3ForCausalLM(config)
     torch.manual_seed(lora_seed)
-    inject_lora(model, r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=targets)
+    inject_lora(model, PeftConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=targets))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
@@ -164,7 +165,7 @@ def test_trained_biases_are_checkpointed(tmp_path):
         model = Phi3ForCausalLM(config)
         model.model.layers[0].self_attn.o_proj = torch.nn.Linear(32, 32, bias=True)
         torch.manual_seed(lora_seed)
-        inject_lora(model, r=2, lora_alpha=4, target_modules=["o_proj"], bias="all")
+        inject_lora(model, PeftConfig(r=2, lora_alpha=4, target_modules=["o_proj"], bias="all", lora_dropout=0.0))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 

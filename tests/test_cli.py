@@ -135,9 +135,11 @@ def test_data_and_target_errors_exit_2(tmp_path, small_args, small_model_dir, sm
 def test_overrides_after_options(tmp_path, small_args, small_model_dir, small_data, monkeypatch):
     """`philora train run.yaml --overwrite key=value`: overrides after an option still count."""
     seen = {}
+    import philora.report
     import philora.train
     monkeypatch.setattr(philora.train, "train", lambda cfg, resume, overwrite: seen.update(
         cfg=cfg, resume=resume, overwrite=overwrite))
+    monkeypatch.setattr(philora.report, "end_of_run", lambda result, cfg: None)
     p = tmp_path / "run.yaml"
     p.write_text("training_config:\n  max_steps: 5\n")
     assert main(["train", str(p), "peft_config.r=2", "--overwrite", "training_config.max_steps=7", "--resume",
@@ -154,14 +156,14 @@ def test_overrides_after_options(tmp_path, small_args, small_model_dir, small_da
 
 
 def test_enable_lora_flag_parses_and_rejects(capsys, monkeypatch):
-    from philora import adapter_tools
+    from philora import adapter_convert
     from philora.cli import _enable_lora
 
     assert _enable_lora(["qkv_proj=1,0,1", "gate_up_proj=true,false"]) == {
         "qkv_proj": [True, False, True], "gate_up_proj": [True, False]}
     assert _enable_lora([]) is None
     seen = {}
-    monkeypatch.setattr(adapter_tools, "convert", lambda *a, **k: seen.update(k))
+    monkeypatch.setattr(adapter_convert, "convert", lambda *a, **k: seen.update(k))
     assert main(["adapter", "convert", "x.pt", "--out", "y", "--to", "peft", "--enable-lora", "qkv_proj=1,0,1"]) == 0
     assert seen["enable_lora"] == {"qkv_proj": [True, False, True]}
     assert main(["adapter", "convert", "x.pt", "--out", "y", "--to", "peft", "--enable-lora", "qkv_proj=yes"]) == 2
@@ -185,10 +187,17 @@ def test_generate_out_needs_force(tmp_path, capsys, monkeypatch):
     assert '"response": "ok"' in out.read_text()
 
 
-def test_bench_options_pass_through(monkeypatch):
-    from philora import bench
+def test_bench_options_pass_through(tmp_path, monkeypatch, capsys):
+    """`philora bench ARGS` runs bench/run.py's main(ARGS) from the source checkout."""
+    from philora import cli
 
-    seen = []
-    monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)
-    assert main(["bench", "--systems", "philora", "--steps", "3"]) == 0
-    assert seen == [["--systems", "philora", "--steps", "3"]]
+    assert cli.BENCH.is_file()  # this checkout's bench/run.py
+    fake = tmp_path / "run.py"
+    fake.write_text("import json, sys\ndef main(argv):\n    print(json.dumps(argv))\n    return 3\n")
+    monkeypatch.setattr(cli, "BENCH", fake)
+    assert main(["bench", "--systems", "philora", "--", "--steps", "3"]) == 3
+    assert capsys.readouterr().out.strip() == '["--systems", "philora", "--steps", "3"]'
+    monkeypatch.setattr(cli, "BENCH", tmp_path / "bench" / "run.py")  # an installed package: no bench/
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "source checkout" in err[0]

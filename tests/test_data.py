@@ -1,8 +1,6 @@
 """Tests for philora.data / philora.formats: formats, validation errors, assistant-only labels, splits."""
 
 import json
-import sys
-import types
 
 import pytest
 
@@ -354,9 +352,8 @@ def test_eval_file_and_sample_source(tmp_path, phi3, monkeypatch):
     ev = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "x", "output": "y"}])
     tr, e, stats = build_datasets(DataConfig(train=str(train), eval=str(ev)), phi3, 0, quiet)
     assert len(tr) == 4 and len(e) == 1 and stats["eval"]["source"] == str(ev)
-    fake = types.ModuleType("philora.sample")
-    fake.SAMPLE_TRAIN, fake.SAMPLE_EVAL = train, ev
-    monkeypatch.setitem(sys.modules, "philora.sample", fake)
+    monkeypatch.setattr(data, "SAMPLE_TRAIN", train)
+    monkeypatch.setattr(data, "SAMPLE_EVAL", ev)
     tr, e, _ = build_datasets(DataConfig(train="sample"), phi3, 0, quiet)
     assert len(tr) == 4 and len(e) == 1
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from philora import distributed
 from philora.batching import epoch_order
 from philora.cli import main as cli_main
-from philora.distributed import Dist
+from philora.distributed import World
 from philora.errors import PhiloraError
 from philora.train import micro_batches
 
@@ -197,11 +197,11 @@ def test_resume_on_a_different_world_size(runs, tmp_path):
 
 def test_ranks_split_each_global_micro_batch():
     examples = [{"i": i} for i in range(10)]
-    single = micro_batches(examples, 3, 4, Dist(), seed=1, shuffle=True)
-    ranks = [micro_batches(examples, 3, 2, Dist(r, 2), seed=1, shuffle=True) for r in (0, 1)]
+    single = micro_batches(examples, 3, 4, World(), seed=1, shuffle=True)
+    ranks = [micro_batches(examples, 3, 2, World(r, 2), seed=1, shuffle=True) for r in (0, 1)]
     for _ in range(6):  # across the epoch boundary too
         assert next(single) == next(ranks[0]) + next(ranks[1])
-    assert [e["i"] for e in next(micro_batches(examples, 10, 2, Dist(), 1, True))] == epoch_order(10, 1, 1)[:2]
+    assert [e["i"] for e in next(micro_batches(examples, 10, 2, World(), 1, True))] == epoch_order(10, 1, 1)[:2]
 
 
 def test_step_seeds_differ_by_rank_and_step():
@@ -215,27 +215,27 @@ def test_world_size_checks_are_one_line():
     from philora.config import load_config
     cfg = load_config(None, ["training_config.per_device_train_batch_size=2"])
     with pytest.raises(PhiloraError) as e:
-        distributed.check_run(Dist(0, 4), cfg, 7)
+        distributed.check_run(World(0, 4), cfg, 7)
     assert "\n" not in str(e.value) and "7 examples" in str(e.value) and "fewer processes" in str(e.value)
-    distributed.check_run(Dist(0, 4), cfg, 8)
-    distributed.check_run(Dist(), cfg, 1)  # one process: small data just repeats, as before
+    distributed.check_run(World(0, 4), cfg, 8)
+    distributed.check_run(World(), cfg, 1)  # one process: small data just repeats, as before
     qlora_fsdp = load_config(None, ["training_config.fsdp=true", "model.quantization=nf4"])
     with pytest.raises(PhiloraError, match="fsdp: false") as e:
-        distributed.check_run(Dist(0, 2), qlora_fsdp, 400)
+        distributed.check_run(World(0, 2), qlora_fsdp, 400)
     assert "\n" not in str(e.value)
-    distributed.check_run(Dist(), qlora_fsdp, 400)  # one process: no FSDP, QLoRA runs
+    distributed.check_run(World(), qlora_fsdp, 400)  # one process: no FSDP, QLoRA runs
     bnb = pytest.importorskip("bitsandbytes")
-    from philora.fsdp import wrap_fsdp
+    from philora.fsdp import FSDPLoRA
     with pytest.raises(PhiloraError, match="fsdp: false"):
-        wrap_fsdp(torch.nn.Sequential(bnb.nn.Linear4bit(64, 64)), torch.device("cpu"))
+        FSDPLoRA(torch.nn.Sequential(bnb.nn.Linear4bit(64, 64)), torch.device("cpu"))
     with pytest.raises(PhiloraError) as e:
-        distributed.check_resume(Dist(0, 4), {"step": 3, "samples_seen": 24, "world_size": 2}, 2, 2)
+        distributed.check_resume(World(0, 4), {"step": 3, "samples_seen": 24, "world_size": 2}, 2, 2)
     assert "\n" not in str(e.value) and "global batch of 8" in str(e.value) and "= 8" in str(e.value)
-    distributed.check_resume(Dist(0, 4), {"step": 3, "samples_seen": 24, "world_size": 2}, 2, 1)
-    distributed.check_resume(Dist(), {"step": 0, "samples_seen": 0}, 3, 1)
+    distributed.check_resume(World(0, 4), {"step": 3, "samples_seen": 24, "world_size": 2}, 2, 1)
+    distributed.check_resume(World(), {"step": 0, "samples_seen": 0}, 3, 1)
 
 
 def test_on_main_single_process():
-    assert distributed.on_main(Dist(), lambda: 5) == 5
+    assert distributed.on_main(World(), lambda: 5) == 5
     with pytest.raises(PhiloraError, match="nope"):
-        distributed.on_main(Dist(), lambda: (_ for _ in ()).throw(PhiloraError("nope")))
+        distributed.on_main(World(), lambda: (_ for _ in ()).throw(PhiloraError("nope")))

@@ -3,6 +3,7 @@
 import torch
 import torch.nn as nn
 
+from philora.config import PeftConfig
 from philora import lora
 from philora.dropout import LEVELS, MIN_NUMEL, Dropout, cpu_dropout
 
@@ -64,7 +65,7 @@ def test_injected_lora_dropout_uses_the_fast_mask():
     from philora.inject import inject_lora
 
     model = nn.Sequential(nn.Linear(512, 256))
-    inject_lora(model, 4, 8, lora_dropout=0.1, target_modules=["0"])
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["0"]))
     assert type(model[0].lora_dropout) is Dropout
 
 

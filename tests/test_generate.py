@@ -10,7 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from philora import generate
-from philora.generate import chat_ids, generate_ids, load_source, stop_token_ids
+from philora.generate import chat_ids, generate_ids
+from philora.loading import load_source
+from philora.models import stop_token_ids
 from philora.merge import merge
 
 SCALE = 10.0

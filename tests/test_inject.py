@@ -9,9 +9,11 @@ import torch
 from torch.testing import assert_close
 from transformers import Phi3Config, Phi3ForCausalLM
 
+from philora.config import PeftConfig
 from philora import lora
 from philora.errors import PhiloraError
-from philora.inject import InjectError, count_parameters, find_targets, inject_lora, linear_names, lora_layers
+from philora.inject import InjectError, count_parameters, find_targets, inject_lora, linear_names
+from philora.lora import lora_layers
 
 HIDDEN, HEADS, KV_HEADS, INTER = 64, 4, 2, 96
 HEAD_DIM = HIDDEN // HEADS
@@ -56,7 +58,7 @@ LINEARS = {f"model.layers.{i}.{m}" for i in range(2)
 def test_all_linear_is_every_linear_but_lm_head():
     model = tiny_phi3()
     assert set(linear_names(model)) == LINEARS
-    targets = inject_lora(model, r=4, lora_alpha=8, target_modules="all-linear")
+    targets = inject_lora(model, PeftConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     assert set(targets) == LINEARS == set(lora_layers(model))
     assert not isinstance(model.lm_head, lora.LoRALayer)
     assert set(targets) == peft_targets("all-linear")
@@ -94,7 +96,7 @@ def test_bad_targets_raise_one_line(target_modules, fused_slices, needle):
     model = tiny_phi3()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(InjectError) as e:
-        inject_lora(model, r=4, lora_alpha=8, target_modules=target_modules, fused_slices=fused_slices)
+        inject_lora(model, PeftConfig(r=4, lora_alpha=8, target_modules=target_modules, fused_slices=fused_slices, lora_dropout=0.0))
     msg = str(e.value)
     assert isinstance(e.value, PhiloraError) and "\n" not in msg and needle in msg, msg
     assert "peft_config" in msg
@@ -104,22 +106,21 @@ def test_bad_targets_raise_one_line(target_modules, fused_slices, needle):
 
 def test_no_match_lists_the_linear_modules():
     with pytest.raises(InjectError) as e:
-        inject_lora(tiny_phi3(), r=4, lora_alpha=8, target_modules=["q_projj"])
+        inject_lora(tiny_phi3(), PeftConfig(r=4, lora_alpha=8, target_modules=["q_projj"], lora_dropout=0.0))
     for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
         assert name in str(e.value)
 
 
 def test_rank_must_be_positive():
     with pytest.raises(InjectError, match="peft_config.r"):
-        inject_lora(tiny_phi3(), r=0, lora_alpha=8)
+        inject_lora(tiny_phi3(), PeftConfig(r=0, lora_alpha=8, lora_dropout=0.0))
 
 
 def test_output_unchanged_at_init_and_only_lora_trainable(ids):
     model = tiny_phi3()
     reference = copy.deepcopy(model)
     weights = {n: p.data_ptr() for n, p in model.named_parameters()}
-    inject_lora(model, r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
-                fused_slices={"gate_up_proj": ["up"]})
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear", fused_slices={"gate_up_proj": ["up"]}))
     # the base tensors are the model's own, not copies
     for n, p in model.named_parameters():
         if "lora_" not in n:
@@ -146,7 +147,7 @@ def test_bias_trainable_per_setting(bias, extra):
     # Phi-3 has no biases: give o_proj one so the setting has something to act on
     model.model.layers[0].self_attn.o_proj = torch.nn.Linear(HIDDEN, HIDDEN, bias=True)
     model.requires_grad_(True)
-    inject_lora(model, r=2, lora_alpha=4, target_modules=["o_proj"], bias=bias)
+    inject_lora(model, PeftConfig(r=2, lora_alpha=4, target_modules=["o_proj"], bias=bias, lora_dropout=0.0))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     lora_names = {n for n in trainable if "lora_" in n}
     assert {n.rsplit(".", 1)[-1] for n in trainable - lora_names} == extra
@@ -157,7 +158,7 @@ def test_per_slice_qkv_matches_hand_computed_reference(ids):
     model = tiny_phi3()
     reference = copy.deepcopy(model)
     r, alpha = 4, 6.0
-    targets = inject_lora(model, r=r, lora_alpha=alpha, target_modules=[], fused_slices={"qkv_proj": ["v", "q"]})
+    targets = inject_lora(model, PeftConfig(r=r, lora_alpha=alpha, target_modules=[], fused_slices={"qkv_proj": ["v", "q"]}, lora_dropout=0.0))
     assert set(targets) == {f"model.layers.{i}.self_attn.qkv_proj" for i in range(2)}
     randomize_lora(model)
     scaling = alpha / r
@@ -199,7 +200,7 @@ def test_per_slice_qkv_matches_hand_computed_reference(ids):
 ])
 def test_cookbook_names_map_to_slices(target_modules, fused_slices, expected):
     model = tiny_phi3()
-    targets = inject_lora(model, r=2, lora_alpha=4, target_modules=target_modules, fused_slices=fused_slices)
+    targets = inject_lora(model, PeftConfig(r=2, lora_alpha=4, target_modules=target_modules, fused_slices=fused_slices, lora_dropout=0.0))
     got = {}
     for name, layer in lora_layers(model).items():
         short = name.rsplit(".", 1)[-1]
@@ -216,7 +217,7 @@ def test_same_function_as_peft_with_the_same_factors(ids):
     """All-linear LoRA with nonzero factors: philora's model and PEFT's give the same logits."""
     from peft import LoraConfig, get_peft_model
     model = tiny_phi3()
-    inject_lora(model, r=4, lora_alpha=12, target_modules="all-linear", use_rslora=True)
+    inject_lora(model, PeftConfig(r=4, lora_alpha=12, target_modules="all-linear", use_rslora=True, lora_dropout=0.0))
     randomize_lora(model)
     ref = get_peft_model(tiny_phi3(), LoraConfig(r=4, lora_alpha=12, target_modules="all-linear", use_rslora=True))
     with torch.no_grad():
@@ -235,7 +236,7 @@ def test_same_function_as_peft_with_the_same_factors(ids):
 
 def test_dropout_only_in_training():
     model = tiny_phi3()
-    inject_lora(model, r=2, lora_alpha=4, lora_dropout=0.5, target_modules=["o_proj"])
+    inject_lora(model, PeftConfig(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=["o_proj"]))
     layer = model.model.layers[0].self_attn.o_proj
     assert isinstance(layer.lora_dropout, torch.nn.Dropout) and layer.lora_dropout.p == 0.5
     model.train()

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "philora"
 
 # Lower layers first; a module may import its own layer or lower ones (and no cycle within one).
 LAYERS = [
-    ("errors", "config", "models"),
+    ("errors", "config", "models", "devices"),
     ("formats", "loss", "batching", "attention", "dropout", "lora"),
     ("data", "quant", "adapter"),
     ("tiny", "inject"),

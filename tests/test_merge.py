@@ -2,8 +2,6 @@
 of base + adapter as peft computes them; float32 merge, one cast; shards; stop tokens; guards."""
 
 import json
-import sys
-import types
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from philora.adapter import read_adapter
+from philora import merge as merge_module
 from philora.merge import merge
 
 
@@ -75,15 +74,14 @@ def test_tiny_run_gets_tokenizer_stop_tokens_and_shards(tiny_model_dir, tmp_path
 
 
 def test_quantized_run_merges_into_the_dequantized_base(base_dir, tmp_path, monkeypatch, capsys, helpers):
-    """model.quantization set: the base comes from quant.load_dequantized_base (faked here)."""
+    """model.quantization set: the base comes from merge.load_dequantized_base (faked here)."""
     calls = []
 
     def load_dequantized_base(model_cfg, dtype):
         calls.append((model_cfg.quantization, dtype))
         return helpers.load_model(base_dir)
 
-    fake = types.SimpleNamespace(load_dequantized_base=load_dequantized_base)
-    monkeypatch.setitem(sys.modules, "philora.quant", fake)
+    monkeypatch.setattr(merge_module, "load_dequantized_base", load_dequantized_base)
     helpers.make_run(tmp_path / "run", base_dir, quantization="nf4")
     out = merge(str(tmp_path / "run"), tmp_path / "merged")
     assert calls == [("nf4", torch.float32)]

@@ -13,13 +13,15 @@ import yaml
 pytest.importorskip("bitsandbytes")
 
 from philora import lora  # noqa: E402
-from philora.adapter import apply_adapter, save_adapter  # noqa: E402
-from philora.config import CONFIG_DIR, ModelConfig, load_config  # noqa: E402
+from philora.adapter import save_adapter  # noqa: E402
+from philora.config import CONFIG_DIR, ModelConfig, PeftConfig, load_config  # noqa: E402
 from philora.errors import PhiloraError  # noqa: E402
-from philora.inject import inject_lora, lora_layers  # noqa: E402
+from philora.inject import apply_adapter, inject_lora  # noqa: E402
+from philora.lora import lora_layers  # noqa: E402
 from philora.loading import load_model_and_tokenizer  # noqa: E402
+from philora.merge import load_dequantized_base  # noqa: E402
 from philora.quant import (MergedLinear4bitLoRA, Linear4bitLoRA, dequantize_weight,  # noqa: E402
-                           load_dequantized_base, prepare_quantized, quantization_kwargs)
+                           prepare_quantized, quantization_kwargs)
 
 CPU = torch.device("cpu")
 
@@ -64,7 +66,7 @@ def test_quantization_kwargs(tiny_path):
 @pytest.mark.parametrize("quant", ["nf4", "fp4"])
 def test_lora_layer_on_4bit_base_matches_dequantized_reference(tiny_path, quant):
     model = load_4bit(tiny_path, quant=quant)
-    inject_lora(model, 4, 8, 0.0, "all-linear", {"qkv_proj": ["q", "v"]})
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", fused_slices={"qkv_proj": ["q", "v"]}))
     randomize_lora(model)
     attn = model.model.layers[0].self_attn
     fused, plain = attn.qkv_proj, attn.o_proj
@@ -99,9 +101,9 @@ def test_lora_layer_on_4bit_base_matches_dequantized_reference(tiny_path, quant)
 
 def test_same_lora_tensors_as_plain_model_and_no_in_place_merge(tiny_path):
     model = load_4bit(tiny_path)
-    inject_lora(model, 4, 8, 0.1, ["qkv_proj", "down_proj"], {"gate_up_proj": ["up"]}, use_rslora=True)
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["qkv_proj", "down_proj"], fused_slices={"gate_up_proj": ["up"]}, use_rslora=True))
     plain, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=tiny_path), CPU)
-    inject_lora(plain, 4, 8, 0.1, ["qkv_proj", "down_proj"], {"gate_up_proj": ["up"]}, use_rslora=True)
+    inject_lora(plain, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["qkv_proj", "down_proj"], fused_slices={"gate_up_proj": ["up"]}, use_rslora=True))
     shapes = lambda m: {k: tuple(v.shape) for k, v in lora.lora_state_dict(m).items()}  # noqa: E731
     assert shapes(model) == shapes(plain) and len(shapes(model)) == 2 * 3 * 4
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == sorted(shapes(model))
@@ -117,9 +119,9 @@ def test_merge_path_dequantized_base_plus_adapter_matches_4bit(tiny_path, tmp_pa
     cfg = qcfg(tiny_path, compute=dtype, dtype=dtype)
     model, _, _ = load_model_and_tokenizer(cfg, CPU, training=False)
     prepare_quantized(model)
-    inject_lora(model, 4, 8, 0.0, "all-linear", {"qkv_proj": ["q", "v"]})
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", fused_slices={"qkv_proj": ["q", "v"]}))
     randomize_lora(model)
-    save_adapter(model, tmp_path, tiny_path, 4, 8)
+    save_adapter(model, tmp_path, tiny_path, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.0))
     x = ids()
     with torch.no_grad():
         want = model(x).logits.float()
@@ -146,9 +148,9 @@ def test_merge_path_dequantized_base_plus_adapter_matches_4bit(tiny_path, tmp_pa
 def test_adapter_loads_in_peft_on_the_same_4bit_base(tiny_path, tmp_path):
     peft = pytest.importorskip("peft")
     model = load_4bit(tiny_path)
-    inject_lora(model, 4, 8, 0.0, "all-linear", {"qkv_proj": ["q", "v"]})
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", fused_slices={"qkv_proj": ["q", "v"]}))
     randomize_lora(model)
-    save_adapter(model, tmp_path, tiny_path, 4, 8)
+    save_adapter(model, tmp_path, tiny_path, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.0))
     model.eval()
     x = ids()
     with torch.no_grad():
@@ -179,7 +181,7 @@ def test_qlora_training_run(tiny_path, tmp_path):
     from philora.train import train
     cfg = qlora_run_config(tiny_path, tmp_path, "model.gradient_checkpointing=true",
                            "training_config.eval_steps=0", "training_config.logging_steps=1")
-    metrics = train(cfg)
+    metrics = train(cfg).metrics
     assert math.isfinite(metrics["eval_loss"])
     from safetensors.torch import load_file
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
@@ -271,7 +273,7 @@ def test_error_on_a_model_that_cannot_be_quantised(tiny_path, tmp_path, helpers)
 def test_lora_dtype_and_input_dtype(tiny_path):
     # bf16 activations into a fp32-compute 4-bit layer with fp32 LoRA: output in the input dtype.
     model = load_4bit(tiny_path)
-    inject_lora(model, 4, 8, 0.0, ["o_proj"])
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["o_proj"]))
     layer = model.model.layers[0].self_attn.o_proj
     randomize_lora(model)
     x = torch.randn(3, layer.in_features).to(torch.bfloat16)
@@ -287,7 +289,7 @@ def test_qlora_with_untargeted_4bit_layers_trains(tiny_path, tmp_path):
     # still pass gradients back in training (loading.py calls prepare_quantized for them).
     from philora.train import train
     cfg = qlora_run_config(tiny_path, tmp_path, "peft_config.target_modules=[qkv_proj]")
-    metrics = train(cfg)
+    metrics = train(cfg).metrics
     assert math.isfinite(metrics["eval_loss"])
     from safetensors.torch import load_file
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))

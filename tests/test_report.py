@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from philora.config import PeftConfig
 from philora.config import load_config
-from philora.data import build_datasets
+from philora.data import SAMPLE_TRAIN, build_datasets, encode_chat
 from philora.inject import inject_lora
 from philora.loading import load_tokenizer
 from philora.metrics import read_metrics
-from philora.report import eval_conversations, exact_match, lora_disabled, rouge_l, token_f1
-from philora.sample import SAMPLE_TRAIN
+from philora.report import end_of_run, exact_match, lora_disabled, rouge_l, token_f1
 from philora.train import train
 
 RUN_OVERRIDES = ["training_config.max_steps=3", "training_config.eval_steps=0", "training_config.save_steps=0",
@@ -30,7 +30,7 @@ def run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     overrides = [f"model.name_or_path={tiny_model_dir}", f"training_config.output_dir={out}"]
     cfg = load_config(None, overrides + RUN_OVERRIDES)
-    train(cfg, overwrite=True)
+    end_of_run(train(cfg, overwrite=True), cfg)  # as `philora train` does
     return out, cfg
 
 
@@ -53,8 +53,9 @@ def test_train_ends_with_the_report(run, tiny_model_dir, helpers):
     assert {"report.md", "report.json", "loss.png", "adapter_model.safetensors", "config.yaml"} <= files
     report = json.loads((out / "report.json").read_text())
     tok = load_tokenizer(tiny_model_dir)
-    pairs = eval_conversations(cfg, tok)
-    examples = [ex for _, ex in pairs][:6]
+    _, evals, _ = build_datasets(cfg.data, tok, cfg.training_config.seed, log=lambda *a: None)
+    examples = evals[:6]
+    pairs = [(ex["messages"], ex) for ex in examples]
     assert report["eval_examples"] == 6 and len(report["samples"]) == 2
     final_eval = [m["eval_loss"] for m in read_metrics(out) if "eval_loss" in m][-1]
     base = reference_loss(helpers.load_model(tiny_model_dir), examples)
@@ -113,7 +114,9 @@ def test_adapter_without_run_config_needs_data(tiny_model_dir, tmp_path, capsys,
 
 
 @pytest.mark.parametrize("held_out", [False, True])
-def test_eval_conversations_are_build_datasets_eval_split(tiny_model_dir, tmp_path, held_out):
+def test_eval_examples_carry_their_messages(tiny_model_dir, tmp_path, held_out):
+    """The report's held-out prompts come with build_datasets' eval examples: each one's messages
+    encode to exactly its tokens (cut at max_length), whatever was skipped, dropped or held out."""
     tok = load_tokenizer(tiny_model_dir)
     overrides = []
     if held_out:  # a file: eval_fraction held out of train, after bad, too-long and dropped records
@@ -123,17 +126,19 @@ def test_eval_conversations_are_build_datasets_eval_split(tiny_model_dir, tmp_pa
         overrides = [f"data.train={tmp_path / 'train.jsonl'}", "data.eval_fraction=0.25", "data.skip_bad_records=true",
                      "data.max_length=60", "data.truncation=drop", "training_config.seed=7"]
     cfg = load_config(None, overrides)
-    _, evals, _ = build_datasets(cfg.data, tok, cfg.training_config.seed, log=lambda *a: None)
-    pairs = eval_conversations(cfg, tok)
-    assert [ex for _, ex in pairs] == evals and len(evals) >= 5
-    assert all(m[-1]["role"] == "assistant" for m, _ in pairs)
+    train_set, evals, _ = build_datasets(cfg.data, tok, cfg.training_config.seed, log=lambda *a: None)
+    assert len(evals) >= 5 and all("messages" not in ex for ex in train_set)
+    for ex in evals:
+        assert ex["messages"][-1]["role"] == "assistant"
+        want = encode_chat(ex["messages"], tok, max_length=cfg.data.max_length)
+        assert (ex["input_ids"], ex["labels"]) == (want["input_ids"], want["labels"])
 
 
 def test_lora_disabled_is_exactly_the_base(tmp_path, helpers):
     base_dir = helpers.save_base(tmp_path / "base")
     ids = helpers.token_ids()
     model = helpers.load_model(base_dir)
-    inject_lora(model, r=4, lora_alpha=8, target_modules="all-linear", fused_slices={"qkv_proj": ["q"]})
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, target_modules="all-linear", fused_slices={"qkv_proj": ["q"]}, lora_dropout=0.0))
     helpers.randomize(model)
     tuned = helpers.logits(model, ids)
     with lora_disabled(model):

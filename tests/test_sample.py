@@ -1,8 +1,18 @@
 """The shipped sample dataset: deterministic, regenerable byte for byte, well formed, held out."""
 
+import importlib.util
 import json
+from pathlib import Path
 
-from philora.sample import N_EVAL, N_TRAIN, SAMPLE_EVAL, SAMPLE_TRAIN, generate, write_sample_files
+from philora.data import SAMPLE_EVAL, SAMPLE_TRAIN
+
+# The generator is a script (scripts/make_sample_data.py), not part of the package.
+_spec = importlib.util.spec_from_file_location(
+    "make_sample_data", Path(__file__).resolve().parents[1] / "scripts" / "make_sample_data.py")
+make_sample_data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_sample_data)
+N_EVAL, N_TRAIN = make_sample_data.N_EVAL, make_sample_data.N_TRAIN
+generate, write_sample_files = make_sample_data.generate, make_sample_data.write_sample_files
 
 
 def load(path):

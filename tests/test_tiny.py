@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from philora import tiny
-from philora.sample import SAMPLE_EVAL, SAMPLE_TRAIN
+from philora.data import SAMPLE_EVAL, SAMPLE_TRAIN
 from philora.tiny import PHI3_ADDED_TOKENS, TINY_NAME, build_tiny, resolve_model
 
 CONVERSATIONS = [

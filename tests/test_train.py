@@ -75,7 +75,7 @@ def e2e(tiny_model_dir, philora_cache, tmp_path_factory, helpers):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PHILORA_CACHE", str(philora_cache))
         rec = helpers.install_recorder(mp)
-        final = train(cfg, overwrite=True)
+        final = train(cfg, overwrite=True).metrics
     return cfg, out, final, rec
 
 
@@ -175,7 +175,7 @@ def test_no_eval_set_means_no_eval(tmp_path, small_model_dir, small_data, helper
     """data.eval_fraction=0 and no eval file: nothing is evaluated (not an eval loss of 0)."""
     out = tmp_path / "run"
     final = train(helpers.make_cfg(out, small_model_dir, small_data, "data.eval=null", "data.eval_fraction=0",
-                           "training_config.max_steps=2", "training_config.eval_steps=1"))
+                                   "training_config.max_steps=2", "training_config.eval_steps=1")).metrics
     records = read_metrics(out)
     assert not [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]

@@ -16,10 +16,13 @@ from .errors import PhiloraError
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"  # in a source checkout
 
 
-def guard_output(out: str, force: bool, directory: bool) -> None:
+def guard_output(out: str, force: bool, directory: bool, inputs=()) -> None:
     """Refuse to write over an existing output (a non-empty directory, or a file) without
-    --force, and a file where a directory is wanted."""
+    --force, a file where a directory is wanted, and an output that is one of the inputs."""
     path = Path(out)
+    for p in inputs:
+        if p and Path(p).exists() and path.exists() and path.resolve() == Path(p).resolve():
+            raise PhiloraError(f"--out '{out}' is an input of this command; choose another directory")
     if directory and path.exists() and not path.is_dir():
         raise PhiloraError(f"--out '{out}' exists and is not a directory")
     if force:
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "merge":
         from .merge import merge
-        guard_output(args.out, args.force, directory=True)
+        guard_output(args.out, args.force, directory=True, inputs=(args.source, args.base))
         merge(args.source, args.out, base=args.base, dtype=args.dtype)
         return 0
     if args.command in ("generate", "chat"):

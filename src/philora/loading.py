@@ -18,28 +18,11 @@ import torch
 from . import attention
 from .adapter import CONFIG_NAME, AdapterError, read_adapter_config
 from .config import Config, ModelConfig, load_config
+from .devices import pick_device, resolve_dtype
 from .errors import PhiloraError, first_line
 from .inject import apply_adapter
 from .quant import prepare_quantized, quantization_kwargs
 from .tiny import resolve_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a CUDA device that supports it, else fp32 (CPU, old GPUs)."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return DTYPES[name]
-
 
 def resolve_path(name_or_path: str) -> str:
     """A local directory for ``tiny`` (built on first use); anything else as given."""
@@ -77,7 +60,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: Optional[torch.device] = 
     kwargs = dict(dtype=dtype, attn_implementation=attn,
                   trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.quantization:
-        kwargs.update(quantization_kwargs(cfg, path, device, resolve_dtype(cfg.compute_dtype, device)))
+        kwargs.update(quantization_kwargs(cfg, device, path))
     tokenizer = load_tokenizer(path, cfg.trust_remote_code, cfg.revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

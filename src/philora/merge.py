@@ -26,7 +26,8 @@ from .adapter import Adapter, AdapterError, read_adapter
 from .config import ModelConfig
 from .errors import PhiloraError, first_line
 from .inject import load_biases, set_module, target_layer
-from .loading import DTYPES, load_model_and_tokenizer, resolve_path, resolve_source
+from .devices import DTYPES
+from .loading import load_model_and_tokenizer, resolve_path, resolve_source
 from .models import is_4bit, is_conv1d, stop_token_ids
 from .quant import dequantize_weight, prepare_quantized
 

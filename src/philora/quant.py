@@ -13,13 +13,14 @@ Hand-written around bitsandbytes (not PEFT's bnb layers) because the LoRA layers
 """
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from . import lora
 from .config import ModelConfig
+from .devices import resolve_dtype
 from .errors import PhiloraError
 from .models import is_4bit
 
@@ -64,9 +65,9 @@ def _check_quantizable(cfg: ModelConfig, path: str) -> None:
                            f"model type '{config.model_type}'; set model.quantization: null")
 
 
-def quantization_kwargs(cfg: ModelConfig, path: str, device: torch.device,
-                        compute_dtype: torch.dtype) -> dict:
-    """``from_pretrained`` keyword arguments that load the base at ``path`` in 4 bits on ``device``."""
+def quantization_kwargs(cfg: ModelConfig, device: torch.device, path: Optional[str] = None) -> dict:
+    """``from_pretrained`` keyword arguments that load the base (at ``path``, default
+    ``cfg.name_or_path``) in 4 bits on ``device``."""
     if not cfg.quantization:
         return {}
     if cfg.quantization not in ("nf4", "fp4"):
@@ -75,12 +76,12 @@ def quantization_kwargs(cfg: ModelConfig, path: str, device: torch.device,
     if device.type not in BNB_DEVICES:
         raise PhiloraError(f"model.quantization: bitsandbytes 4-bit does not run on '{device.type}'; "
                            f"use a CUDA GPU or the CPU, or set model.quantization: null")
-    _check_quantizable(cfg, path)
+    _check_quantizable(cfg, path or cfg.name_or_path)
     from transformers import BitsAndBytesConfig
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
                            bnb_4bit_use_double_quant=cfg.double_quant,
-                           bnb_4bit_compute_dtype=compute_dtype)
+                           bnb_4bit_compute_dtype=resolve_dtype(cfg.compute_dtype, device))
     return {"quantization_config": q, "device_map": {"": str(device)}}
 
 

@@ -28,7 +28,8 @@ from .data import build_datasets
 from .distributed import World
 from .errors import PhiloraError
 from .inject import count_parameters, inject_lora
-from .loading import load_model_and_tokenizer, load_tokenizer, pick_device, resolve_path
+from .devices import pick_device
+from .loading import load_model_and_tokenizer, load_tokenizer, resolve_path
 from .loss import CausalLMLoss
 from .metrics import RunLogger, plot_losses
 

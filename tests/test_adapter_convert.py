@@ -1,5 +1,5 @@
-"""philora.adapter_tools: loralib <-> PEFT conversions keep the logits (checked against the real
-loralib and the real peft), and ``adapter check`` reports what vLLM would refuse."""
+"""philora.adapter_convert: loralib <-> PEFT conversions keep the logits (checked against the real
+loralib and the real peft); bad inputs are one-line errors."""
 
 import json
 
@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 import philora.lora as plora
-from philora.adapter_tools import check_cli, convert
+from philora.config import PeftConfig
+from philora.adapter_convert import convert
 from philora.errors import PhiloraError
 from philora.inject import inject_lora
 
@@ -67,13 +68,13 @@ def test_slices_come_from_the_model_when_only_one_choice_fits(tmp_path, helpers)
     base = helpers.save_base(tmp_path / "gqa")
     ids = helpers.token_ids()
     model = helpers.load_model(base)
-    inject_lora(model, r=4, lora_alpha=8, target_modules=["o_proj"], fused_slices={"qkv_proj": ["k", "v"]})
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, target_modules=["o_proj"], fused_slices={"qkv_proj": ["k", "v"]}, lora_dropout=0.0))
     helpers.randomize(model)
     torch.save(plora.lora_state_dict(model), tmp_path / "kv.pt")
     convert(str(tmp_path / "kv.pt"), tmp_path / "peft", to="peft", r=4, lora_alpha=8, base=base)
     assert_close(helpers.peft_logits(base, tmp_path / "peft", ids), helpers.logits(model, ids), **helpers.TIGHT)
     model = helpers.load_model(base)
-    inject_lora(model, r=4, lora_alpha=8, target_modules=["o_proj"], fused_slices={"qkv_proj": ["q", "v"]})
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, target_modules=["o_proj"], fused_slices={"qkv_proj": ["q", "v"]}, lora_dropout=0.0))
     torch.save(plora.lora_state_dict(model), tmp_path / "qv.pt")
     with pytest.raises(PhiloraError, match=r"fits: q\+k or q\+v\); pass enable_lora"):
         convert(str(tmp_path / "qv.pt"), tmp_path / "peft2", to="peft", r=4, lora_alpha=8, base=base)
@@ -137,62 +138,3 @@ def test_convert_bad_inputs_are_one_line(mha_base, tmp_path, capsys, helpers, lo
     for (flag, to, src, out, *rest), needle in cases:
         code, err = helpers.run_cli(capsys, "adapter", "convert", src, "--out", out, flag, to, *rest)
         assert code == 2 and err.startswith("philora: error:") and needle in err, (src, rest, err)
-
-
-# -----------------------------------------------------------------------------
-# check
-
-def check_lines(capsys, adapter, base=None):
-    capsys.readouterr()
-    code = check_cli(str(adapter), base=base)
-    lines = capsys.readouterr().out.strip().splitlines()
-    return code, [line for line in lines if line.startswith(("error:", "warning:"))], lines[-1]
-
-
-def _edit(path, **changes):
-    file = path / "adapter_config.json"
-    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
-
-
-def test_check_clean_and_rank_notes(mha_base, tmp_path, capsys, helpers):
-    helpers.philora_run_adapter(mha_base, tmp_path / "run")
-    assert check_lines(capsys, tmp_path / "run") == (0, [], f"{tmp_path / 'run'}: ok (6 LoRA modules, rank 4/8)")
-    helpers.peft_adapter(mha_base, tmp_path / "r64", r=64, lora_alpha=16, target_modules=["o_proj"])
-    code, problems, _ = check_lines(capsys, tmp_path / "r64")
-    assert code == 0 and problems == ["warning: rank 64: serve with vLLM --max-lora-rank 64 (its default is 16; "
-                                      "allowed: 1, 8, 16, 32, 64, 128, 256, 320, 512)"]
-    helpers.peft_adapter(mha_base, tmp_path / "r600", r=600, lora_alpha=16, target_modules=["o_proj"])
-    code, problems, _ = check_lines(capsys, tmp_path / "r600")
-    assert code == 1 and problems == ["error: rank 600 is beyond vLLM's largest --max-lora-rank (512)"]
-
-
-def test_check_reports_what_vllm_rejects(mha_base, tmp_path, capsys, helpers):
-    helpers.peft_adapter(mha_base, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["o_proj"], use_dora=True)
-    code, problems, last = check_lines(capsys, tmp_path / "dora")
-    assert code == 1 and len(problems) == 1 and "DoRA" in problems[0] and last.endswith("1 error(s), 0 warning(s)")
-    helpers.peft_adapter(mha_base, tmp_path / "misc", r=4, lora_alpha=8, target_modules=["o_proj"])
-    _edit(tmp_path / "misc", bias="all", modules_to_save=["lm_head"])
-    code, problems, _ = check_lines(capsys, tmp_path / "misc")
-    assert code == 1 and any("modules_to_save" in p for p in problems) and any("bias='all'" in p for p in problems)
-
-
-def test_check_against_the_base(mha_base, tmp_path, capsys, helpers):
-    helpers.peft_adapter(mha_base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["qkv_proj"])
-    _edit(tmp_path / "a", target_modules=["q_proj", "v_proj", "qkv_proj"])  # the cookbook's names do not exist
-    code, problems, _ = check_lines(capsys, tmp_path / "a")
-    assert code == 0 and problems == [f"warning: target_modules entry '{t}' matches no module of {mha_base}"
-                                      for t in ("q_proj", "v_proj")]
-    gqa = helpers.save_base(tmp_path / "gqa")  # qkv_proj has 128 rows there, not 192
-    code, problems, _ = check_lines(capsys, tmp_path / "a", base=gqa)
-    assert code == 1 and len(problems) == 2 + 2 and all("lora_B (192, 4)" in p for p in problems[:2])
-    file = tmp_path / "a" / "adapter_model.safetensors"
-    save_file({k.replace("qkv_proj", "query_key_value"): v for k, v in load_file(file).items()}, file)
-    code, problems, _ = check_lines(capsys, tmp_path / "a")
-    errors = [p for p in problems if p.startswith("error:")]
-    assert code == 1 and len(errors) == 3 and "is not in the base model" in errors[0]
-    assert "serve the base model unchanged" in errors[-1]
-    _edit(tmp_path / "a", base_model_name_or_path=str(tmp_path / "gone"))
-    code, problems, _ = check_lines(capsys, tmp_path / "a")
-    assert code == 0 and "module names and shapes not checked; pass --base" in problems[-1]
-    code, err = helpers.run_cli(capsys, "adapter", "check", tmp_path / "missing")
-    assert code == 2 and err.startswith("philora: error:") and "no adapter_config.json" in err
