@@ -30,8 +30,9 @@ if [ ! -f .venv/.philora-installed ] || [ constraints.txt -nt .venv/.philora-ins
   touch .venv/.philora-installed
 fi
 if [ "$TESTS" = 1 ] && { [ ! -f .venv/.philora-tests-installed ] || [ constraints.txt -nt .venv/.philora-tests-installed ] || [ pyproject.toml -nt .venv/.philora-tests-installed ]; }; then
-  # niced, so a first build leaves the machine usable; CMAKE_BUILD_PARALLEL_LEVEL=1 on a shared box
-  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" nice -n 19 \
+  # niced, so a first build leaves the machine usable (CMAKE_BUILD_PARALLEL_LEVEL=1 on a shared box);
+  # without the multimodal (llava/mtmd) library, which text models never load
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" nice -n 19 \
     .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,bench,qlora,llama-cpp]"
   mkdir -p .venv/src
   if [ ! -f .venv/src/llama_cpp_python-0.3.36.tar.gz ]; then
