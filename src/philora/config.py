@@ -8,6 +8,7 @@ exactly "is this a known field" and "does the value fit the annotation".
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +39,18 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """One source of a mixture: ``data.train: [{path: a.jsonl, weight: 2}, {path: b.jsonl, weight: 0.5}]``."""
+    path: str  # as data.train: a file, a hub dataset name, or "sample"
+    weight: float = 1.0  # each epoch sees each of its examples `weight` times on average
+    format: Optional[str] = None  # None: data.format
+    split: Optional[str] = None  # None: data.train_split (data.eval_split for eval sources)
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    train: str = "sample"  # a .jsonl/.json/.parquet/.csv file, a hub dataset name, or "sample"
-    eval: Optional[str] = None
+    train: Union[str, List[DataSource]] = "sample"  # a .jsonl/.json/.parquet/.csv file, a hub dataset name, "sample", or a list of sources
+    eval: Union[None, str, List[DataSource]] = None
     train_split: str = "train"
     eval_split: str = "test"
     eval_fraction: float = 0.05  # held out of train when no eval set is given
@@ -50,6 +60,8 @@ class DataConfig:
     skip_bad_records: bool = False  # skip (and count) bad records instead of stopping
     packing: bool = True  # padding-free: several conversations per row, attention kept apart
     shuffle: bool = True
+    num_proc: int = 0  # tokenizing processes (0: one per CPU core); the result is the same for any number
+    cache_dir: Optional[str] = None  # tokenized data (Arrow); None: $PHILORA_CACHE/data or ~/.cache/philora/data
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,9 @@ class TrainingConfig:
     report_samples: int = 8  # held-out prompts generated for the end-of-run report (0: none)
     fsdp: bool = False  # FullyShardedDataParallel instead of DDP under torchrun
     progress_bar: bool = True
+    # A step whose loss or gradient norm is NaN/inf is skipped (no update) with a warning; this
+    # many in a row stop the run with an error (1: stop at the first).
+    max_bad_steps: int = 5
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,7 @@ CHOICES = {
 RANGES = {
     "data.max_length": (lambda v: v >= 2, ">= 2"),
     "data.eval_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.num_proc": (lambda v: v >= 0, ">= 0 (0: one per CPU core)"),
     "training_config.learning_rate": (lambda v: v > 0, "> 0"),
     "training_config.num_train_epochs": (lambda v: v > 0, "> 0"),
     "training_config.per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
@@ -137,6 +153,19 @@ RANGES = {
     "peft_config.r": (lambda v: v >= 1, ">= 1"),
     "peft_config.lora_alpha": (lambda v: v > 0, "> 0"),
     "peft_config.lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "training_config.max_bad_steps": (lambda v: v >= 1, ">= 1"),
+}
+
+# Keys a --resume may change: they do not change the weights a run trains (the split of the
+# global batch into processes x batch x accumulation is checked on its own: the product must
+# stay). A resume that changes any other key is refused with the list of changes.
+RESUME_FREE = {
+    "training_config.output_dir", "training_config.per_device_train_batch_size",
+    "training_config.gradient_accumulation_steps", "training_config.per_device_eval_batch_size",
+    "training_config.logging_steps", "training_config.eval_steps", "training_config.save_steps",
+    "training_config.save_total_limit", "training_config.eval_max_samples",
+    "training_config.report_samples", "training_config.progress_bar", "training_config.fsdp",
+    "training_config.max_bad_steps", "model.gradient_checkpointing", "data.num_proc", "data.cache_dir",
 }
 
 
@@ -147,12 +176,31 @@ def check_values(cfg: "Config", where: str = "config") -> None:
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             raise ConfigError(f"{where}: '{key}' must be {what}, got {value!r}")
+    targets = cfg.peft_config.target_modules
+    if isinstance(targets, str) and targets != "all-linear":  # a regex, as in PEFT
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise ConfigError(f"{where}: 'peft_config.target_modules' is not a valid regular "
+                              f"expression: {e}") from None
+    for name in ("train", "eval"):  # the sources of a mixture
+        sources = getattr(cfg.data, name)
+        if isinstance(sources, list) and not sources:
+            raise ConfigError(f"{where}: 'data.{name}' is an empty list of sources")
+        for i, s in enumerate(sources if isinstance(sources, list) else [], 1):
+            if not s.weight > 0:
+                raise ConfigError(f"{where}: 'data.{name}[{i}].weight' must be > 0, got {s.weight!r}")
+            if s.format is not None and s.format not in CHOICES["data.format"]:
+                raise ConfigError(f"{where}: 'data.{name}[{i}].format' must be one of "
+                                  f"{list(CHOICES['data.format'])}, got {s.format!r}")
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return True
+    if dataclasses.is_dataclass(tp):  # a mapping, checked key by key when built
+        return isinstance(value, (dict, tp))
     if origin is Union:
         return any(_type_ok(value, a) for a in args)
     if tp is type(None):
@@ -187,6 +235,10 @@ def _build(cls, data: Any, where: str, prefix: str):
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, where, f"{full}.")
             continue
+        item = _item_class(tp)
+        if item is not None and isinstance(value, list):  # e.g. data.train: a list of DataSource
+            kwargs[key] = [_build(item, v, where, f"{full}[{i}].") for i, v in enumerate(value, 1)]
+            continue
         if isinstance(value, int) and not isinstance(value, bool) and tp is float:
             value = float(value)
         if isinstance(value, str) and tp is float:  # PyYAML (YAML 1.1) reads `1e-4` as a string
@@ -199,7 +251,20 @@ def _build(cls, data: Any, where: str, prefix: str):
         if full in CHOICES and value not in CHOICES[full]:
             raise ConfigError(f"{where}: '{full}' must be one of {list(CHOICES[full])}, got {value!r}")
         kwargs[key] = value
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: '{prefix}{missing[0]}' is required")
     return cls(**kwargs)
+
+
+def _item_class(tp: Any) -> Any:
+    """The dataclass D of a field typed ``List[D]`` (or a Union holding one), else None."""
+    for t in (tp, *typing.get_args(tp)):
+        args = typing.get_args(t)
+        if typing.get_origin(t) in (list, List) and args and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return None
 
 
 def _parse_value(text: str) -> Any:
@@ -270,6 +335,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         line = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
     where = path
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, "
+                          f"training_config, peft_config), got a {type(raw).__name__}")
     if overrides:
         raw = apply_overrides(raw, overrides)
         where = f"{path} (with overrides)"

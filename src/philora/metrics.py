@@ -3,14 +3,19 @@
 Only the main process writes (``enabled=False`` elsewhere). ``metrics.jsonl`` has one JSON
 object per logging step (step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed) and per
 evaluation (step, eval_loss, eval_perplexity); it is appended to, so a resumed run continues it
-(after dropping the records of steps after the checkpoint it resumes from: they are redone).
+(after dropping the records of steps after the checkpoint it resumes from, and of the final
+evaluation: they are redone). A write that fails (disk full, read-only) is a one-line WriteError;
+TensorBoard, secondary to metrics.jsonl, is switched off with one warning instead.
 """
 
+import io
 import json
 import math
 import time
 from pathlib import Path
 from typing import Optional
+
+from .diskio import write_bytes, write_error, write_text
 
 
 class RunLogger:
@@ -25,8 +30,11 @@ class RunLogger:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         if start_step > 0:  # a resume: drop what the interrupted run logged after its checkpoint
-            _truncate_metrics(self.dir / "metrics.jsonl", start_step)
-        self.jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+            _truncate_metrics(self.dir / "metrics.jsonl", start_step, total_steps)
+        try:
+            self.jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+        except OSError as e:
+            raise write_error(self.dir / "metrics.jsonl", e) from None
         try:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step: TensorBoard likewise hides the interrupted run's events after start_step
@@ -46,14 +54,21 @@ class RunLogger:
         if not self.enabled:
             return
         record = {**record, "elapsed": round(self.elapsed(), 3)}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        except OSError as e:
+            raise write_error(self.dir / "metrics.jsonl", e) from None
         if self.tb is not None:
             step = record["step"]
-            for k, v in record.items():
-                if k not in ("step", "elapsed") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(("eval/" if k.startswith("eval") else "train/") + k, v, step)
-            self.tb.flush()
+            try:
+                for k, v in record.items():
+                    if k not in ("step", "elapsed") and isinstance(v, (int, float)) and math.isfinite(v):
+                        self.tb.add_scalar(("eval/" if k.startswith("eval") else "train/") + k, v, step)
+                self.tb.flush()
+            except Exception as e:  # noqa: BLE001 (its writer thread re-raises any I/O error)
+                self.print(f"philora: warning: TensorBoard logging stopped: {write_error(self.dir / 'tensorboard', e)}")
+                self.tb = None
 
     def progress(self, steps: int = 1, **postfix) -> None:
         if self.bar is not None:
@@ -75,33 +90,46 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
-            self.tb.close()
-        self.jsonl.close()
+            try:
+                self.tb.close()
+            except Exception:  # noqa: BLE001 (already reported by write, or nothing left to flush)
+                pass
+        try:
+            self.jsonl.close()
+        except OSError as e:
+            raise write_error(self.dir / "metrics.jsonl", e) from None
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
+def _truncate_metrics(path: Path, last_step: int, final_step: int) -> None:
     """Keep the records of steps <= ``last_step`` (the checkpoint's): the steps after it are
-    trained again, so a resumed run logs each step once."""
+    trained again, and the final evaluation (at ``final_step``, after the last checkpoint) is
+    run again, so a resumed run logs each step and each evaluation once."""
     if not path.exists():
         return
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            step = json.loads(line).get("step", 0)
+            record = json.loads(line)
+            step = record.get("step", 0)
         except (ValueError, AttributeError):
             continue  # a line cut short by the kill
-        if isinstance(step, (int, float)) and step <= last_step:
+        final_eval = step == final_step and "loss" not in record  # train records have a loss
+        if isinstance(step, (int, float)) and step <= last_step and not final_eval:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, "".join(kept))
 
 
 def read_metrics(output_dir) -> list:
     path = Path(output_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a kill or a full disk
+    return [r for r in records if isinstance(r, dict)]
 
 
 def plot_losses(output_dir, path: Optional[Path] = None) -> Optional[Path]:
@@ -111,8 +139,8 @@ def plot_losses(output_dir, path: Optional[Path] = None) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     records = read_metrics(output_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     if not train and not evals:
         return None
     path = path or Path(output_dir) / "loss.png"
@@ -126,6 +154,8 @@ def plot_losses(output_dir, path: Optional[Path] = None) -> Optional[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    write_bytes(path, buf.getvalue())
     return path
