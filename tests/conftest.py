@@ -1,4 +1,3 @@
-from philora.config import PeftConfig
 """What the test files share; they never import each other (nor this file).
 
 Fixtures: a private philora cache (never ~/.cache), one torch thread (autouse), the built-in tiny
@@ -164,11 +163,14 @@ def philora_run_adapter(base_dir, out_dir, seed=3, use_rslora=False):
     """A philora adapter with per-slice LoRA (q and v of the fused qkv_proj) plus whole o_proj
     and gate_up_proj, saved in PEFT format; returns the live philora model."""
     from philora.adapter import save_adapter
+    from philora.config import PeftConfig
     from philora.inject import inject_lora
+    pc = PeftConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["o_proj", "gate_up_proj"],
+                    fused_slices={"qkv_proj": ["q", "v"]}, use_rslora=use_rslora)
     model = load_model(base_dir)
-    inject_lora(model, PeftConfig(r=4, lora_alpha=8, target_modules=["o_proj", "gate_up_proj"], fused_slices={"qkv_proj": ["q", "v"]}, use_rslora=use_rslora, lora_dropout=0.0))
+    inject_lora(model, pc)
     randomize(model, seed).eval()
-    save_adapter(model, out_dir, base_dir, PeftConfig(r=4, lora_alpha=8, use_rslora=use_rslora, lora_dropout=0.0))
+    save_adapter(model, out_dir, base_dir, pc)
     return model
 
 
@@ -177,6 +179,7 @@ def lora_phi3(kv_heads=2, attn_implementation="sdpa"):
     base frozen, lora_B drawn from N(0, 0.1) so the LoRA path has an effect. Not saved anywhere."""
     from transformers import Phi3ForCausalLM
 
+    from philora.config import PeftConfig
     from philora.inject import inject_lora
     torch.manual_seed(0)
     model = Phi3ForCausalLM(phi3_config(kv_heads, attn_implementation=attn_implementation)).float()
