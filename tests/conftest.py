@@ -229,7 +229,8 @@ def run_cli(capsys, *argv):
 # -----------------------------------------------------------------------------
 # helpers: short training runs (test_train*.py)
 
-CKPT_FILES = {"lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.yaml"}
+CKPT_FILES = {"lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.yaml",
+              "manifest.json"}
 
 
 class Killed(Exception):

@@ -54,7 +54,8 @@ def test_round_trip_is_exact(tmp_path):
     random.seed(5)
     path = save(tmp_path, 3, model, opt, sched)
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.yaml"])
+        ["lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.yaml",
+         "manifest.json"])
     # what comes next in the saved process
     expected_rand, expected_py = torch.rand(5), random.random()
     train_steps(model, opt, sched, 2, seed=7)

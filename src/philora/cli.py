@@ -32,6 +32,17 @@ def guard_output(out: str, force: bool, directory: bool, inputs=()) -> None:
                            f"pass --force to overwrite it")
 
 
+def describe_os_error(e: OSError) -> str:
+    """'FILE: reason' for an OSError that reached the top (a write, or a read of a user's file)."""
+    from .diskio import HINTS
+    text = str(e).strip()
+    reason = e.strerror or (text.splitlines()[0] if text else type(e).__name__)
+    if e.errno in HINTS:
+        reason += f" ({HINTS[e.errno]})"
+    names = " -> ".join(f"'{f}'" for f in (e.filename, e.filename2) if f)
+    return f"{names}: {reason}" if names else reason
+
+
 def _number(kind: type, ok: Callable, what: str):
     """An argparse type: ``kind`` values for which ``ok`` holds, else 'must be WHAT'."""
     def parse(text: str):
@@ -136,9 +147,13 @@ def run(args: argparse.Namespace) -> int:
         config, overrides = args.config, list(args.overrides)
         if config and "=" in config and not Path(config).exists():  # only overrides were given
             config, overrides = None, [config] + overrides
+        from .preempt import SignalGuard
         from .report import end_of_run
         cfg = load_config(config, overrides)
-        end_of_run(train(cfg, resume=args.resume, overwrite=args.overwrite), cfg)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        with SignalGuard(announce=result.main) as guard:  # the run is saved: a signal just stops the report
+            guard.immediate(f"stopped while writing the report; the run is saved in {result.output_dir}")
+            end_of_run(result, cfg)
         return 0
     if args.command == "merge":
         from .merge import merge
@@ -204,14 +219,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .preempt import Interrupted
     try:
         return run(args)
     except PhiloraError as e:
         print(f"philora: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # SIGTERM / SIGINT: the line says what was saved and how to go on
+        print(f"philora: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("philora: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file the user named or a disk we write to: one line, no traceback
+        print(f"philora: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

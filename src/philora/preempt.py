@@ -91,6 +91,12 @@ class SignalGuard:
         if self.signum is not None:
             raise Interrupted(self.signum, f"{signal_name(self.signum)}: {message}")
 
+    def interrupted(self, message: str) -> Interrupted:
+        """The Interrupted to raise for a stop the ranks agreed on (SIGTERM if this rank itself
+        saw no signal)."""
+        signum = self.signum or signal.SIGTERM
+        return Interrupted(signum, f"{signal_name(signum)}: {message}")
+
     def _handle(self, signum, frame) -> None:
         name, now = signal_name(signum), time.monotonic()
         if self.signum is None:

@@ -12,6 +12,7 @@ import contextlib
 import math
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -22,9 +23,11 @@ import yaml
 from . import distributed
 from .adapter import save_adapter
 from .batching import collate, epoch_order
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (changed_settings, clean_stale, find_resumable, load_checkpoint, nonfinite,
+                         save_checkpoint, trainable_state)
 from .config import Config, check_values, config_to_dict
 from .data import build_datasets
+from .diskio import staged, write_text
 from .distributed import World
 from .errors import PhiloraError
 from .inject import count_parameters, inject_lora
@@ -32,6 +35,8 @@ from .devices import pick_device
 from .loading import load_model_and_tokenizer, load_tokenizer, resolve_path
 from .loss import CausalLMLoss
 from .metrics import RunLogger, plot_losses
+from .preempt import SignalGuard
+from .runlock import acquire as lock_output_dir
 
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "config.yaml",
              "loss.png", "report.md", "report.json", "tokenizer.json", "tokenizer_config.json",
@@ -131,33 +136,73 @@ def evaluate(loss_fn, examples: List[dict], cfg: Config, pad_id: int, device: to
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> Optional[Path]:
-    """Check ``out`` is free (or resumable); returns the checkpoint to resume from."""
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, cfg: Config) -> tuple:
+    """Check ``out`` is free (or resumable, with the same training settings): returns the
+    verified checkpoint to resume from (or None) and, with ``overwrite``, the previous run's
+    files, which :func:`remove_run` deletes only once the new run's inputs have loaded."""
     if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise PhiloraError(f"--resume: no complete checkpoint in '{out}' to resume from")
-        return ckpt
+        ckpt = find_resumable(out)
+        changes = changed_settings(ckpt, cfg)
+        if changes:
+            raise PhiloraError(f"--resume: {ckpt} was trained with other settings: {'; '.join(changes)}; "
+                               f"resume with the run's values (see {ckpt / 'config.yaml'}) or start a "
+                               f"new run (another output_dir, or --overwrite)")
+        return ckpt, []
     existing = [p for p in out.glob("*") if p.name in RUN_FILES or p.name.startswith("checkpoint-")
                 or p.name == "tensorboard"] if out.is_dir() else []
     if existing and not overwrite:
         raise PhiloraError(f"output_dir '{out}' already holds a run; pass --resume to continue it, "
                            f"--overwrite to replace it, or set training_config.output_dir")
-    for p in existing:  # only philora's own files: never a directory the user filled
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return None
+    return None, existing
+
+
+def remove_run(paths: List[Path]) -> None:
+    """Delete the previous run's files (--overwrite): only philora's own, never a directory the
+    user filled."""
+    for p in paths:
+        try:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise PhiloraError(f"--overwrite: cannot delete '{p}': {e.strerror or e}") from None
+
+
+def save_final_adapter(model, tokenizer, out: Path, base_path: str, pc) -> None:
+    """The PEFT adapter and the tokenizer, staged and renamed into ``out`` (a full disk leaves
+    no half-written adapter); never an adapter with NaN or infinite values."""
+    bad = nonfinite(trainable_state(model))
+    if bad:
+        raise PhiloraError(f"'{bad}' holds NaN or infinite values: the adapter was not saved (the "
+                           f"checkpoints in {out} are finite)")
+    with staged(out) as tmp:
+        save_adapter(model, tmp, base_path, pc)
+        tokenizer.save_pretrained(str(tmp))
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Fine-tune per ``cfg``; writes everything to output_dir and returns what the end-of-run
-    report needs (``report.end_of_run`` makes it; the CLI does so after every run)."""
+    report needs (``report.end_of_run`` makes it; the CLI does so after every run). The
+    output_dir's lock and the SIGTERM/SIGINT handlers are held for the call and released however
+    it ends; a signal stops the run after the current step with a checkpoint (preempt.Interrupted)."""
+    with contextlib.ExitStack() as held:
+        return _train(cfg, resume, overwrite, held)
+
+
+def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> TrainResult:
     tc, pc, dc = cfg.training_config, cfg.peft_config, cfg.data
     check_values(cfg)  # before --overwrite deletes anything
     world = distributed.setup()
+    guard = held.enter_context(SignalGuard(announce=world.main))
     out = Path(tc.output_dir)
-    ckpt = distributed.on_main(world, lambda: prepare_output_dir(out, resume, overwrite))
-    if resume and ckpt is None:
-        raise PhiloraError(f"--resume: no complete checkpoint in '{out}'")
+
+    def claim():  # rank 0: one trainer per output_dir; clean what killed saves left; check it
+        held.enter_context(lock_output_dir(out))
+        leftovers = clean_stale(out)
+        if leftovers:
+            print(f"removed what an interrupted save left in {out}: {', '.join(sorted(leftovers))}")
+        return prepare_output_dir(out, resume, overwrite, cfg)
+    ckpt, old_run = distributed.on_main(world, claim)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else pick_device()
@@ -194,8 +239,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
         state["world_size"] = world.size
         log(f"resumed from {ckpt} at step {state['step']}")
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        remove_run(old_run)  # --overwrite: only now that data, tokenizer and model have loaded
+        write_text(out / "config.yaml", config_yaml)
     logger = RunLogger(out, steps, state["step"], enabled=world.main, progress_bar=tc.progress_bar,
                        elapsed=state["elapsed"])
     pad_id = tokenizer.pad_token_id
@@ -210,10 +255,31 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
         return m
 
     metrics = run_eval(0) if state["step"] == 0 else {}
+    if state.pop("eval_pending", False):  # a signal stopped the run before this eval
+        metrics = run_eval(state["step"])
     batches = micro_batches(train_set, state["samples_seen"], tc.per_device_train_batch_size, world,
                             tc.seed, dc.shuffle)
-    window = {"loss": torch.zeros(()), "labels": torch.zeros(()), "tokens": 0, "t": logger.elapsed()}
+    window = {"loss": torch.zeros(()), "labels": torch.zeros(()), "tokens": 0, "t": logger.elapsed(),
+              "skipped": 0}
+    carried = state.pop("window", None)
+    if carried and world.main:  # steps since the last log record: logged with the next one, as if never stopped
+        window.update(loss=torch.tensor(carried["loss"]), labels=torch.tensor(carried["labels"]),
+                      tokens=carried["tokens"], t=carried["t"], skipped=carried.get("skipped", 0))
+
+    def save(step: int, **extra) -> Path:
+        """checkpoint-STEP, written by rank 0 (an error there stops every rank), with this log
+        window's global sums so a resume logs the same records."""
+        loss, labels, tokens = distributed.all_sum(world, window["loss"], window["labels"],
+                                                   torch.tensor(float(window["tokens"])))
+        state["elapsed"] = logger.elapsed()
+        saved = dict(state, window={"loss": loss.item(), "labels": labels.item(), "tokens": int(tokens.item()),
+                                    "t": window["t"], "skipped": window["skipped"]}, **extra)
+        return distributed.on_main(world, lambda: save_checkpoint(out, step, model, optimizer, scheduler, saved,
+                                                                  config_yaml, tc.save_total_limit))
+
     grad_norm = torch.zeros(())
+    bad_steps = 0
+    guard.defer()  # from here a signal stops the run after the current step, with a checkpoint
     while state["step"] < steps:
         # Dropout draws from (seed, rank, step): ranks differ, and a resume replays them exactly.
         torch.manual_seed(distributed.step_seed(tc.seed, world.rank, state["step"]))
@@ -223,24 +289,48 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
                  for _ in range(tc.gradient_accumulation_steps)]
         (n_labels,) = distributed.all_sum(world, sum(b["num_label_tokens"] for b in micro))
         scale = world.size / n_labels.clamp(min=1).item()  # DDP averages over ranks: undo that
+        step_loss, step_labels, step_tokens = torch.zeros(()), torch.zeros(()), 0
         for i, b in enumerate(micro):
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if (last or not world.enabled) else loss_fn.no_sync()
             with sync, autocast():
                 loss_sum, n = loss_fn(to_device(b, device))
                 (loss_sum.float() * scale).backward()
-            window["loss"] += loss_sum.detach().float().cpu()
-            window["labels"] += n.cpu()
-            window["tokens"] += int(b["num_tokens"])
+            step_loss += loss_sum.detach().float().cpu()
+            step_labels += n.cpu()
+            step_tokens += int(b["num_tokens"])
         # The norm is logged either way; max_grad_norm 0 means no clipping.
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0
-                                                   else float("inf"))
-        optimizer.step()
-        scheduler.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0
+                                              else float("inf"))
+        # One all-reduce for what every rank must decide alike: skip a step whose loss or gradient
+        # is NaN/inf (no update: the weights and Adam's moments stay finite), and stop after this
+        # step on SIGTERM/SIGINT.
+        bad, stop = distributed.all_sum(world, torch.tensor(float(not (torch.isfinite(step_loss) and torch.isfinite(norm)))),
+                                        torch.tensor(float(guard.requested)))
+        bad_steps = bad_steps + 1 if bad else 0
+        if bad:
+            window["skipped"] += 1
+        else:
+            optimizer.step()
+            grad_norm = norm
+            window["loss"] += step_loss
+            window["labels"] += step_labels
+        window["tokens"] += step_tokens
+        with warnings.catch_warnings(action="ignore") if bad else contextlib.nullcontext():
+            scheduler.step()  # (torch warns of misuse when a run's first update is skipped)
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["samples_seen"] += tc.per_device_train_batch_size * tc.gradient_accumulation_steps * world.size
         step = state["step"]
+        if bad_steps >= tc.max_bad_steps:
+            raise PhiloraError(
+                f"training stopped at step {step}: {bad_steps} step(s) in a row had a NaN or infinite loss or "
+                f"gradient norm (training_config.max_bad_steps={tc.max_bad_steps}); the weights were last "
+                f"updated at step {step - bad_steps} and nothing after it was saved; lower "
+                f"training_config.learning_rate, keep max_grad_norm > 0, or train in float32 (model.dtype)")
+        if bad:
+            logger.print(f"philora: warning: step {step}: NaN or infinite loss or gradient norm; the update "
+                         f"was skipped ({bad_steps} in a row; {tc.max_bad_steps} in a row stop the run)")
 
         if step % tc.logging_steps == 0 or step == steps:
             loss, labels, tokens = distributed.all_sum(world, window["loss"], window["labels"],
@@ -250,25 +340,39 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
                    "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
                    "tokens": int(tokens.item()), "tokens_per_s": round(tokens.item() / max(now - window["t"], 1e-9), 1),
                    "epoch": round(state["samples_seen"] / len(train_set), 4)}
+            if window["skipped"]:  # non-finite steps are left out of the loss, and counted
+                rec["skipped_steps"] = window["skipped"]
+                if labels.item() == 0:
+                    rec["loss"] = None
             logger.write(rec)
-            logger.progress(0, loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            window = {"loss": torch.zeros(()), "labels": torch.zeros(()), "tokens": 0, "t": now}
+            logger.progress(0, loss=f"{rec['loss']:.4f}" if rec["loss"] is not None else "-",
+                            lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            window = {"loss": torch.zeros(()), "labels": torch.zeros(()), "tokens": 0, "t": now, "skipped": 0}
         logger.progress(1)
+        if stop and step < steps:  # SIGTERM/SIGINT: checkpoint now; a due eval is the resumed run's first
+            saved = save(step, eval_pending=tc.eval_steps > 0 and step % tc.eval_steps == 0)
+            raise guard.interrupted(f"stopped after step {step} with a checkpoint in {saved}; continue "
+                                    f"with the same command and --resume")
         if tc.eval_steps > 0 and step % tc.eval_steps == 0 and step != steps:
             metrics = run_eval(step)
         if tc.save_steps > 0 and step % tc.save_steps == 0:
-            state["elapsed"] = logger.elapsed()
-            if world.main:
-                save_checkpoint(out, step, model, optimizer, scheduler, dict(state), config_yaml,
-                                tc.save_total_limit)
-            distributed.barrier(world)
+            save(step)
 
+    # The adapter first (small, quick: saved even if a scheduler's kill follows), then the final eval.
+    distributed.on_main(world, lambda: save_final_adapter(model, tokenizer, out, base_path, pc))
+    logger.print(f"adapter saved to {out} (PEFT format)")
+    (stop,) = distributed.all_sum(world, torch.tensor(float(guard.requested)))
+    skipped = (f"the adapter is saved in {out}; the final evaluation and report were skipped "
+               f"(`philora eval {out} --out DIR` makes them)")
+    if stop:
+        raise guard.interrupted(skipped)
+    guard.immediate(skipped)
     metrics = run_eval(state["step"])
     if world.main:
-        save_adapter(model, out, base_path, pc)
-        tokenizer.save_pretrained(str(out))
-        plot_losses(out)
-        logger.print(f"adapter saved to {out} (PEFT format)")
+        try:
+            plot_losses(out)
+        except PhiloraError as e:  # the run is saved: a plot that cannot be written is a warning
+            logger.print(f"philora: warning: {e}")
     logger.close()
     distributed.teardown(world)
     return TrainResult(metrics, out, model, tokenizer, eval_subset, world.main)
