@@ -5,6 +5,9 @@ and no 2-D attention mask. transformers reads the restarts as sequence boundarie
 FlashAttention on CUDA, a block-diagonal causal mask on SDPA/eager, so attention never crosses
 conversations and the result equals running them one by one (tested). Rows hold at most
 ``max_length`` tokens, so attention cost stays that of one conversation of ``max_length``.
+Padded batches carry ``position_ids`` too (the padding restarting at 0): attention follows the
+mask, and the rotary factors of a LongRoPE model (rope.py) follow each conversation's own
+length, not the row's.
 
 The sample order is a pure function of (seed, epoch), so resuming needs only the count of
 samples already seen, and a different world size reads the same global order.
@@ -48,7 +51,8 @@ def collate(examples: Sequence[Dict[str, List[int]]], pad_id: int, packing: bool
     """Examples {"input_ids", "labels"} -> tensors (rows, L).
 
     Packed: ``input_ids``, ``labels``, ``position_ids`` (restart per conversation), no mask.
-    Padded: ``input_ids``, ``labels``, ``attention_mask`` (right padding, labels -100).
+    Padded: ``input_ids``, ``labels``, ``attention_mask`` (right padding, labels -100),
+    ``position_ids`` (0.. per conversation, the padding from 0 again).
     ``num_tokens``: non-pad tokens; ``num_label_tokens``: labels that count in the loss
     (after the one-position shift of causal LM training).
     """
@@ -75,10 +79,8 @@ def collate(examples: Sequence[Dict[str, List[int]]], pad_id: int, packing: bool
             at += n
         # Padding continues the positions, so it forms its own (ignored) segment.
         pos[r, at:] = torch.arange(width - at)
-    batch = {"input_ids": ids, "labels": labels}
-    if packing:
-        batch["position_ids"] = pos
-    else:
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    if not packing:
         batch["attention_mask"] = mask
     batch["num_tokens"] = torch.tensor(sum(lengths))
     batch["num_label_tokens"] = (labels[:, 1:] != IGNORE_INDEX).sum()

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import attention
+from . import attention, rope
 from .adapter import CONFIG_NAME, AdapterError, read_adapter_config
 from .config import Config, ModelConfig, load_config
 from .devices import pick_device, resolve_dtype
@@ -52,11 +52,12 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: Optional[torch.device] = 
     device = device or pick_device()
     path = resolve_path(cfg.name_or_path)
     dtype = resolve_dtype(cfg.dtype, device)
-    attn = cfg.attn_implementation
     # Training with sdpa: the same attention run per packed conversation, without transformers'
-    # block-diagonal mask over the whole row (attention.py; plain sdpa whenever a mask is given).
-    if attn == "philora_sdpa" or (attn == "sdpa" and training):
-        attn = attention.register()
+    # block-diagonal mask over the whole row (attention.py; plain sdpa whenever a mask is given);
+    # its explicit-scores form for models with softcapped attention (Gemma 2), said once.
+    attn, note = attention.choose(_model_config(path, cfg), cfg.attn_implementation, training)
+    if note:
+        print(note)
     kwargs = dict(dtype=dtype, attn_implementation=attn,
                   trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.quantization:
@@ -73,10 +74,21 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: Optional[torch.device] = 
     else:
         model.to(device)
     model.requires_grad_(False)
+    rope.install(model)  # LongRoPE: each packed conversation gets its own factor set
     model.config.use_cache = not training
     if training and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, path
+
+
+def _model_config(path: str, cfg: ModelConfig):
+    """The model's config, or None where it cannot be read (from_pretrained then says why)."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+                                          revision=cfg.revision)
+    except (OSError, ValueError):
+        return None
 
 
 def meta_model(name_or_path: str, local_only: bool = False) -> torch.nn.Module:

@@ -10,33 +10,48 @@ PyTorch offers this; TRL's chunked loss is generic but slow on CPU.
 
 Returns the *sum* of token losses and the token count, so gradient accumulation can normalise
 by the label tokens of the whole accumulated batch (not a mean of per-batch means).
+
+Exact against the model's own ``*ForCausalLM`` logits: a final-logit softcap (Gemma 2:
+``cap * tanh(logits / cap)``) is applied per chunk, and its gradient taken through. Under
+FlashAttention a packed batch goes to the decoder as one row: transformers reaches the varlen
+kernel (one sequence per conversation, sliding window and softcap per conversation) only for a
+single packed row; with several rows it would run plain causal attention across conversations.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .models import final_logit_softcap
+
 IGNORE_INDEX = -100  # the label of a position that is not trained on (as torch's cross_entropy)
 
 
 class _FrozenHeadCE(torch.autograd.Function):
-    """sum CE(h @ W.T + b, y) for a frozen head; grad only w.r.t. h. h: (N, H), y: (N,)."""
+    """sum CE(cap(h @ W.T + b), y) for a frozen head; grad only w.r.t. h. h: (N, H), y: (N,).
+    ``cap``: the final-logit softcap (None: none)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, y, chunk):
+    def forward(ctx, h, weight, bias, y, chunk, softcap):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         for s in range(0, h.shape[0], chunk):
             hc, yc = h[s:s + chunk], y[s:s + chunk]
             logits = F.linear(hc, weight, bias).float()  # (c, V): the only logits alive
+            squash = None
+            if softcap is not None:
+                squash = torch.tanh(logits / softcap)
+                logits = squash * softcap
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
             if grad_h is not None:
                 # d/dlogits of sum CE = softmax - onehot, computed in place.
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(len(yc), device=yc.device), yc] -= 1.0
+                if squash is not None:  # through cap * tanh(z / cap): times 1 - tanh^2
+                    probs.mul_(1.0 - squash.square_())
                 grad_h[s:s + chunk] = (probs.to(weight.dtype) @ weight).to(h.dtype)
         ctx.save_for_backward(grad_h)
         return total
@@ -44,19 +59,22 @@ class _FrozenHeadCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None, None
 
 
 def lm_head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-                 chunk: int = 4096) -> torch.Tensor:
-    """Sum of cross-entropies of ``head(hidden)`` against ``targets``. hidden (N, H), targets (N,)."""
+                 chunk: int = 4096, softcap: Optional[float] = None) -> torch.Tensor:
+    """Sum of cross-entropies of ``head(hidden)`` (softcapped when ``softcap`` is given) against
+    ``targets``. hidden (N, H), targets (N,)."""
     weight, bias = head.weight, getattr(head, "bias", None)
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
     if frozen and isinstance(head, nn.Linear):
-        return _FrozenHeadCE.apply(hidden, weight, bias, targets, chunk)
+        return _FrozenHeadCE.apply(hidden, weight, bias, targets, chunk, softcap)
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, hidden.shape[0], chunk):  # trainable or unusual head: plain chunks
         logits = head(hidden[s:s + chunk]).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         total = total + F.cross_entropy(logits, targets[s:s + chunk], reduction="sum")
     return total
 
@@ -75,6 +93,12 @@ class CausalLMLoss(nn.Module):
     def forward(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        impl = str(getattr(self.model.config, "_attn_implementation", "") or "")
+        if "flash" in impl and "attention_mask" not in inputs and "position_ids" in inputs:
+            # one row: the varlen kernel, one sequence per conversation (the row ends are
+            # position restarts too, and the first label of a row is never a target)
+            inputs = {k: v.reshape(1, -1) for k, v in inputs.items()}
+            labels = labels.reshape(1, -1)
         out = self.model.get_decoder()(**inputs, use_cache=False)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         targets = labels[:, 1:]
@@ -85,4 +109,4 @@ class CausalLMLoss(nn.Module):
         if h.shape[0] == 0:
             return hidden.sum() * 0.0, n
         head = self.model.get_output_embeddings()
-        return lm_head_loss(h, head, y, self.chunk), n
+        return lm_head_loss(h, head, y, self.chunk, final_logit_softcap(self.model.config)), n

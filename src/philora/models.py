@@ -9,7 +9,10 @@ the q/k/v slices are unequal, so sizes come from the model config, never from ou
 modules, instead of silently matching nothing as they do in PEFT.
 
 Also here: what kind of linear layer a module is (``nn.Linear``, GPT-2's ``Conv1D``, a
-bitsandbytes 4-bit ``Linear4bit``) and which tokens end a reply.
+bitsandbytes 4-bit ``Linear4bit``), which tokens end a reply (the generation config's, the
+tokenizer's eos, and the end-of-turn token the chat template puts after an assistant message,
+which is what training labels), where LongRoPE switches factor sets and what that means for
+serving, and the final-logit softcap (Gemma 2).
 """
 
 import re
@@ -75,16 +78,81 @@ def stop_token_strings(config) -> Tuple[str, ...]:
     return STOP_TOKENS.get(getattr(config, "model_type", None), ())
 
 
+PROBE = "philora probe reply"  # an assistant message whose end the template shows
+
+
+def end_of_turn_ids(tokenizer) -> List[int]:
+    """The token the chat template puts right after an assistant message's content: the first
+    added (special) token after it, as training labels it (``<|end|>``, ``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``, ``</s>``). [] when the template cannot show one."""
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # a template that rejects even this (or none at all): nothing to learn
+        return []
+    at = text.find(PROBE) if isinstance(text, str) else -1
+    if at < 0:
+        return []
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    tail = tokenizer(text[at + len(PROBE):], add_special_tokens=False)["input_ids"]
+    return [int(t) for t in tail if t in added][:1]
+
+
 def stop_token_ids(model, tokenizer) -> List[int]:
-    """Ids that end a reply: the generation config's eos ids, the tokenizer's eos and the
-    architecture's end-of-turn tokens (Phi-3: ``<|end|>``), sorted."""
+    """Ids that end a reply, sorted: the model's generation config's eos ids, the tokenizer's
+    eos, the chat template's end-of-turn token and the architecture's table (Phi-3 also stops on
+    ``<|assistant|>``)."""
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None)
     ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     ids.append(tokenizer.eos_token_id)
+    ids += end_of_turn_ids(tokenizer)
     vocab = tokenizer.get_vocab()
     ids += [vocab[s] for s in stop_token_strings(model.config) if s in vocab]
     return sorted({int(i) for i in ids if i is not None})
+
+
+# -- rotary factors and logits ---------------------------------------------------------------------
+
+def _text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+def longrope_switch(config) -> Optional[int]:
+    """``original_max_position_embeddings`` of a LongRoPE model (Phi-3-mini-128k, Phi-3.5-mini,
+    Phi-4-mini): conversations longer than this use the long factors. None for other models."""
+    if config is None:
+        return None
+    config = _text_config(config)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict) or params.get("rope_type", params.get("type")) != "longrope":
+        return None
+    switch = params.get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None)
+    return int(switch) if switch else None
+
+
+def longrope_advice(switch: int, short: int, long: int) -> str:
+    """How to serve an adapter trained on ``short`` / ``long`` conversations of a LongRoPE
+    model (one line). Serving engines pick one factor set per deployment: vLLM from
+    ``--max-model-len`` (long above the switch), llama.cpp from ``n_ctx``."""
+    if long == 0:
+        return (f"LongRoPE: trained with the short factors only (all {short} conversations <= {switch} "
+                f"tokens): serve on the same side, vLLM --max-model-len {switch} (or less; above "
+                f"{switch} every request uses the long factors)")
+    if short == 0:
+        return (f"LongRoPE: trained with the long factors only (all {long} conversations > {switch} "
+                f"tokens): serve with vLLM --max-model-len above {switch} (then every request uses "
+                f"the long factors, as trained)")
+    return (f"LongRoPE: trained on both sides of the switch at {switch} tokens ({short} conversations "
+            f"with the short factors, {long} with the long): vLLM uses one set for every request, "
+            f"short with --max-model-len <= {switch}, long above; choose the side your requests "
+            f"were trained on, or train on one side only (data.max_length <= {switch})")
+
+
+def final_logit_softcap(config) -> Optional[float]:
+    """The cap of ``cap * tanh(logits / cap)`` some models apply to their logits (Gemma 2: 30)."""
+    return getattr(_text_config(config), "final_logit_softcapping", None) if config is not None else None
 
 
 # -- kinds of linear layer -----------------------------------------------------------------------
