@@ -99,7 +99,7 @@ def test_trailing_user_turn_dropped_and_prompt_assistant_turns_not_trained():
 
 BAD = [  # (record or raw line, format, expected fragment of the message)
     (chat(("user", "Hi"), ("bot", "Hello")), "auto",
-     "message 2 has unknown role 'bot' (expected system, user, assistant)"),
+     "message 2 has unknown role 'bot' (expected system, user, assistant, tool)"),
     ({"messages": [{"content": "Hi"}, {"role": "assistant", "content": "x"}]}, "auto", "message 1 has no 'role'"),
     (chat(("user", "Hi"), ("assistant", " \n\t")), "auto", "message 2 has empty content"),
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "auto",

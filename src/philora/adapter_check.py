@@ -4,7 +4,9 @@ Before deploying: features it rejects (DoRA, modules_to_save, bias, ...), ranks 
 largest ``--max-lora-rank`` it accepts (1, 8, 16, 32, 64, 128, 256, 320, 512;
 vllm/config/lora.py ``MaxLoRARanks``, default 16), and against the base model (built on the meta
 device: names and shapes, no weights) target modules it does not have, since an adapter whose
-modules match nothing serves the base model. Hand-written: no library checks this offline.
+modules match nothing serves the base model. For a philora run of a LongRoPE model, the side of
+the factor switch it trained on and the ``--max-model-len`` that serves it so (serving.py).
+Hand-written: no library checks this offline.
 """
 
 from pathlib import Path
@@ -14,6 +16,7 @@ from .adapter import AdapterError, read_adapter, scan_adapter
 from .errors import PhiloraError
 from .inject import target_layer
 from .loading import meta_model
+from .serving import read_record
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
@@ -71,10 +74,17 @@ def check(adapter_dir, base: Optional[str] = None) -> Tuple[List[str], List[str]
 def check_cli(adapter, base: Optional[str] = None) -> int:
     """``philora adapter check``: one line per problem; exit 1 on an error, 0 when clean."""
     errors, warnings = check(adapter, base)
+    notes = []
+    record = read_record(adapter)  # a philora run of a LongRoPE model: the side it trained on
+    if record is not None:
+        both = record["short"]["conversations"] and record["long"]["conversations"]
+        (warnings if both else notes).append(record["advice"])
     for e in errors:
         print(f"error: {e}")
     for w in warnings:
         print(f"warning: {w}")
+    for n in notes:
+        print(f"note: {n}")
     if errors:
         print(f"{adapter}: {len(errors)} error(s), {len(warnings)} warning(s)")
         return 1

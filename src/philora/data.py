@@ -128,7 +128,8 @@ def _load_hub(name: str, split: str) -> List[Tuple[str, dict]]:
 
 def encode_chat(messages: List[dict], tokenizer, max_length: Optional[int] = None) -> Dict[str, List[int]]:
     """Token ids of the chat template and labels: -100 except assistant contents and their end-of-turn token."""
-    chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    # tool definitions ride on the system message (formats.py); the template decides how they render
+    chat = [{k: m[k] for k in ("role", "content", "tools") if k in m} for m in messages]
     ids = _as_ids(tokenizer.apply_chat_template(chat, tokenize=True))
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
     added = set(tokenizer.added_tokens_decoder)  # headers and end-of-turn markers are added tokens

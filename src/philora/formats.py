@@ -1,7 +1,12 @@
 """Chat data formats: map one record to a validated list of messages.
 
 Formats (``data.format``; ``auto`` decides per record from its keys):
-    messages           {"messages": [{"role", "content"}, ...]}  (or the same list under "conversations")
+    messages           {"messages": [{"role", "content"}, ...]}  (or the same list under "conversations");
+                       roles system, user, assistant and tool (a tool's result). Tool calling: the
+                       system message may carry "tools" (a JSON string, or a list/object written out
+                       as JSON), which templates such as Phi-4-mini's render as
+                       ``<|system|>...<|tool|>{tools}<|/tool|><|end|>``; the assistant's calls are its
+                       content, in the model's own syntax (Phi-4-mini: ``<|tool_call|>[...]<|/tool_call|>``)
     sharegpt           {"conversations": [{"from": system|human|gpt, "value"}, ...]}  (user/assistant accepted)
     alpaca             {"instruction", "input"?, "output", "system"?}; input goes after the instruction and a
                        blank line
@@ -16,11 +21,12 @@ Every mistake raises DataError with one line: "<where>: what is wrong", where is
 "file.parquet record 3" (given by the caller, see philora.data.load_records).
 """
 
+import json
 from typing import List
 
 from .errors import PhiloraError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 
@@ -103,7 +109,22 @@ def _message(turn, role_key, content_key, roles, name, where):
         raise DataError(f"{where}: {name} '{content_key}' must be a string, got {type(content).__name__}")
     if not content.strip():
         raise DataError(f"{where}: {name} has empty content")
-    return {"role": roles[role] if isinstance(roles, dict) else role, "content": content}
+    message = {"role": roles[role] if isinstance(roles, dict) else role, "content": content}
+    if turn.get("tools") is not None:
+        message["tools"] = tools_json(turn["tools"], message["role"], name, where)
+    return message
+
+
+def tools_json(tools, role: str, name: str, where: str) -> str:
+    """A system message's tool definitions as the JSON text templates splice in."""
+    if role != "system":
+        raise DataError(f"{where}: {name} has 'tools', which go on the system message (role {role!r})")
+    if isinstance(tools, (list, dict)):
+        return json.dumps(tools, ensure_ascii=False)
+    if not isinstance(tools, str) or not tools.strip():
+        raise DataError(f"{where}: {name} 'tools' must be a JSON string, list or object, got "
+                        f"{type(tools).__name__ if not isinstance(tools, str) else 'an empty string'}")
+    return tools
 
 
 def _text(record, key, where, optional=False):

@@ -18,10 +18,11 @@ from typing import List, Optional, Sequence
 import torch
 
 from .errors import PhiloraError
+from .formats import tools_json
 from .loading import load_source
 from .models import stop_token_ids
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 # -----------------------------------------------------------------------------
@@ -29,7 +30,7 @@ ROLES = ("system", "user", "assistant")
 
 def chat_ids(tokenizer, messages: Sequence[dict]) -> List[int]:
     """Token ids of ``messages`` through the chat template, with the assistant header appended."""
-    chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    chat = [{k: m[k] for k in ("role", "content", "tools") if k in m} for m in messages]  # as training
     out = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
     if hasattr(out, "keys"):  # a BatchEncoding (transformers 5)
         out = out["input_ids"]
@@ -90,7 +91,11 @@ def _check_messages(messages, where: str) -> List[dict]:
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise PhiloraError(f"{where}: each message needs a role ({'/'.join(ROLES)}) and a string content")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    out = [{"role": m["role"], "content": m["content"]} for m in messages]
+    for i, (m, o) in enumerate(zip(messages, out), 1):
+        if m.get("tools") is not None:  # tool definitions on the system message, as in training
+            o["tools"] = tools_json(m["tools"], m["role"], f"message {i}", where)
+    return out
 
 
 def read_prompts(path: str) -> List[dict]:

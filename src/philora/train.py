@@ -37,10 +37,11 @@ from .loss import CausalLMLoss
 from .metrics import RunLogger, plot_losses
 from .preempt import SignalGuard
 from .runlock import acquire as lock_output_dir
+from .serving import rope_regimes, write_notes
 
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "config.yaml",
              "loss.png", "report.md", "report.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+             "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "longrope.json")
 
 
 def total_steps(cfg: Config, n_train: int, world: int) -> int:
@@ -217,6 +218,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     inject_lora(model, pc)
     trainable, total = count_parameters(model)
     log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
+    regimes = rope_regimes(model.config, train_set)  # LongRoPE: which factor set(s) this run trains
+    if regimes:
+        log(regimes["advice"])
     loss_fn = CausalLMLoss(model)
     loss_fn.train()
     if world.enabled:
@@ -360,6 +364,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
 
     # The adapter first (small, quick: saved even if a scheduler's kill follows), then the final eval.
     distributed.on_main(world, lambda: save_final_adapter(model, tokenizer, out, base_path, pc))
+    distributed.on_main(world, lambda: write_notes(out, base_path, regimes))  # README, longrope.json
     logger.print(f"adapter saved to {out} (PEFT format)")
     (stop,) = distributed.all_sum(world, torch.tensor(float(guard.requested)))
     skipped = (f"the adapter is saved in {out}; the final evaluation and report were skipped "
