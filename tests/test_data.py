@@ -338,7 +338,7 @@ def test_eval_fraction_split_is_seeded_and_disjoint(tmp_path, phi3):
     t2, e2, _ = build_datasets(cfg, phi3, 7, quiet)
     t3, e3, _ = build_datasets(cfg, phi3, 8, quiet)
     assert key(e1) == key(e2) and key(t1) == key(t2) and len(e1) == 5 and len(t1) == 15
-    assert not set(key(t1)) & set(key(e1)) and len(set(key(t1 + e1))) == 20
+    assert not set(key(t1)) & set(key(e1)) and len(set(key(list(t1) + list(e1)))) == 20
     assert key(e3) != key(e1)
     _, e, _ = build_datasets(DataConfig(train=str(path), eval_fraction=0.001), phi3, 0, quiet)
     assert len(e) == 1  # at least one example
@@ -352,8 +352,9 @@ def test_eval_file_and_sample_source(tmp_path, phi3, monkeypatch):
     ev = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "x", "output": "y"}])
     tr, e, stats = build_datasets(DataConfig(train=str(train), eval=str(ev)), phi3, 0, quiet)
     assert len(tr) == 4 and len(e) == 1 and stats["eval"]["source"] == str(ev)
-    monkeypatch.setattr(data, "SAMPLE_TRAIN", train)
-    monkeypatch.setattr(data, "SAMPLE_EVAL", ev)
+    from philora import records
+    monkeypatch.setattr(records, "SAMPLE_TRAIN", train)
+    monkeypatch.setattr(records, "SAMPLE_EVAL", ev)
     tr, e, _ = build_datasets(DataConfig(train="sample"), phi3, 0, quiet)
     assert len(tr) == 4 and len(e) == 1
 
@@ -367,14 +368,14 @@ def test_hub_dataset_path(monkeypatch, phi3):
         calls.append((name, split))
         if split not in splits:
             raise ValueError(f'Unknown split "{split}". Should be one of {list(splits)}.')
-        return splits[split]
+        return datasets.Dataset.from_list(splits[split])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert load_records("someone/chats", "train")[0][0] == "someone/chats[train] record 1"
     tr, e, _ = build_datasets(DataConfig(train="someone/chats", eval_fraction=0.2), phi3, 0, quiet)
     assert (len(tr), len(e)) == (8, 2) and ("someone/chats", "test") in calls  # no test split: held out
     splits["test"] = None  # a failure other than a missing split is an error, not a reason to hold out
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: splits[split] or 1 / 0)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(splits[split] or 1 / 0))
     with pytest.raises(DataError, match=r"^someone/chats: cannot load dataset: division by zero$"):
         build_datasets(DataConfig(train="someone/chats"), phi3, 0, quiet)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)

@@ -1,13 +1,14 @@
-"""Chat data: read records, map each format to messages, tokenize with assistant-only labels.
+"""Chat data: map each record to messages, tokenize with assistant-only labels, build the train and
+eval sets (tokenized once, kept in Arrow, cached, mixed by weight).
 
-    load_records(source, split)      -> [(where, record)]    where = "file.jsonl:17", "file.parquet record 3",
-                                                                      "owner/name[train] record 3"
-    to_messages(record, fmt, where)  -> [{"role", "content"}]  (validated; DataError names file and line)
-    encode_chat(messages, tokenizer) -> {"input_ids", "labels"}
-    build_datasets(cfg, tokenizer, seed) -> train examples, eval examples, stats
+    encode_chat(messages, tokenizer)          -> {"input_ids", "labels"}
+    build_datasets(cfg, tokenizer, seed)      -> train examples, eval examples (with "messages"), stats
+    encode_source(source, split, cfg, tok)    -> one source's examples (with "messages") and counts
+    tokenize(source, cfg, tokenizer)          -> one source's rows, tokenized (cached), and its meta
 
-Formats and their validation live in formats.py (DataError, detect_format and to_messages are
-re-exported here).
+Records come from records.py (files streamed, datasets, "sample"); formats and their validation
+live in formats.py (DataError, detect_format, to_messages, load_records and the sample paths are
+re-exported here). Tokenized rows are stored by datastore.py and read as examples.py's Examples.
 
 Labels: input_ids are exactly ``tokenizer.apply_chat_template(messages, tokenize=True)``. Labels are -100
 except, for each assistant turn: the tokens that carry characters of its content, then every token up to and
@@ -21,106 +22,41 @@ Phi-3's header token also swallows the content's leading whitespace, which is th
 trained. Where offsets are unavailable or disagree with the template's ids, labels come from comparing the
 token prefixes of partial renderings, as TRL does for prompt-completion data.
 
-JSON and JSON-lines files are read here rather than with ``datasets``: errors must name the line, and Arrow
-would unify the records' schemas (adding null keys and casting types), hiding exactly the mistakes we report.
-Parquet, CSV and hub datasets go through ``datasets.load_dataset``.
+Tokenized data: every record of a source becomes one Arrow row (kept, truncated, dropped or bad, with
+the reason), tokenized in ``data.num_proc`` processes (datasets' map: the same rows for any number) and
+cached under a key of everything that changes the rows: the input's content (a file's sha256, a hub
+dataset's fingerprint) and name, the split, format, max_length, truncation, the tokenizer (vocabulary,
+added tokens, chat template), the library versions and ``ENCODING_VERSION``. ``skip_bad_records`` is not in
+the key: bad records are rows too, and the policy applies when the rows are read. A second run on the
+same inputs maps the cache and tokenizes nothing; a changed input tokenizes again.
 """
 
+import hashlib
 import json
 import os
 import random
-import re
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+import time
+from dataclasses import replace
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import jinja2
+import numpy as np
+import pyarrow as pa
 
-from .config import DataConfig
+from . import datastore
+from .config import DataConfig, DataSource
 from .errors import first_line
+from .examples import Examples, Part, epoch_indices, per_source
 from .formats import FORMATS, DataError, detect_format, to_messages  # noqa: F401 (re-exported)
 from .loss import IGNORE_INDEX
+from .records import (SAMPLE_EVAL, SAMPLE_TRAIN, MissingSplit, is_dataset_name, json_array,  # noqa: F401
+                      json_lines, kind_of, label, load_records, open_dataset, parse_json, record_name,
+                      resolve)
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "data"  # made by scripts/make_sample_data.py
-SAMPLE_TRAIN = SAMPLE_DIR / "sample_train.jsonl"
-SAMPLE_EVAL = SAMPLE_DIR / "sample_eval.jsonl"
-HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
-class MissingSplit(DataError):
-    """A dataset has no such split (build_datasets then holds out part of train)."""
-
-
-# -----------------------------------------------------------------------------
-# reading records
-
-def load_records(source: str, split: str = "train", errors: Optional[list] = None) -> List[Tuple[str, dict]]:
-    """(where, record) pairs of a file, a dataset (hub name or local folder) or "sample" (split "train": the
-    shipped train file, any other split: its eval file). With ``errors`` (a list), invalid JSON lines are
-    appended to it as DataErrors instead of raised."""
-    if source == "sample":  # philora's shipped data set
-        source = str(SAMPLE_TRAIN if split == "train" else SAMPLE_EVAL)
-    path = Path(source)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".json"):
-            return _read_json(path, source, errors)
-        if suffix in (".parquet", ".csv"):
-            import datasets
-            try:
-                ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-            except Exception as e:
-                raise DataError(f"{source}: cannot read {suffix[1:]} file: {first_line(e)}") from None
-            return [(f"{source} record {i}", dict(r)) for i, r in enumerate(ds, 1)]
-        raise DataError(f"{source}: unsupported file type '{suffix}' (expected {', '.join(FILE_SUFFIXES)})")
-    if is_dataset_name(source):
-        return _load_hub(source, split)
-    raise DataError(f"{source}: no such file")
-
-
-def is_dataset_name(source: str) -> bool:
-    """A local dataset folder or what looks like a hub name ("owner/name") rather than a missing file."""
-    path = Path(source)
-    return path.is_dir() or (not path.exists() and bool(HUB_NAME.match(source))
-                             and path.suffix.lower() not in FILE_SUFFIXES)
-
-
-def _read_json(path: Path, source: str, errors: Optional[list]) -> List[Tuple[str, dict]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one JSON array of records
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{source}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        return [(f"{source} record {i}", r) for i, r in enumerate(data, 1)]
-    records = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{source}:{n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            err = DataError(f"{source}:{n}: invalid JSON: {e.msg} (column {e.colno})")
-            if errors is None:
-                raise err from None
-            errors.append(err)
-    return records
-
-
-def _load_hub(name: str, split: str) -> List[Tuple[str, dict]]:
-    import datasets
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except ValueError as e:
-        if re.search(r"(unknown|bad) split", str(e), re.IGNORECASE):
-            raise MissingSplit(f"{name}: no split '{split}'") from None
-        raise DataError(f"{name}: cannot load dataset: {first_line(e)}") from None
-    except Exception as e:  # unreachable hub, no such dataset, ...
-        raise DataError(f"{name}: cannot load dataset: {first_line(e)}") from None
-    return [(f"{name}[{split}] record {i}", dict(r)) for i, r in enumerate(ds, 1)]
+ENCODING_VERSION = 1  # bump whenever encode_chat's output or the stored columns change
+KEPT, TRUNCATED, TOO_LONG, NO_LABELS, BAD = range(5)  # the status of a record's row
+MIN_ROWS_PER_PROCESS = 1000  # data.num_proc=0 starts no more processes than this many rows each can use
+PROGRESS_ROWS = 20000  # sources this large show datasets' progress bar while tokenizing
 
 
 # -----------------------------------------------------------------------------
@@ -219,101 +155,315 @@ def _common_prefix(a, b):
     return n
 
 
+
+# -----------------------------------------------------------------------------
+# one source -> tokenized Arrow rows (cached)
+
+def _schema(narrow: bool) -> pa.Schema:
+    return pa.schema([
+        ("where", pa.string()), ("status", pa.uint8()), ("error", pa.string()),
+        ("input_ids", pa.list_(pa.uint16() if narrow else pa.int32())), ("label_mask", pa.list_(pa.uint8())),
+        ("num_labels", pa.int32()), ("full_length", pa.int32()), ("hash", pa.int64()), ("messages", pa.string()),
+    ])
+
+
+RAW_SCHEMA = pa.schema([("where", pa.string()), ("raw", pa.binary())])
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of what makes the tokenizer's ids and the template's text: its vocabulary, merges,
+    normalizer and added tokens (the fast tokenizer's JSON), special tokens, chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [type(tokenizer).__name__,
+             backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())),
+             json.dumps(tokenizer.chat_template, sort_keys=True, default=str),
+             json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+             json.dumps({int(k): str(v) for k, v in tokenizer.added_tokens_decoder.items()}, sort_keys=True)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _versions() -> dict:
+    import tokenizers
+    import transformers
+    return {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+            "jinja2": jinja2.__version__}
+
+
+def processes(num_proc: int, rows: int) -> int:
+    """Tokenizing processes: ``data.num_proc``, or with 0 one per CPU core this process may use,
+    no more than rows / MIN_ROWS_PER_PROCESS (starting a process costs more than a few rows)."""
+    if num_proc > 0:
+        return max(1, min(num_proc, rows))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, rows // MIN_ROWS_PER_PROCESS))
+
+
+def source_spec(source: Union[str, DataSource], cfg: DataConfig, split: str) -> DataSource:
+    """A DataSource with every field set (format and split from the data config unless given)."""
+    if isinstance(source, str):
+        source = DataSource(path=source)
+    return replace(source, format=source.format or cfg.format, split=source.split or split)
+
+
+def sources(value, cfg: DataConfig, split: str) -> List[DataSource]:
+    """data.train / data.eval as a list of complete DataSources."""
+    return [source_spec(s, cfg, split) for s in (value if isinstance(value, list) else [value])]
+
+
+def tokenize(src: DataSource, cfg: DataConfig, tokenizer, log: Callable = print,
+             name: str = "train") -> Tuple[pa.Table, dict]:
+    """Every record of ``src`` as a row (see _encode_rows), memory-mapped from the cache; tokenized
+    now (and cached) if the cache has no entry for these inputs."""
+    path = resolve(src.path, src.split)
+    kind = kind_of(path)
+    root = datastore.cache_dir(cfg.cache_dir)
+    dataset = open_dataset(path, src.split) if kind == "dataset" else None
+    if dataset is None:
+        ident = {"sha256": datastore.file_digest(path, root)}
+    else:  # datasets' fingerprint of what it loaded; none (an in-memory set): never reuse
+        ident = {"fingerprint": getattr(dataset, "_fingerprint", None) or os.urandom(16).hex()}
+    narrow = len(tokenizer) <= 1 << 16
+    described = {"encoding": ENCODING_VERSION, "source": path, "split": src.split, "input": ident,
+                 "format": src.format, "max_length": cfg.max_length, "truncation": cfg.truncation,
+                 "tokenizer": tokenizer_digest(tokenizer), "narrow": narrow, "versions": _versions()}
+    key = datastore.key_of(described)
+    entry = datastore.find(root, key)
+    shown = label(src.path, src.split)
+    if entry is not None:
+        log(f"data: {name}: {shown}: tokenized data from the cache ({entry})")
+    else:
+        start = time.perf_counter()
+
+        def fill(tmp):
+            return _tokenize_into(tmp, path, kind, dataset, src, cfg, tokenizer, narrow, key, log, name)
+
+        entry = datastore.build(root, key, fill)
+        meta = datastore.read_meta(entry)
+        log(f"data: {name}: tokenized {shown}: {meta['records']} records in {time.perf_counter() - start:.1f} s "
+            f"({meta['processes']} process{'es' if meta['processes'] > 1 else ''}); cached in {entry}")
+    meta = datastore.read_meta(entry)
+    return datastore.read_table(entry, meta["files"], _schema(narrow)), meta
+
+
+def _raw_batches(path: str, kind: str, size: int = 1000):
+    """Batches of {"where", "raw"}: a JSON-lines file streamed, or a JSON array's records."""
+    batch = {"where": [], "raw": []}
+    if kind == "json":
+        rows = ((f"{path} record {i}", json.dumps(r).encode()) for i, r in enumerate(json_array(path, path), 1))
+    else:
+        rows = ((f"{path}:{n}", raw) for n, raw in json_lines(path))
+    for where, raw in rows:
+        batch["where"].append(where)
+        batch["raw"].append(raw)
+        if len(batch["where"]) == size:
+            yield batch
+            batch = {"where": [], "raw": []}
+    if batch["where"]:
+        yield batch
+
+
+def _tokenize_into(tmp, path, kind, dataset, src, cfg, tokenizer, narrow, key, log, name) -> dict:
+    import datasets
+    if dataset is None:  # JSON: the raw records to an Arrow file first, so processes can share it
+        datastore.write_rows(tmp / "records.arrow", RAW_SCHEMA, _raw_batches(path, kind))
+        dataset = datasets.Dataset.from_file(str(tmp / "records.arrow"))
+    schema = _schema(narrow)
+    procs = processes(cfg.num_proc, len(dataset))
+    if len(dataset) == 0:
+        datastore.write_rows(tmp / "tokens.arrow", schema, [])
+        files = ["tokens.arrow"]
+    else:
+        kwargs = dict(prefix=None if kind != "dataset" else record_name(path, src.split), fmt=src.format,
+                      tokenizer=tokenizer, max_length=cfg.max_length, truncation=cfg.truncation, narrow=narrow)
+        files = datastore.map_rows(dataset, _encode_rows, kwargs, datasets.Features.from_arrow_schema(schema),
+                                   procs, tmp / "tokens.arrow", key, f"tokenizing {label(src.path, src.split)}",
+                                   progress=len(dataset) >= PROGRESS_ROWS)
+    (tmp / "records.arrow").unlink(missing_ok=True)
+    return {"files": files, "records": len(dataset), "processes": procs, "source": path, "split": src.split}
+
+
+def _encode_rows(batch: dict, indices: List[int], prefix: Optional[str], fmt: str, tokenizer,
+                 max_length: int, truncation: str, narrow: bool) -> dict:
+    """One row per record (datasets.map, batched): ``status`` (KEPT, TRUNCATED, TOO_LONG, NO_LABELS,
+    BAD), the one-line ``error`` of a bad record, token ids, label mask, label count, the length
+    before truncation, a hash of the conversation (exact duplicates) and its messages as JSON."""
+    out = {k: [] for k in _schema(narrow).names}
+    for j, index in enumerate(indices):
+        where = batch["where"][j] if prefix is None else f"{prefix} record {index + 1}"
+        status, error, ids, mask, full, digest, text = BAD, None, [], [], 0, 0, None
+        try:
+            record = parse_json(batch["raw"][j], where) if prefix is None else {k: v[j] for k, v in batch.items()}
+            messages = to_messages(record, fmt, where)
+            try:
+                ex = encode_chat(messages, tokenizer)
+            except jinja2.TemplateError as e:  # e.g. "roles must alternate user/assistant"
+                raise DataError(f"{where}: the chat template rejects this conversation: {first_line(e)}") from None
+        except DataError as e:
+            error = str(e)
+        else:
+            text = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+            digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+            ids, labels = ex["input_ids"], ex["labels"]
+            full = len(ids)
+            if full > max_length:
+                ids, labels = ids[:max_length], labels[:max_length]
+            if full > max_length and truncation == "drop":
+                status = TOO_LONG
+            elif all(t == IGNORE_INDEX for t in labels):
+                status = NO_LABELS
+            else:
+                status = TRUNCATED if full > max_length else KEPT
+            if status > TRUNCATED:
+                ids, labels, text = [], [], None
+            mask = [int(t != IGNORE_INDEX) for t in labels]
+            if narrow and ids and max(ids) >= 1 << 16:
+                raise ValueError(f"{where}: token id {max(ids)} does not fit the uint16 column")
+        for k, v in (("where", where), ("status", status), ("error", error), ("input_ids", ids), ("label_mask", mask),
+                     ("num_labels", sum(mask)), ("full_length", full), ("hash", digest), ("messages", text)):
+            out[k].append(v)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # train / eval sets
-
-def build_datasets(cfg: DataConfig, tokenizer, seed: int, log: Callable = print) -> Tuple[List[dict], List[dict], dict]:
-    """Encoded train examples ({"input_ids", "labels"}), eval examples (the same plus their
-    "messages", for held-out generations) and counts, from a DataConfig. The one place that
-    decides the eval split: training, ``philora eval`` and the end-of-run report all use it."""
-    train, train_stats = encode_source(cfg.train, cfg.train_split, cfg, tokenizer, log, "train")
-    if not train:
-        raise DataError(f"{cfg.train}: nothing to train on ({_summary(train_stats)})")
-    evals, eval_stats = None, None
-    if cfg.eval:
-        evals, eval_stats = encode_source(cfg.eval, cfg.eval_split, cfg, tokenizer, log, "eval")
-    elif cfg.train == "sample" or is_dataset_name(cfg.train):
-        try:
-            evals, eval_stats = encode_source(cfg.train, cfg.eval_split, cfg, tokenizer, log, "eval")
-        except MissingSplit:
-            pass
-    if evals is None:  # hold out a seeded fraction of train
-        n = len(train)
-        n_eval = max(1, round(n * cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
-        if n_eval >= n:
-            raise DataError(f"{cfg.train}: {n} example(s) are too few to hold out eval_fraction="
-                            f"{cfg.eval_fraction}; give data.eval or set data.eval_fraction=0")
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
-        held = set(order[:n_eval])
-        evals = [ex for k, ex in enumerate(train) if k in held]
-        train = [ex for k, ex in enumerate(train) if k not in held]
-        eval_stats = _counts(f"{n_eval} held out of train (eval_fraction={cfg.eval_fraction}, seed={seed})")
-        log(f"data: eval: held out {n_eval} of {n} train examples (eval_fraction={cfg.eval_fraction}, seed={seed})")
-    train_stats.update(_token_counts(train))
-    eval_stats.update(_token_counts(evals))
-    for name, stats in (("train", train_stats), ("eval", eval_stats)):
-        log(f"data: {name}: {stats['examples']} examples, {stats['tokens']} tokens "
-            f"({stats['label_tokens']} trained on)")
-    train = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in train]
-    return train, evals, {"train": train_stats, "eval": eval_stats}
-
 
 def _counts(source: str) -> dict:
     return {"source": source, "records": 0, "skipped": 0, "truncated": 0, "dropped_too_long": 0,
             "dropped_no_labels": 0}
 
 
-def _token_counts(examples: List[dict]) -> dict:
-    return {"examples": len(examples), "tokens": sum(len(ex["input_ids"]) for ex in examples),
-            "label_tokens": sum(sum(1 for t in ex["labels"] if t != IGNORE_INDEX) for ex in examples)}
-
-
 def _summary(stats: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in stats.items() if k != "source")
+    return ", ".join(f"{k} {v}" for k, v in stats.items() if k not in ("source", "sources"))
 
 
-def encode_source(source: str, split: str, cfg: DataConfig, tokenizer, log: Callable = print,
-                  name: str = "eval") -> Tuple[List[dict], dict]:
-    """Encoded examples of one source ({"input_ids", "labels", "messages"}) and its counts; bad
-    records raise a DataError naming file and line, or are skipped and counted
-    (``cfg.skip_bad_records``); over-long ones are truncated or dropped per ``cfg.truncation``."""
-    errors = [] if cfg.skip_bad_records else None
-    records = load_records(source, split, errors=errors)
-    label = f"{source}[{split}]" if source == "sample" or is_dataset_name(source) else source
-    stats = _counts(label)
-    stats["records"] = len(records) + len(errors or [])  # invalid JSON lines are records too
-    examples = []
-    for where, record in records:
-        try:
-            messages = to_messages(record, cfg.format, where)
-            try:
-                ex = encode_chat(messages, tokenizer)
-            except jinja2.TemplateError as e:  # e.g. "roles must alternate user/assistant"
-                raise DataError(f"{where}: the chat template rejects this conversation: {first_line(e)}") from None
-        except DataError as e:
-            if errors is None:
-                raise
-            errors.append(e)
-            continue
-        if len(ex["input_ids"]) > cfg.max_length:
-            if cfg.truncation == "drop":
-                stats["dropped_too_long"] += 1
-                continue
-            ex = {k: v[:cfg.max_length] for k, v in ex.items()}
-            if all(t == IGNORE_INDEX for t in ex["labels"]):
-                stats["dropped_no_labels"] += 1
-                continue
-            stats["truncated"] += 1
-        elif all(t == IGNORE_INDEX for t in ex["labels"]):
-            stats["dropped_no_labels"] += 1
-            continue
-        ex["messages"] = messages
-        examples.append(ex)
-    stats["skipped"] = len(errors or [])
-    if errors:
-        log(f"data: {name}: skipped {len(errors)} bad records (first: {errors[0]})")
+def encode_part(src: DataSource, cfg: DataConfig, tokenizer, log: Callable = print,
+                name: str = "train") -> Tuple[pa.Table, np.ndarray, dict]:
+    """A source's table, the rows of its examples (kept or truncated) and its counts. A bad record
+    raises its DataError (the first in file order), unless ``cfg.skip_bad_records``: then bad
+    records are counted and the first one logged."""
+    table, _ = tokenize(src, cfg, tokenizer, log, name)
+    status = table.column("status").to_numpy()
+    stats = _counts(label(src.path, src.split))
+    stats["records"] = len(status)
+    bad = np.flatnonzero(status == BAD)
+    if len(bad):
+        first = table.column("error")[int(bad[0])].as_py()
+        if not cfg.skip_bad_records:
+            raise DataError(first)
+        log(f"data: {name}: skipped {len(bad)} bad records (first: {first})")
+    stats["skipped"] = len(bad)
+    for key, code in (("truncated", TRUNCATED), ("dropped_too_long", TOO_LONG), ("dropped_no_labels", NO_LABELS)):
+        stats[key] = int((status == code).sum())
     if stats["truncated"] or stats["dropped_too_long"] or stats["dropped_no_labels"]:
         log(f"data: {name}: longer than max_length={cfg.max_length}: {stats['truncated']} truncated, "
             f"{stats['dropped_too_long']} dropped; {stats['dropped_no_labels']} dropped with no label left")
-    return examples, stats
+    return table, np.flatnonzero(status <= TRUNCATED), stats
+
+
+def encode_source(source: Union[str, DataSource], split: str, cfg: DataConfig, tokenizer, log: Callable = print,
+                  name: str = "eval") -> Tuple[Examples, dict]:
+    """Encoded examples of one source ({"input_ids", "labels", "messages"}) and its counts; bad
+    records raise a DataError naming file and line, or are skipped and counted
+    (``cfg.skip_bad_records``); over-long ones are truncated or dropped per ``cfg.truncation``."""
+    src = source_spec(source, cfg, split)
+    table, rows, stats = encode_part(src, cfg, tokenizer, log, name)
+    return Examples([Part(table, rows, src.weight, stats["source"])], messages=True), stats
+
+
+def _hold_out(rows: np.ndarray, fraction: float, rng_seed, path: str) -> np.ndarray:
+    """Which of ``rows`` are held out for eval: a seeded ``fraction`` (at least one, if any)."""
+    n = len(rows)
+    n_eval = max(1, round(n * fraction)) if fraction > 0 else 0
+    if n_eval >= n:
+        raise DataError(f"{path}: {n} example(s) are too few to hold out eval_fraction="
+                        f"{fraction}; give data.eval or set data.eval_fraction=0")
+    order = list(range(n))
+    random.Random(rng_seed).shuffle(order)
+    held = np.zeros(n, dtype=bool)
+    held[order[:n_eval]] = True
+    return held
+
+
+def _own_eval(src: DataSource, cfg: DataConfig, tokenizer, log: Callable, name: str):
+    """(Part, counts) of a hub dataset's (or "sample"'s) eval split, None when it has none."""
+    if not (src.path == "sample" or is_dataset_name(src.path)):
+        return None
+    try:
+        table, rows, stats = encode_part(replace(src, split=cfg.eval_split), cfg, tokenizer, log, name)
+    except MissingSplit:
+        return None
+    return Part(table, rows, 1.0, stats["source"]), stats
+
+
+def _total(per_source_stats: List[dict]) -> dict:
+    total = _counts(", ".join(s["source"] for s in per_source_stats))
+    for s in per_source_stats:
+        for k in total:
+            if k != "source":
+                total[k] += s[k]
+    return total
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int, log: Callable = print) -> Tuple[Examples, Examples, dict]:
+    """Train examples ({"input_ids", "labels"}), eval examples (the same plus their "messages",
+    for held-out generations) and counts, from a DataConfig. The one place that decides the eval
+    split: training, ``philora eval``, ``philora data check`` and the end-of-run report all use it.
+
+    ``data.train`` as a list mixes its sources by weight (examples.epoch_indices says which
+    examples each epoch reads). Without ``data.eval``, each train source gives its own eval split
+    (a hub dataset, "sample") or holds out a seeded ``eval_fraction`` of its examples. A weighted
+    ``data.eval`` list is drawn once (the first epoch's draw, unshuffled)."""
+    mixture = isinstance(cfg.train, list)
+    train_parts, eval_parts, train_stats, eval_stats = [], [], [], []
+    for k, src in enumerate(sources(cfg.train, cfg, cfg.train_split)):
+        tag = f" {src.path}" if mixture else ""
+        table, rows, stats = encode_part(src, cfg, tokenizer, log, "train" + tag)
+        if not len(rows):
+            raise DataError(f"{src.path}: nothing to train on ({_summary(stats)})")
+        if not cfg.eval:
+            own = _own_eval(src, cfg, tokenizer, log, "eval" + tag)
+            if own is None:  # hold out a seeded fraction of this source
+                held = _hold_out(rows, cfg.eval_fraction, seed if k == 0 else f"{seed}/{k}", src.path)
+                n_eval, n = int(held.sum()), len(rows)
+                note = f"eval_fraction={cfg.eval_fraction}, seed={seed}"
+                log(f"data: eval{tag}: held out {n_eval} of {n} train examples ({note})")
+                own = (Part(table, rows[held], 1.0, stats["source"]),
+                       _counts(f"{n_eval} held out of {src.path if mixture else 'train'} ({note})"))
+                rows = rows[~held]
+            eval_parts.append(own[0])
+            eval_stats.append(own[1])
+        train_parts.append(Part(table, rows, src.weight, stats["source"]))
+        train_stats.append(stats)
+    if cfg.eval:
+        tagged = isinstance(cfg.eval, list)
+        for src in sources(cfg.eval, cfg, cfg.eval_split):
+            table, rows, stats = encode_part(src, cfg, tokenizer, log, f"eval {src.path}" if tagged else "eval")
+            eval_parts.append(Part(table, rows, src.weight, stats["source"]))
+            eval_stats.append(stats)
+    train = Examples(train_parts)
+    evals = Examples(eval_parts, messages=True)
+    if any(p.weight != 1 for p in evals.parts):
+        evals = evals.take(epoch_indices(evals, seed, 0, shuffle=False))
+    stats = {"train": {**_total(train_stats), **train.counts()}, "eval": {**_total(eval_stats), **evals.counts()}}
+    for name in ("train", "eval"):
+        st = stats[name]
+        log(f"data: {name}: {st['examples']} examples, {st['tokens']} tokens ({st['label_tokens']} trained on)")
+    stats["train"]["sources"] = _per_source(train, train_stats, seed, log if mixture else None)
+    return train, (evals if len(evals) else []), stats
+
+
+def _per_source(train: Examples, per_stats: List[dict], seed: int, log: Optional[Callable]) -> List[dict]:
+    """Each train source's counts, with what it puts into an epoch (the first epoch's draw; a
+    fractional weight draws anew each epoch); logged for a mixture."""
+    out = []
+    epoch = per_source(train, seed, 0)
+    total_ex = sum(e["examples"] for e in epoch) or 1
+    total_lab = sum(e["label_tokens"] for e in epoch) or 1
+    for src, counts, st, e in zip(train.parts, train.part_counts(), per_stats, epoch):
+        out.append({**st, **counts, "weight": src.weight,
+                    "per_epoch": {"examples": e["examples"], "label_tokens": e["label_tokens"]}})
+        if log is not None:
+            log(f"data: train: {st['source']} (weight {src.weight:g}): {e['examples']} examples per epoch "
+                f"({100 * e['examples'] / total_ex:.1f}%), {e['label_tokens']} label tokens "
+                f"({100 * e['label_tokens'] / total_lab:.1f}%)")
+    return out

@@ -12,6 +12,7 @@ draw different masks and a resume on the same world size is bit-identical, with 
 gather.
 """
 
+import datetime
 import hashlib
 import math
 import os
@@ -99,6 +100,31 @@ def on_main(world: World, fn):
     if status == "error":
         raise PhiloraError(value)
     return value
+
+
+def local_first(world: World, fn):
+    """``fn()`` on each node's first process (local rank 0), then on the node's other processes,
+    which find what it cached (tokenized data: one process per node tokenizes, the others map
+    its files). A PhiloraError on a first process is raised on every rank. The wait is a gloo
+    collective with a long timeout: tokenizing a large set can outlast NCCL's 10 minutes."""
+    if not world.enabled:
+        return fn()
+    result, error = None, None
+    if world.local_rank == 0:
+        try:
+            result = fn()
+        except PhiloraError as e:
+            error = e
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=12))
+    errors = [None] * world.size
+    dist.all_gather_object(errors, None if error is None else str(error), group=group)
+    dist.destroy_process_group(group)
+    if error is not None:
+        raise error
+    failed = next((e for e in errors if e), None)
+    if failed:
+        raise PhiloraError(failed)
+    return result if world.local_rank == 0 else fn()
 
 
 def barrier(world: World) -> None:

@@ -22,14 +22,15 @@ import yaml
 
 from . import distributed
 from .adapter import save_adapter
-from .batching import collate, epoch_order
+from .batching import collate
 from .checkpoint import (changed_settings, clean_stale, find_resumable, load_checkpoint, nonfinite,
                          save_checkpoint, trainable_state)
-from .config import Config, check_values, config_to_dict
+from .config import RESUME_APPLIED, Config, check_values, config_to_dict
 from .data import build_datasets
 from .diskio import staged, write_text
 from .distributed import World
 from .errors import PhiloraError
+from .examples import epoch_indices, epoch_size
 from .inject import count_parameters, inject_lora
 from .devices import pick_device
 from .loading import load_model_and_tokenizer, load_tokenizer, resolve_path
@@ -98,14 +99,14 @@ def micro_batches(examples: List[dict], start: int, batch: int, world: World, se
     The global order is a function of (seed, epoch); each global micro-batch of
     ``batch * world`` samples is split by rank. Resume only needs ``start``.
     """
-    n, pos = len(examples), start
+    n, pos = epoch_size(examples), start  # a weighted mixture's epoch (examples.py)
     orders: Dict[int, List[int]] = {}
     while True:
         idx = []
         for p in range(pos, pos + batch * world.size):
             epoch = p // n
             if epoch not in orders:
-                orders = {epoch: epoch_order(n, seed, epoch, shuffle)}
+                orders = {epoch: epoch_indices(examples, seed, epoch, shuffle)}
             idx.append(orders[epoch][p % n])
         pos += batch * world.size
         yield [examples[i] for i in idx[world.rank * batch:(world.rank + 1) * batch]]
@@ -139,22 +140,27 @@ def evaluate(loss_fn, examples: List[dict], cfg: Config, pad_id: int, device: to
 
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool, cfg: Config) -> tuple:
     """Check ``out`` is free (or resumable, with the same training settings): returns the
-    verified checkpoint to resume from (or None) and, with ``overwrite``, the previous run's
-    files, which :func:`remove_run` deletes only once the new run's inputs have loaded."""
+    verified checkpoint to resume from (or None); with ``overwrite``, the previous run's files,
+    which :func:`remove_run` deletes only once the new run's inputs have loaded; and the
+    settings a resume changes (config.RESUME_APPLIED: the run's length) as (key, old, new)."""
     if resume:
         ckpt = find_resumable(out)
         changes = changed_settings(ckpt, cfg)
-        if changes:
-            raise PhiloraError(f"--resume: {ckpt} was trained with other settings: {'; '.join(changes)}; "
+        refused = [f"{k} {old!r} -> {new!r}" for k, old, new in changes if k not in RESUME_APPLIED]
+        if refused:
+            raise PhiloraError(f"--resume: {ckpt} was trained with other settings: {'; '.join(refused)}; "
                                f"resume with the run's values (see {ckpt / 'config.yaml'}) or start a "
                                f"new run (another output_dir, or --overwrite)")
-        return ckpt, []
+        if changes:  # the run's length: applied, said here and at the top of config.yaml
+            print(f"--resume: applied {'; '.join(f'{k} {old!r} -> {new!r}' for k, old, new in changes)} "
+                  f"(the learning-rate schedule follows the new length from {ckpt.name} on)")
+        return ckpt, [], changes
     existing = [p for p in out.glob("*") if p.name in RUN_FILES or p.name.startswith("checkpoint-")
                 or p.name == "tensorboard"] if out.is_dir() else []
     if existing and not overwrite:
         raise PhiloraError(f"output_dir '{out}' already holds a run; pass --resume to continue it, "
                            f"--overwrite to replace it, or set training_config.output_dir")
-    return None, existing
+    return None, existing, []
 
 
 def remove_run(paths: List[Path]) -> None:
@@ -203,7 +209,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
         if leftovers:
             print(f"removed what an interrupted save left in {out}: {', '.join(sorted(leftovers))}")
         return prepare_output_dir(out, resume, overwrite, cfg)
-    ckpt, old_run = distributed.on_main(world, claim)
+    ckpt, old_run, applied = distributed.on_main(world, claim)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else pick_device()
@@ -212,8 +218,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     log = print if world.main else (lambda *a, **k: None)
     tokenizer = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code,
                                cfg.model.revision)
-    train_set, eval_set, _ = build_datasets(dc, tokenizer, tc.seed, log=log)
-    distributed.check_run(world, cfg, len(train_set))
+    # One process per node tokenizes (or finds the cache); the node's others then map its files.
+    train_set, eval_set, _ = distributed.local_first(world, lambda: build_datasets(dc, tokenizer, tc.seed, log=log))
+    distributed.check_run(world, cfg, epoch_size(train_set))
     model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, device, training=True)
     inject_lora(model, pc)
     trainable, total = count_parameters(model)
@@ -230,10 +237,13 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
                                   eps=tc.adam_epsilon, weight_decay=tc.weight_decay)
-    steps = total_steps(cfg, len(train_set), world.size)
+    steps = total_steps(cfg, epoch_size(train_set), world.size)
     warmup = tc.warmup_steps if tc.warmup_steps > 0 else math.ceil(tc.warmup_ratio * steps)
     scheduler = lr_scheduler(tc.lr_scheduler_type, optimizer, warmup, steps)
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    if applied:  # what was used before this resume, where the run's config is read
+        config_yaml = f"# resumed from {ckpt.name}, trained until then with " + ", ".join(
+            f"{k}: {old!r}" for k, old, _ in applied) + "\n" + config_yaml
 
     # Resume: LoRA tensors, optimizer, scheduler, RNG and data position.
     state = {"step": 0, "samples_seen": 0, "elapsed": 0.0, "world_size": world.size}
@@ -343,7 +353,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
             rec = {"step": step, "loss": round((loss / labels.clamp(min=1)).item(), 6),
                    "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
                    "tokens": int(tokens.item()), "tokens_per_s": round(tokens.item() / max(now - window["t"], 1e-9), 1),
-                   "epoch": round(state["samples_seen"] / len(train_set), 4)}
+                   "epoch": round(state["samples_seen"] / epoch_size(train_set), 4)}
             if window["skipped"]:  # non-finite steps are left out of the loss, and counted
                 rec["skipped_steps"] = window["skipped"]
                 if labels.item() == 0:
