@@ -219,9 +219,9 @@ def find_resumable(output_dir, log: Callable[[str], None] = print) -> Path:
     raise AssertionError("unreachable")
 
 
-def changed_settings(path, cfg: Config) -> List[str]:
+def changed_settings(path, cfg: Config) -> List[tuple]:
     """The settings of ``cfg`` that differ from those checkpoint ``path`` was trained with
-    (its config.yaml), as 'key old -> new', leaving out config.RESUME_FREE. A key the
+    (its config.yaml), as (key, old, new), leaving out config.RESUME_FREE. A key the
     checkpoint's config lacks (added to philora since) counts with its default."""
     try:
         saved = yaml.safe_load((Path(path) / "config.yaml").read_text(encoding="utf-8")) or {}
@@ -231,8 +231,7 @@ def changed_settings(path, cfg: Config) -> List[str]:
         raise CheckpointError(f"{path}: config.yaml is not a mapping")
     defaults, now = _flat(config_to_dict(Config())), _flat(config_to_dict(cfg))
     before = {**defaults, **_flat(saved)}
-    return [f"{k} {before[k]!r} -> {v!r}" for k, v in now.items()
-            if k not in RESUME_FREE and k in before and before[k] != v]
+    return [(k, before[k], v) for k, v in now.items() if k not in RESUME_FREE and before[k] != v]
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

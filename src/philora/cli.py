@@ -151,8 +151,9 @@ def run(args: argparse.Namespace) -> int:
         from .report import end_of_run
         cfg = load_config(config, overrides)
         result = train(cfg, resume=args.resume, overwrite=args.overwrite)
-        with SignalGuard(announce=result.main) as guard:  # the run is saved: a signal just stops the report
-            guard.immediate(f"stopped while writing the report; the run is saved in {result.output_dir}")
+        with SignalGuard() as guard:  # the run is saved: a signal now just stops the report
+            guard.immediate(f"stopped while writing the report; the run is saved in "
+                            f"{cfg.training_config.output_dir}")
             end_of_run(result, cfg)
         return 0
     if args.command == "merge":

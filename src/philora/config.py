@@ -90,6 +90,9 @@ class TrainingConfig:
     report_samples: int = 8  # held-out prompts generated for the end-of-run report (0: none)
     fsdp: bool = False  # FullyShardedDataParallel instead of DDP under torchrun
     progress_bar: bool = True
+    neftune_noise_alpha: Optional[float] = None  # NEFTune: uniform noise on input embeddings, training only
+    report_to: Union[str, List[str]] = field(default_factory=lambda: ["tensorboard"])  # + mlflow, wandb, trackio; none, all
+    eval_generations: int = 0  # greedy replies to this many eval prompts at every evaluation
     # A step whose loss or gradient norm is NaN/inf is skipped (no update) with a warning; this
     # many in a row stop the run with an error (1: stop at the first).
     max_bad_steps: int = 5
@@ -105,6 +108,8 @@ class PeftConfig:
     # Per-slice LoRA on fused modules: {module name: [slice names]}, e.g. {"qkv_proj": ["q", "v"]}.
     fused_slices: Dict[str, List[str]] = field(default_factory=dict)
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+    use_dora: bool = False  # DoRA: a trained magnitude per output row (dora.py)
+    loraplus_lr_ratio: Optional[float] = None  # LoRA+: lora_B's learning rate = ratio x lora_A's
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,8 @@ CHOICES = {
     "peft_config.bias": ("none", "all", "lora_only"),
 }
 
+
+REPORT_TO = ("tensorboard", "mlflow", "wandb", "trackio", "none", "all")  # as transformers' report_to
 
 # Values a type cannot rule out: key -> (test, what it must be).
 RANGES = {
@@ -153,12 +160,20 @@ RANGES = {
     "peft_config.r": (lambda v: v >= 1, ">= 1"),
     "peft_config.lora_alpha": (lambda v: v > 0, "> 0"),
     "peft_config.lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "peft_config.loraplus_lr_ratio": (lambda v: v is None or v > 0, "> 0 (or null: no LoRA+)"),
+    "training_config.neftune_noise_alpha": (lambda v: v is None or v > 0, "> 0 (or null: no NEFTune)"),
+    "training_config.eval_generations": (lambda v: v >= 0, ">= 0"),
+    "training_config.report_to": (lambda v: all(t in REPORT_TO for t in ([v] if isinstance(v, str) else v)),
+                                  f"one or a list of {', '.join(REPORT_TO)}"),
     "training_config.max_bad_steps": (lambda v: v >= 1, ">= 1"),
 }
 
 # Keys a --resume may change: they do not change the weights a run trains (the split of the
 # global batch into processes x batch x accumulation is checked on its own: the product must
-# stay). A resume that changes any other key is refused with the list of changes.
+# stay). RESUME_APPLIED: the run's length may change too (train longer), applied and logged; the
+# learning-rate schedule follows the new length from the checkpoint's step on. A resume that
+# changes any other key is refused with the list of changes.
+RESUME_APPLIED = {"training_config.max_steps", "training_config.num_train_epochs"}
 RESUME_FREE = {
     "training_config.output_dir", "training_config.per_device_train_batch_size",
     "training_config.gradient_accumulation_steps", "training_config.per_device_eval_batch_size",

@@ -27,6 +27,7 @@ from .config import ModelConfig
 from .errors import PhiloraError, first_line
 from .inject import load_biases, set_module, target_layer
 from .devices import DTYPES
+from .diskio import staged
 from .loading import load_model_and_tokenizer, resolve_path, resolve_source
 from .models import is_4bit, is_conv1d, stop_token_ids
 from .quant import dequantize_weight, prepare_quantized
@@ -51,6 +52,10 @@ def merge_adapter(model, adapter: Adapter, dtype: torch.dtype) -> int:
             delta = adapter.delta(name)
             delta = delta.T if is_conv1d(layer) else delta  # Conv1D stores (in, out)
             layer.weight.data = (layer.weight.float() + delta).to(dtype)
+            if not bool(torch.isfinite(layer.weight).all()):  # never save a model that overflowed
+                raise AdapterError(f"{adapter.path}: '{name}' merged is not finite in "
+                                   f"{str(dtype).replace('torch.', '')} (NaN in the adapter, or the sum "
+                                   f"overflows); check the adapter, or merge with --dtype float32")
         load_biases(model, adapter, dtype)
     return len(adapter.modules)
 
@@ -154,15 +159,17 @@ def merge(source, out, base: Optional[str] = None, dtype: Optional[str] = None,
     tokenizer = _tokenizer(src.tokenizer_path or path, src.model_cfg.trust_remote_code)
     if tokenizer is not None:
         model.generation_config.eos_token_id = stop_token_ids(model, tokenizer)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with staged(out_dir) as tmp:  # written aside, then renamed in: a full disk leaves out_dir as it was
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+            copy_tokenizer_files([src.tokenizer_path, path], tmp)
+        written = {f.name for f in tmp.iterdir()}
     for pattern in WEIGHT_FILES:  # --force: no stale shard of an older model may stay behind
         for stale in out_dir.glob(pattern):
-            stale.unlink()
-    model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
-        copy_tokenizer_files([src.tokenizer_path, path], out_dir)
-    else:
+            if stale.name not in written:
+                stale.unlink()
+    if tokenizer is None:
         print(f"merge: no tokenizer found at '{path}'; the merged model has none")
     print(f"merged {n} LoRA modules of {src.adapter_dir} into {path} -> {out_dir} "
           f"({str(out_dtype).replace('torch.', '')})")

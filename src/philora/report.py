@@ -28,6 +28,7 @@ import torch
 
 from .config import Config
 from .data import build_datasets, encode_source
+from .diskio import write_text
 from .errors import PhiloraError, first_line
 from .generate import chat_ids, generate_ids
 from .loading import load_source, resolve_source
@@ -209,8 +210,8 @@ def write_report(model, tokenizer, cfg: Config, examples: List[dict], run: Path,
         report["samples"].append({"prompt": prompt, "reference": ref, "base": base, "fine_tuned": tuned,
                                   "scores": {"base": score([(base, ref)]), "fine_tuned": score([(tuned, ref)])}})
     report["loss_plot"] = _loss_plot(run, out_dir)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out_dir / "report.md").write_text(markdown(report), encoding="utf-8")
+    write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text(out_dir / "report.md", markdown(report))  # atomic: a full disk keeps the older report
     print(f"eval: loss {report['base']['loss']:.4f} (base) -> {report['fine_tuned']['loss']:.4f} "
           f"(fine-tuned); report: {out_dir / 'report.md'}")
     return report
