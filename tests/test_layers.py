@@ -15,13 +15,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "philora"
 LAYERS = [
     ("errors", "config", "models", "devices", "diskio", "runlock", "preempt"),
     ("formats", "loss", "batching", "attention", "rope", "serving", "dropout", "lora", "records", "examples", "datastore"),
-    ("data", "quant", "adapter"),
+    ("data", "quant", "adapter", "dora"),
     ("tiny", "inject"),
     ("loading",),
     ("fsdp", "distributed", "checkpoint", "metrics"),
     ("train",),
     ("merge", "generate"),
-    ("report", "adapter_check", "adapter_convert", "export_gguf", "export_ollama", "export_vocab"),
+    ("report", "data_check", "adapter_check", "adapter_convert", "export_gguf", "export_ollama", "export_vocab"),
     ("cli", "__main__", "__init__"),
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -124,8 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enabled slices of a fused module (loralib does not store them), repeatable")
     q.add_argument("--force", action="store_true")
 
+    p = sub.add_parser("data", help="check a config's data before training (tokenizer only, no model)")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    q = dsub.add_parser("check", help="records, bad records, lengths, duplicates, steps per epoch; exit 1 on bad records")
+    q.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in tiny.yaml)")
+    q.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.max_length=1024")
+    q.add_argument("--json", action="store_true", help="one JSON object on stdout instead of text")
+    q.add_argument("--out", default=None, help="directory for data_check.json and lengths.png (a histogram)")
+    q.add_argument("--force", action="store_true", help="overwrite an existing --out directory")
+    q.add_argument("--processes", type=_number(int, lambda v: v >= 1, ">= 1"), default=1,
+                   help="training processes (torchrun), for the steps per epoch (default 1)")
+
     sub.add_parser("bench", help="benchmark philora against TRL + PEFT (philora bench --help)")
     return ap
+
+
+def _config_args(args: argparse.Namespace):
+    """(config path or None, overrides): a first positional with "=" that is no file is an override."""
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not Path(config).exists():  # only overrides were given
+        config, overrides = None, [config] + overrides
+    return config, overrides
 
 
 def _enable_lora(items: List[str]) -> Optional[dict]:
@@ -144,9 +163,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .config import load_config
         from .train import train
-        config, overrides = args.config, list(args.overrides)
-        if config and "=" in config and not Path(config).exists():  # only overrides were given
-            config, overrides = None, [config] + overrides
+        config, overrides = _config_args(args)
         from .preempt import SignalGuard
         from .report import end_of_run
         cfg = load_config(config, overrides)
@@ -156,6 +173,15 @@ def run(args: argparse.Namespace) -> int:
                             f"{cfg.training_config.output_dir}")
             end_of_run(result, cfg)
         return 0
+    if args.command == "data":
+        if args.data_command == "check":
+            from .config import load_config
+            from .data_check import check_cli
+            if args.out:
+                guard_output(args.out, args.force, directory=True)
+            return check_cli(load_config(*_config_args(args)), as_json=args.json, out=args.out,
+                             processes=args.processes)
+        build_parser().parse_args(["data", "--help"])
     if args.command == "merge":
         from .merge import merge
         guard_output(args.out, args.force, directory=True, inputs=(args.source, args.base))
@@ -215,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after an option (`philora train run.yaml --resume a.b=1`): argparse
     # stops filling a positional list at the first option, so collect the rest here.
-    if args.command == "train":
+    if args.command == "train" or getattr(args, "data_command", None) == "check":
         args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
         extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
     if extra:
