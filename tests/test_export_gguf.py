@@ -36,6 +36,7 @@ CHATS = [
     [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"},
      {"role": "user", "content": "Write a haiku about the sea."}],
 ]
+REPLIES = ["17 plus 25 is 42.", "Blue.", "Waves fold on the shore,\nsalt wind carries gull voices,\nthe tide keeps its time."]
 
 
 # -----------------------------------------------------------------------------
@@ -63,6 +64,28 @@ def _tiny_phi3(out: Path, tokenizer_dir: Path, longrope=False, seed=0) -> Path:
         Phi3ForCausalLM(Phi3Config(**kw)).save_pretrained(out)
     _copy_tokenizer(tokenizer_dir, out)
     return out
+
+
+def _fit(model_dir: Path, steps=25) -> Path:
+    """Fit the model to CHATS + REPLIES (all weights, Adam), as fine-tuning would: greedy decoding of
+    these prompts then has clear winners (top-2 logit margins of several units), as with real models,
+    instead of a random model's near-ties that any rounding (bf16, q8_0) flips."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    texts = [tok.apply_chat_template(c + [{"role": "assistant", "content": r}], tokenize=False)
+             for c, r in zip(CHATS, REPLIES)]
+    ids = [torch.tensor([tok(t, add_special_tokens=False)["input_ids"]]) for t in texts]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            loss = sum(model(i, labels=i).loss for i in ids) / len(ids)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.save_pretrained(model_dir)
+    return model_dir
 
 
 def _tiny_llama(out: Path, tokenizer_dir: Path) -> Path:
@@ -93,7 +116,7 @@ def _linear_names(model_dir: Path):
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
 
 
-def _make_run(run: Path, base: Path, quantization=None, seed=3) -> Path:
+def _make_run(run: Path, base: Path, quantization=None, seed=3, scale_b=0.02) -> Path:
     """A philora run directory (config.yaml, PEFT adapter, the run's tokenizer) with LoRA on every
     linear layer; qkv / q_proj get another rank and alpha (rank_pattern, alpha_pattern), so one
     adapter-wide alpha could not express the scaling."""
@@ -104,7 +127,7 @@ def _make_run(run: Path, base: Path, quantization=None, seed=3) -> Path:
     for name, m in _linear_names(base).items():
         r = 8 if re.search(special + "$", name) else 4
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, m.in_features, generator=g) * 0.3
-        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(m.out_features, r, generator=g) * 0.3
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(m.out_features, r, generator=g) * scale_b
     save_file(tensors, str(run / "adapter_model.safetensors"))
     (run / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "r": 4,
@@ -118,7 +141,7 @@ def _make_run(run: Path, base: Path, quantization=None, seed=3) -> Path:
 
 @pytest.fixture(scope="module")
 def phi3_base(tmp_path_factory):
-    return _tiny_phi3(tmp_path_factory.mktemp("phi3") / "phi3-mini-tiny", PHI3_TOKENIZER)
+    return _fit(_tiny_phi3(tmp_path_factory.mktemp("phi3") / "phi3-mini-tiny", PHI3_TOKENIZER))
 
 
 @pytest.fixture(scope="module")
@@ -276,9 +299,12 @@ N_NEW = 24  # greedy tokens per conversation
 
 
 def _llama(path: Path, lora: Path = None):
-    from llama_cpp import Llama
-    return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=256, n_batch=256, n_threads=1,
-                 n_threads_batch=1, logits_all=True, verbose=False)
+    """llama.cpp on one thread, keeping every position's logits, with a float32 KV cache (its default
+    f16 cache rounds keys and values: logits then differ by ~1e-2 even from an f32 file)."""
+    import llama_cpp
+    return llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=256, n_batch=256,
+                           n_threads=1, n_threads_batch=1, logits_all=True, verbose=False,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
 def _llama_logits(llm, ids):
@@ -315,40 +341,53 @@ def _prompts(tok, chats=CHATS):
 
 @pytest.fixture(scope="module")
 def phi3_reference(phi3_merged):
-    """The merged model in transformers: prompt ids, logits on them, greedy tokens and margins."""
+    """The merged model in transformers: prompt texts and ids, logits on prompt + greedy tokens, and
+    (greedy tokens, top-2 margins) per prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(phi3_merged)
     model = AutoModelForCausalLM.from_pretrained(phi3_merged, dtype=torch.float32).eval()
     texts, ids = _prompts(tok)
+    greedy = [_hf_greedy(model, i) for i in ids]
     with torch.no_grad():
-        logits = [model(torch.tensor([i])).logits[0].numpy() for i in ids]
-    return texts, ids, logits, [_hf_greedy(model, i) for i in ids]
+        logits = [model(torch.tensor([i + g])).logits[0].numpy() for i, (g, _) in zip(ids, greedy)]
+    return texts, ids, logits, greedy
+
+
+# largest |llama.cpp logit - transformers logit| allowed along each prompt and its greedy reply
+# (measured on this model: f32 7e-6, f16 0.010, bf16 0.087, q8_0 0.21, q4_k_m 1.4)
+LOGIT_TOL = {"f32": 1e-4, "f16": 0.05, "bf16": 0.25, "q8_0": 0.6, "q4_k_m": 4.0}
+STOPS = (32000, 32001, 32007)  # Phi-3's: <|endoftext|>, <|assistant|>, <|end|>
+
+
+def _reply(tokens):
+    """The tokens a runner shows: up to and including the first stop token."""
+    return tokens[:next((k + 1 for k, t in enumerate(tokens) if t in STOPS), len(tokens))]
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0", "q4_k_m"])
+@pytest.mark.parametrize("outtype", list(LOGIT_TOL))
 def test_llama_cpp_reproduces_greedy_tokens(phi3_run, phi3_reference, tmp_path, outtype):
-    """The exported run in llama.cpp: it tokenizes the chat-template text into transformers' ids and
-    generates the merged model's greedy tokens (f32: the logits too, to float rounding)."""
+    """The exported run in llama.cpp: it tokenizes the chat-template text into transformers' ids, its
+    logits stay within the type's rounding of the merged model's, and it generates the same replies
+    (f32, f16: the same 24 raw greedy tokens, past the stop token too)."""
     texts, ids, ref_logits, ref = phi3_reference
     path = export_gguf(phi3_run, tmp_path / "m.gguf", outtype=outtype)
     llm = _llama(path)
-    same, total = 0, 0
-    for text, prompt, logits, (want, margins) in zip(texts, ids, ref_logits, ref):
+    same = replies = 0
+    for text, prompt, logits, (want, _) in zip(texts, ids, ref_logits, ref):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt
         got = _llama_greedy(llm, prompt)
-        agree = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
-        same, total = same + agree, total + len(want)
-        print(f"{outtype}: {agree}/{len(want)} greedy tokens before the first difference "
-              f"(transformers' smallest top-2 margin {min(margins):.3f})")
-        if outtype == "f32":
-            assert np.abs(_llama_logits(llm, prompt) - logits).max() < 1e-3
-        if outtype != "q4_k_m":
+        same += next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+        replies += _reply(got) == _reply(want)
+        err = np.abs(_llama_logits(llm, prompt + want) - logits).max()
+        assert err < LOGIT_TOL[outtype], err
+        if outtype in ("f32", "f16"):
             assert got == want
-    size = path.stat().st_size / 2**20
-    print(f"{outtype}: {size:.2f} MiB, {same}/{total} greedy tokens agree")
-    if outtype == "q4_k_m":  # 4-bit: most tokens still agree on this tiny model
-        assert same >= total // 2
+        if outtype != "q4_k_m":
+            assert _reply(got) == _reply(want)
+    print(f"{outtype}: {path.stat().st_size / 2**20:.2f} MiB, replies {replies}/{len(ids)}, "
+          f"greedy tokens {same}/{len(ids) * N_NEW} before the first difference")
+    assert replies >= len(ids) - 1  # q4_k_m: 4-bit; on this model all three agree
 
 
 @needs_llama_cpp
