@@ -29,7 +29,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .config import RESUME_FREE, Config, config_to_dict
-from .diskio import fsync_dir, remove_temporaries, write_error
+from .diskio import default_mode, fsync_dir, remove_temporaries, write_error
 from .errors import PhiloraError, first_line
 from .lora import lora_state_dict
 
@@ -124,6 +124,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, trainer_
     try:
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=out))
+        os.chmod(tmp, default_mode(directory=True))
         for name, data in files.items():
             with open(tmp / name, "wb") as f:
                 f.write(data)

@@ -69,6 +69,14 @@ def is_write_failure(e: BaseException, path) -> bool:
     return isinstance(e, OSError) or "Os { code:" in str(e) or _disk_full(Path(path))
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain ``open`` / ``mkdir`` would give under the current umask: tempfile
+    makes private (0600 / 0700) files, which colleagues sharing a run directory could not read."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def fsync_dir(path) -> None:
     """Make a rename in directory ``path`` durable (no-op where directories cannot be opened)."""
     try:
@@ -92,6 +100,7 @@ def write_bytes(path, data: bytes, durable: bool = True) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
+        os.fchmod(fd, default_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -138,6 +147,8 @@ def staged(out_dir) -> Iterator[Path]:
                 raise write_error(_failed_file(tmp) or out, e) from None
             raise
         for f in sorted(tmp.iterdir()):
+            if f.is_file():  # safetensors writes 0600: a shared run directory needs the umask's mode
+                os.chmod(f, default_mode())
             os.replace(f, out / f.name)
         fsync_dir(out)
     finally:
