@@ -137,7 +137,6 @@ def _edit_tensors(path, fn):
 
 
 UNSUPPORTED = {
-    "dora": (dict(use_dora=True), None, "DoRA"),
     "modules_to_save": (dict(modules_to_save=["lm_head"]), None, "modules_to_save"),
     "lora_bias": (None, lambda p: _edit_config(p, lora_bias=True), "lora_bias"),
     "pissa": (None, lambda p: _edit_config(p, init_lora_weights="pissa"), "pissa"),

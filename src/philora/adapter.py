@@ -12,9 +12,13 @@ for disabled slices), with ``rank_pattern`` / ``alpha_pattern`` making PEFT's sc
 
 Reading goes the other way for any PEFT LoRA adapter (keys with or without the adapter name,
 ``rank_pattern`` / ``alpha_pattern`` with PEFT's matching rule, rsLoRA, ``fan_in_fan_out``
-layers, ``bias`` tensors). :func:`scan_adapter` lists every problem instead of stopping at the
-first, so ``philora adapter check`` and the loaders share one parser; what philora cannot
-represent (DoRA, modules_to_save, other PEFT types, ...) is a one-line :class:`AdapterError`.
+layers, ``bias`` tensors, DoRA's ``lora_magnitude_vector``). :func:`scan_adapter` lists every
+problem instead of stopping at the first, so ``philora adapter check`` and the loaders share one
+parser; what philora cannot represent (modules_to_save, other PEFT types, ...) is a one-line
+:class:`AdapterError`.
+
+DoRA (``use_dora``): each module also has ``<module>.lora_magnitude_vector`` (out,), PEFT's key;
+its merged weight is ``m * (W + delta) / ||W + delta||`` per output row (:meth:`Adapter.merged_weight`).
 Hand-written (not peft's ``save_pretrained`` / ``PeftModel``) because the layers are philora's.
 """
 
@@ -34,12 +38,13 @@ from .config import PeftConfig
 from .errors import PhiloraError, first_line
 
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude, PEFT's key
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 # PEFT LoRA options philora cannot represent: a truthy value makes the adapter unsupported.
 UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)", "modules_to_save": "modules_to_save (fully trained modules)",
+    "modules_to_save": "modules_to_save (fully trained modules)",
     "lora_bias": "a bias on lora_B (lora_bias)", "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "layer_replication": "layer_replication", "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "use_qalora": "QALoRA", "trainable_token_indices": "trainable tokens (trainable_token_indices)",
@@ -90,6 +95,8 @@ def adapter_state(model) -> Tuple[Dict[str, torch.Tensor], Dict[str, int], Dict[
         A, B = _peft_factors(layer)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B
+        if hasattr(layer, "peft_magnitude"):  # DoRA (dora.py): (out,), ||W|| on rows without LoRA
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = layer.peft_magnitude()
         k = A.shape[0] // layer.r
         ranks[name] = A.shape[0]
         rs = getattr(layer, "use_rslora", False)
@@ -131,7 +138,7 @@ def write_adapter(out_dir, tensors: Dict[str, torch.Tensor], ranks: Dict[str, in
         "base_model_name_or_path": base_model_name_or_path,
         "r": pc.r, "lora_alpha": pc.lora_alpha, "lora_dropout": pc.lora_dropout,
         "target_modules": target_modules, "bias": pc.bias, "fan_in_fan_out": fan_in_fan_out,
-        "use_rslora": pc.use_rslora, "use_dora": False, "modules_to_save": None,
+        "use_rslora": pc.use_rslora, "use_dora": pc.use_dora, "modules_to_save": None,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "init_lora_weights": True, "inference_mode": True,
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
@@ -171,6 +178,7 @@ class Adapter:
     config: dict
     modules: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
     biases: Dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> tensor
+    magnitudes: Dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA: module -> (out,)
 
     @property
     def use_rslora(self) -> bool:
@@ -185,6 +193,15 @@ class Adapter:
         """The update (out, in) of ``name`` in float32: B @ A * scaling (as PEFT)."""
         A, B, _ = self.modules[name]
         return (B.float() @ A.float()) * self.scaling(name)
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The base ``weight`` (out, in) of ``name`` with its update, in float32: W + delta, and
+        with DoRA ``m * (W + delta) / ||W + delta||`` per output row (PEFT's merge)."""
+        merged = weight.float() + self.delta(name)
+        if name in self.magnitudes:
+            norm = torch.linalg.norm(merged, dim=1)
+            merged = merged * (self.magnitudes[name].float() / norm)[:, None]
+        return merged
 
 
 def read_adapter_config(adapter_dir) -> dict:
@@ -237,6 +254,8 @@ def load_adapter_weights(adapter_dir) -> Dict[str, torch.Tensor]:
 
 
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+# As PEFT saves it (no adapter name, no ".weight") or as a live PeftModel's state dict has it.
+DORA_KEY = re.compile(rf"^(?P<module>.+)\.{MAGNITUDE}(?:\.(?P<name>[^.]+)\.weight)?$")
 
 
 def scan_adapter(adapter_dir) -> Tuple[Adapter, List[str]]:
@@ -256,6 +275,7 @@ def scan_adapter(adapter_dir) -> Tuple[Adapter, List[str]]:
     if problems:
         return adapter, problems
     factors: Dict[str, Dict[str, torch.Tensor]] = {}
+    magnitudes: Dict[str, torch.Tensor] = {}
     names = set()
     for key, value in tensors.items():
         short_key = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -263,8 +283,9 @@ def scan_adapter(adapter_dir) -> Tuple[Adapter, List[str]]:
         if m:
             factors.setdefault(m["module"], {})[m["which"]] = value
             names.add(m["name"])
-        elif "lora_magnitude_vector" in key:
-            problems.append(f"tensor '{key}' is a DoRA magnitude vector: DoRA is not supported")
+        elif (dm := DORA_KEY.match(short_key)):
+            magnitudes[dm["module"]] = value
+            names.add(dm["name"])
         elif "lora_embedding_" in key:
             problems.append(f"tensor '{key}' is an embedding LoRA: philora supports linear layers only")
         elif "lora_" in key:
@@ -292,6 +313,21 @@ def scan_adapter(adapter_dir) -> Tuple[Adapter, List[str]]:
                             f"says {r} (r / rank_pattern)")
             continue
         adapter.modules[module] = (A, B, float(alpha))
+        if module in magnitudes:
+            m = magnitudes[module]
+            if not config.get("use_dora"):
+                problems.append(f"module '{module}' has a DoRA magnitude vector ({MAGNITUDE}) but "
+                                f"adapter_config.json says use_dora: false")
+            elif m.shape != (B.shape[0],):
+                problems.append(f"module '{module}': {MAGNITUDE} has shape {tuple(m.shape)}, lora_B "
+                                f"needs ({B.shape[0]},)")
+            else:
+                adapter.magnitudes[module] = m
+        elif config.get("use_dora"):
+            problems.append(f"module '{module}' has no DoRA magnitude vector ({MAGNITUDE}) but "
+                            f"adapter_config.json says use_dora: true")
+    for module in sorted(set(magnitudes) - set(factors)):
+        problems.append(f"tensor '{module}.{MAGNITUDE}' has no lora_A / lora_B beside it")
     if not factors and not problems:
         problems.append("has no LoRA weights: it would leave the base model unchanged")
     return adapter, problems

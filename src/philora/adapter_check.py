@@ -1,7 +1,7 @@
 """``philora adapter check``: what a serving engine (vLLM) will refuse or serve wrongly.
 
-Before deploying: features it rejects (DoRA, modules_to_save, bias, ...), ranks beyond the
-largest ``--max-lora-rank`` it accepts (1, 8, 16, 32, 64, 128, 256, 320, 512;
+Before deploying: features it rejects (DoRA: merge it instead; modules_to_save, bias, ...),
+ranks beyond the largest ``--max-lora-rank`` it accepts (1, 8, 16, 32, 64, 128, 256, 320, 512;
 vllm/config/lora.py ``MaxLoRARanks``, default 16), and against the base model (built on the meta
 device: names and shapes, no weights) target modules it does not have, since an adapter whose
 modules match nothing serves the base model. For a philora run of a LongRoPE model, the side of
@@ -35,6 +35,9 @@ def check(adapter_dir, base: Optional[str] = None) -> Tuple[List[str], List[str]
     cfg, warnings = adapter.config, []
     if cfg.get("bias", "none") != "none":
         errors.append(f"bias={cfg['bias']!r}: vLLM does not support adapter biases")
+    if cfg.get("use_dora"):
+        errors.append(f"DoRA (use_dora): vLLM cannot serve DoRA adapters; to deploy, merge it "
+                      f"(philora merge {adapter_dir} --out DIR) and serve the merged model")
     modules = adapter.modules
     ranks = [A.shape[0] for A, _, _ in modules.values()]
     ranks += [v for v in [cfg.get("r"), *(cfg.get("rank_pattern") or {}).values()] if isinstance(v, int)]

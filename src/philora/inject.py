@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from . import lora, quant
+from . import dora, lora, quant
 from .adapter import Adapter, AdapterError, read_adapter
 from .config import PeftConfig
 from .dropout import Dropout
@@ -115,19 +115,24 @@ def lora_layer(base: nn.Module, target: Target, pc: PeftConfig) -> nn.Module:
 
     The one place that decides how a LoRA layer starts: factors in LORA_DTYPE on the base's
     device, A kaiming-uniform and B zero (as loralib and PEFT), scaling alpha/r or, with
-    rsLoRA, alpha/sqrt(r), the slice mask, and the dropout.
+    rsLoRA, alpha/sqrt(r), the slice mask, the dropout, and with DoRA (``pc.use_dora``) the
+    layer class of dora.py and its magnitude ||W|| per output row.
     """
     enable = None if target.slices is None else [s in target.slices for s in target.slice_names]
     if is_4bit(base):  # QLoRA: the bitsandbytes layer stays whole as base_layer
-        new = quant.Linear4bitLoRA(base, pc.r, pc.lora_alpha) if enable is None else \
-            quant.MergedLinear4bitLoRA(base, pc.r, pc.lora_alpha, enable, target.split_sizes)
+        cls = quant.Linear4bitLoRA if enable is None else quant.MergedLinear4bitLoRA
+        cls = dora.dora_class(cls) if pc.use_dora else cls
+        new = cls(base, pc.r, pc.lora_alpha) if enable is None else \
+            cls(base, pc.r, pc.lora_alpha, enable, target.split_sizes)
     else:
         fan_in_fan_out = is_conv1d(base)  # weight stored (in, out): kept so, not transposed
         in_f, out_f = linear_shape(base)
         common = dict(r=pc.r, lora_alpha=pc.lora_alpha, fan_in_fan_out=fan_in_fan_out,
                       merge_weights=False, bias=base.bias is not None, device="meta")
-        new = lora.Linear(in_f, out_f, **common) if enable is None else \
-            lora.MergedLinear(in_f, out_f, enable_lora=enable, split_sizes=target.split_sizes, **common)
+        cls = lora.Linear if enable is None else lora.MergedLinear
+        cls = dora.dora_class(cls) if pc.use_dora else cls
+        new = cls(in_f, out_f, **common) if enable is None else \
+            cls(in_f, out_f, enable_lora=enable, split_sizes=target.split_sizes, **common)
         new.weight = base.weight
         new.bias = base.bias
         new.weight.requires_grad = False
@@ -143,6 +148,8 @@ def lora_layer(base: nn.Module, target: Target, pc: PeftConfig) -> nn.Module:
                                     dtype=torch.bool, device=device)
     # The same distribution as nn.Dropout with a ~2.5x cheaper mask on CPU (dropout.py).
     new.lora_dropout = Dropout(p=pc.lora_dropout) if pc.lora_dropout > 0 else nn.Identity()
+    if pc.use_dora:  # after the factors, scaling and slice mask it is computed from
+        new.init_magnitude()
     new.train(base.training)
     return new
 
@@ -211,15 +218,20 @@ def load_biases(model: nn.Module, adapter: Adapter, dtype: Optional[torch.dtype]
 
 def apply_adapter(model: nn.Module, adapter: Union[str, Path, Adapter]) -> dict:
     """Inject and load a PEFT-format LoRA adapter into ``model`` (in place); returns its config.
-    Each module gets its own rank and alpha (PEFT's rank_pattern / alpha_pattern)."""
+    Each module gets its own rank and alpha (PEFT's rank_pattern / alpha_pattern), and a DoRA
+    layer when the adapter has its magnitude vector."""
     adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
     spec = PeftConfig(lora_dropout=0.0, use_rslora=adapter.use_rslora)
     for name, (A, B, alpha) in adapter.modules.items():
         base = target_layer(model, name, A, B, adapter.path)
-        layer = lora_layer(base, Target(name), replace(spec, r=A.shape[0], lora_alpha=alpha))
+        magnitude = adapter.magnitudes.get(name)
+        layer = lora_layer(base, Target(name), replace(spec, r=A.shape[0], lora_alpha=alpha,
+                                                       use_dora=magnitude is not None))
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
+            if magnitude is not None:
+                layer.lora_magnitude_vector.copy_(magnitude)
         set_module(model, name, layer)
     load_biases(model, adapter)
     lora.mark_only_lora_as_trainable(model)

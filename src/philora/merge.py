@@ -6,6 +6,7 @@ and no philora or peft, and its logits are those of base + adapter.
 
 Each update ``B @ A * scaling`` is added in float32 and the sum cast once to the output dtype
 (the base's own, unless ``dtype`` says otherwise), so a bf16 model loses one rounding, not two.
+A DoRA module's sum is rescaled per output row to its magnitude (``Adapter.merged_weight``).
 The deltas are computed from the adapter file directly (no LoRA layers are built), so this works
 for philora runs and for any PEFT LoRA adapter alike. A QLoRA run merges into its base as it was
 trained: quantized to 4 bits, then dequantized (:func:`load_dequantized_base`).
@@ -49,9 +50,9 @@ def merge_adapter(model, adapter: Adapter, dtype: torch.dtype) -> int:
             if tied is not None and layer.weight is tied:
                 raise AdapterError(f"{adapter.path}: '{name}' shares its weight with the input "
                                    f"embeddings (tied); merging would change both")
-            delta = adapter.delta(name)
-            delta = delta.T if is_conv1d(layer) else delta  # Conv1D stores (in, out)
-            layer.weight.data = (layer.weight.float() + delta).to(dtype)
+            conv1d = is_conv1d(layer)  # Conv1D stores (in, out)
+            merged = adapter.merged_weight(name, layer.weight.T if conv1d else layer.weight)  # W + delta (DoRA: rescaled)
+            layer.weight.data = (merged.T if conv1d else merged).contiguous().to(dtype)
             if not bool(torch.isfinite(layer.weight).all()):  # never save a model that overflowed
                 raise AdapterError(f"{adapter.path}: '{name}' merged is not finite in "
                                    f"{str(dtype).replace('torch.', '')} (NaN in the adapter, or the sum "
