@@ -203,11 +203,12 @@ def _stream(w, out: Path, items: List[Tuple[str, tuple, object]], want) -> None:
     w.close()
 
 
-def _name(source: Path, tok, model_type: str) -> str:
-    """general.name. llama.cpp applies Phi-3's right-strip of special tokens only when the name holds
-    "phi3" or "phi-3", so the name says so exactly when the tokenizer strips."""
+def _name(source: Path, tok) -> str:
+    """general.name. llama.cpp gives special tokens Phi-3's right-strip (the whitespace after
+    <|user|> etc. is dropped) only when the name holds "phi3" or "phi-3", whatever the architecture;
+    so the name says so exactly when the tokenizer's special tokens strip."""
     name = source.name or "model"
-    rstrip = any(t.rstrip for t in tok.added_tokens_decoder.values() if t.special) and model_type == "phi3"
+    rstrip = any(t.rstrip for t in tok.added_tokens_decoder.values() if t.special)
     has = "phi3" in name.lower() or "phi-3" in name.lower()
     if rstrip and not has:
         name += " (phi-3)"
@@ -251,7 +252,7 @@ def write_model(model_dir: Path, out: Path, outtype: str, name_from: Path):
     for n, shape, _ in items:
         _plan(w, n, shape, _qtype(n, shape, want))
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(_name(name_from, tok, raw["model_type"]))
+    w.add_name(_name(name_from, tok))
     w.add_size_label(gguf.size_label(*w.get_total_parameter_count()))
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
