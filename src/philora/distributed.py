@@ -90,15 +90,15 @@ def broadcast_object(world: World, obj):
 def on_main(world: World, fn):
     """``fn()`` run on rank 0 only, its result on every rank; a PhiloraError it raises is
     raised on every rank (instead of the others waiting for a result that never comes)."""
-    result = None
+    result, error = None, None
     if world.main:
         try:
             result = ("ok", fn())
         except PhiloraError as e:
-            result = ("error", str(e))
+            result, error = ("error", str(e)), e
     status, value = broadcast_object(world, result)
     if status == "error":
-        raise PhiloraError(value)
+        raise error if error is not None else PhiloraError(value)  # rank 0 keeps the error's type
     return value
 
 
