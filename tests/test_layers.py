@@ -18,9 +18,9 @@ LAYERS = [
     ("data", "quant", "adapter", "dora"),
     ("tiny", "inject"),
     ("loading",),
-    ("fsdp", "distributed", "checkpoint", "metrics"),
+    ("fsdp", "distributed", "checkpoint", "metrics", "trackers", "neftune", "optim", "generate", "evalgen"),
     ("train",),
-    ("merge", "generate"),
+    ("merge",),
     ("report", "data_check", "adapter_check", "adapter_convert", "export_gguf", "export_ollama", "export_vocab"),
     ("cli", "__main__", "__init__"),
 ]

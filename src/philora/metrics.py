@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Optional
 
 from .diskio import write_bytes, write_error, write_text
+from .trackers import generations_markdown
 
 
 class RunLogger:
     def __init__(self, output_dir, total_steps: int, start_step: int = 0, enabled: bool = True,
-                 progress_bar: bool = True, elapsed: float = 0.0):
+                 progress_bar: bool = True, elapsed: float = 0.0, tensorboard: bool = True, trackers=None):
         self.enabled = enabled
+        self.trackers = trackers  # trackers.Trackers (report_to: mlflow, wandb, trackio): every record too
         self.dir = Path(output_dir)
         self.t0 = time.perf_counter() - elapsed
         self.bar = None
@@ -39,7 +41,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step: TensorBoard likewise hides the interrupted run's events after start_step
             self.tb = SummaryWriter(str(self.dir / "tensorboard"),
-                                    purge_step=start_step + 1 if start_step > 0 else None)
+                                    purge_step=start_step + 1 if start_step > 0 else None) if tensorboard else None
         except ImportError:  # tensorboard is a dependency, but never fail a run over it
             self.tb = None
         if progress_bar:
@@ -65,10 +67,14 @@ class RunLogger:
                 for k, v in record.items():
                     if k not in ("step", "elapsed") and isinstance(v, (int, float)) and math.isfinite(v):
                         self.tb.add_scalar(("eval/" if k.startswith("eval") else "train/") + k, v, step)
+                if "generations" in record:  # eval_generations: one markdown table per evaluation
+                    self.tb.add_text("eval/generations", generations_markdown(record["generations"]), step)
                 self.tb.flush()
             except Exception as e:  # noqa: BLE001 (its writer thread re-raises any I/O error)
                 self.print(f"philora: warning: TensorBoard logging stopped: {write_error(self.dir / 'tensorboard', e)}")
                 self.tb = None
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def progress(self, steps: int = 1, **postfix) -> None:
         if self.bar is not None:

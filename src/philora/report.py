@@ -3,10 +3,13 @@
 Reports, as ``report.md`` (tables, the training loss curve) and ``report.json``:
 * loss and perplexity per label token (assistant tokens, as in training) for both models;
 * greedy generations for N held-out prompts (the conversation up to its last assistant turn),
-  side by side with the reference (that turn), scored by exact match, token F1 and ROUGE-L.
+  side by side with the reference (that turn), scored by exact match, token F1 and ROUGE-L;
+* with ``training_config.eval_generations``, how the answers to the same eval prompts changed
+  over training (from the run's ``metrics.jsonl``).
 
 One model serves both sides: base + adapter with philora's LoRA layers, and the base is the same
-model with every LoRA layer's scaling set to 0 (:func:`lora_disabled`), so the comparison costs
+model with every LoRA layer's scaling set to 0 (:func:`lora_disabled`; a DoRA layer is then the
+base too, magnitude included), so the comparison costs
 one model in memory and the end of training reuses the model it has. The eval split is the one
 ``data.build_datasets`` makes (from the run's ``config.yaml``) and the loss is ``train.evaluate``:
 the numbers are those training logged, by construction.
@@ -30,11 +33,12 @@ from .config import Config
 from .data import build_datasets, encode_source
 from .diskio import write_text
 from .errors import PhiloraError, first_line
+from .evalgen import held_out
 from .generate import chat_ids, generate_ids
 from .loading import load_source, resolve_source
 from .lora import lora_layers
 from .loss import IGNORE_INDEX, CausalLMLoss
-from .metrics import plot_losses
+from .metrics import plot_losses, read_metrics
 from .train import TrainResult, evaluate
 
 
@@ -84,10 +88,18 @@ LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUG
 # -----------------------------------------------------------------------------
 # held-out prompts, base vs fine-tuned
 
-def held_out(messages: Sequence[dict]) -> Tuple[List[dict], str]:
-    """(prompt: the conversation before its last assistant turn, reference: that turn)."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return [dict(role=m["role"], content=m["content"]) for m in messages[:last]], messages[last]["content"]
+def generations_over_training(run: Path) -> List[dict]:
+    """The answers ``training_config.eval_generations`` recorded in the run's metrics.jsonl, per
+    prompt: [{"prompt", "reference", "outputs": [{"step", "output"}, ...]}], in step order."""
+    if not (run / "metrics.jsonl").is_file():
+        return []
+    out: List[dict] = []
+    for rec in sorted((r for r in read_metrics(run) if r.get("generations")), key=lambda r: r["step"]):
+        for i, g in enumerate(rec["generations"]):
+            if i == len(out):
+                out.append({"prompt": g["prompt"], "reference": g["reference"], "outputs": []})
+            out[i]["outputs"].append({"step": rec["step"], "output": g["output"]})
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -210,6 +222,7 @@ def write_report(model, tokenizer, cfg: Config, examples: List[dict], run: Path,
         report["samples"].append({"prompt": prompt, "reference": ref, "base": base, "fine_tuned": tuned,
                                   "scores": {"base": score([(base, ref)]), "fine_tuned": score([(tuned, ref)])}})
     report["loss_plot"] = _loss_plot(run, out_dir)
+    report["during_training"] = generations_over_training(run)
     write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_text(out_dir / "report.md", markdown(report))  # atomic: a full disk keeps the older report
     print(f"eval: loss {report['base']['loss']:.4f} (base) -> {report['fine_tuned']['loss']:.4f} "
@@ -253,4 +266,15 @@ def markdown(report: dict) -> str:
         last_user = next((m["content"] for m in reversed(s["prompt"]) if m["role"] == "user"), "")
         lines.append(f"| {k} | {_cell(last_user)} | {_cell(s['reference'])} | {_cell(s['base'])} | "
                      f"{_cell(s['fine_tuned'])} |")
+    during = report.get("during_training") or []
+    if during:
+        lines += ["", f"## Answers during training ({len(during)} eval prompts, greedy, at every evaluation)"]
+    for k, g in enumerate(during, 1):
+        lines += ["", f"**{k}.** {_cell(last_user_turn(g['prompt']))} (reference: {_cell(g['reference'])})", "",
+                  "| step | answer |", "|---:|---|"]
+        lines += [f"| {o['step']} | {_cell(o['output'])} |" for o in g["outputs"]]
     return "\n".join(lines) + "\n"
+
+
+def last_user_turn(prompt: List[dict]) -> str:
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")

@@ -36,6 +36,10 @@ from .devices import pick_device
 from .loading import load_model_and_tokenizer, load_tokenizer, resolve_path
 from .loss import CausalLMLoss
 from .metrics import RunLogger, plot_losses
+from .evalgen import eval_generations
+from .neftune import NEFTune
+from .optim import advice, make_optimizer
+from .trackers import Trackers, check_trackers
 from .preempt import SignalGuard
 from .runlock import acquire as lock_output_dir
 from .serving import rope_regimes, write_notes
@@ -199,7 +203,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
 def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> TrainResult:
     tc, pc, dc = cfg.training_config, cfg.peft_config, cfg.data
     check_values(cfg)  # before --overwrite deletes anything
+    report_to = check_trackers(tc.report_to)  # a tracker's missing package: one line, before anything loads
     world = distributed.setup()
+    if tc.eval_generations and tc.fsdp and world.enabled:  # a sharded model generates only with every rank in step
+        raise PhiloraError("training_config.eval_generations does not work with training_config.fsdp; set "
+                           "eval_generations: 0 (the end-of-run report still generates) or fsdp: false")
     guard = held.enter_context(SignalGuard(announce=world.main))
     out = Path(tc.output_dir)
 
@@ -225,6 +233,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     inject_lora(model, pc)
     trainable, total = count_parameters(model)
     log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
+    for warning in advice(cfg, world.size):  # learning rate, batch size: once, before training
+        log(f"philora: warning: {warning}")
+    if tc.neftune_noise_alpha:  # noise on the input embeddings in training mode; off when train() ends
+        held.callback(NEFTune(model, tc.neftune_noise_alpha).remove)
     regimes = rope_regimes(model.config, train_set)  # LongRoPE: which factor set(s) this run trains
     if regimes:
         log(regimes["advice"])
@@ -235,8 +247,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     amp = device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
     autocast = (lambda: torch.autocast("cuda", dtype=model.dtype)) if amp else contextlib.nullcontext
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
-                                  eps=tc.adam_epsilon, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(model, cfg)  # AdamW; LoRA+'s groups with peft_config.loraplus_lr_ratio
     steps = total_steps(cfg, epoch_size(train_set), world.size)
     warmup = tc.warmup_steps if tc.warmup_steps > 0 else math.ceil(tc.warmup_ratio * steps)
     scheduler = lr_scheduler(tc.lr_scheduler_type, optimizer, warmup, steps)
@@ -255,8 +266,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     if world.main:
         remove_run(old_run)  # --overwrite: only now that data, tokenizer and model have loaded
         write_text(out / "config.yaml", config_yaml)
+    trackers = held.enter_context(Trackers(out, report_to, config_to_dict(cfg), resume=ckpt is not None)) \
+        if world.main else None  # MLflow / W&B / trackio runs, finished (or failed) when train() ends
     logger = RunLogger(out, steps, state["step"], enabled=world.main, progress_bar=tc.progress_bar,
-                       elapsed=state["elapsed"])
+                       elapsed=state["elapsed"], tensorboard="tensorboard" in report_to, trackers=trackers)
     pad_id = tokenizer.pad_token_id
     eval_subset = eval_set[:tc.eval_max_samples] if tc.eval_max_samples > 0 else eval_set
 
@@ -266,6 +279,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
         m = evaluate(loss_fn, eval_subset, cfg, pad_id, device, world, autocast)
         logger.write({"step": step, **m})
         logger.print(f"step {step}: eval_loss {m['eval_loss']:.4f}  perplexity {m['eval_perplexity']:.2f}")
+        if tc.eval_generations and world.main:  # rank 0 alone: generate() runs on the plain model
+            logger.write({"step": step, "generations": eval_generations(model, tokenizer,
+                                                                        eval_subset[:tc.eval_generations])})
         return m
 
     metrics = run_eval(0) if state["step"] == 0 else {}
