@@ -18,7 +18,9 @@ Files are written through diskio (atomic meta.json, one-line errors for a full o
 Several processes: ``datasets.Dataset.map(num_proc=N)`` tokenizes contiguous shards and writes
 them in order, so the rows are those of one process. Content digests are memoised by (path,
 size, mtime, ctime, inode): a cached run does not re-read a multi-GB file, and any write to the
-file (which always changes ctime) makes it hash the file again.
+file (which always changes ctime) makes it hash the file again. A memo is trusted only when the
+file had been unchanged for two seconds when it was hashed, as a rewrite within the clock's
+granularity can leave ctime as it was.
 """
 
 import hashlib
@@ -55,17 +57,20 @@ def file_digest(path: str, root: Path) -> str:
     memo = root / "digests" / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
     try:
         saved = json.loads(memo.read_text(encoding="utf-8"))
-        if saved.get("path") == real and saved.get("stamp") == stamp:
+        # Trusted only if the file had not changed for a while when it was hashed: a rewrite
+        # within the file system's timestamp granularity keeps the same ctime ("racy git").
+        if saved.get("path") == real and saved.get("stamp") == stamp and saved["hashed_ns"] > st.st_ctime_ns + 2e9:
             return saved["sha256"]
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError):
         pass
+    hashed_ns = time.time_ns()
     h = hashlib.sha256()
     with open(real, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     digest = h.hexdigest()
     try:  # best effort: a lost memo only costs another read
-        write_text(memo, json.dumps({"path": real, "stamp": stamp, "sha256": digest}), durable=False)
+        write_text(memo, json.dumps({"path": real, "stamp": stamp, "sha256": digest, "hashed_ns": hashed_ns}), durable=False)
     except PhiloraError:
         pass
     return digest
