@@ -205,7 +205,10 @@ def read_verified(path) -> Dict[str, bytes]:
 def find_resumable(output_dir, log: Callable[[str], None] = print) -> Path:
     """The newest checkpoint in ``output_dir`` whose files match their manifest. Each damaged
     one on the way is reported in one line through ``log``; none usable is a CheckpointError."""
-    ckpts = list_checkpoints(output_dir)
+    d = Path(output_dir)  # every checkpoint-N directory: one that lost a file is reported too
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_dir()] \
+        if d.is_dir() else []
+    ckpts = [p for _, p in sorted(found)]
     if not ckpts:
         raise CheckpointError(f"--resume: no complete checkpoint in '{output_dir}' to resume from")
     for i, ckpt in enumerate(reversed(ckpts)):
