@@ -356,7 +356,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
             raise PhiloraError(
                 f"training stopped at step {step}: {bad_steps} step(s) in a row had a NaN or infinite loss or "
                 f"gradient norm (training_config.max_bad_steps={tc.max_bad_steps}); the weights were last "
-                f"updated at step {step - bad_steps} and nothing after it was saved; lower "
+                f"updated at step {step - bad_steps} and no adapter was saved; lower "
                 f"training_config.learning_rate, keep max_grad_norm > 0, or train in float32 (model.dtype)")
         if bad:
             logger.print(f"philora: warning: step {step}: NaN or infinite loss or gradient norm; the update "
