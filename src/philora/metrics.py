@@ -22,7 +22,7 @@ from .trackers import generations_markdown
 class RunLogger:
     def __init__(self, output_dir, total_steps: int, start_step: int = 0, enabled: bool = True,
                  progress_bar: bool = True, elapsed: float = 0.0, tensorboard: bool = True, trackers=None):
-        self.enabled = enabled
+        self.enabled, self.closed = enabled, False
         self.trackers = trackers  # trackers.Trackers (report_to: mlflow, wandb, trackio): every record too
         self.dir = Path(output_dir)
         self.t0 = time.perf_counter() - elapsed
@@ -90,9 +90,11 @@ class RunLogger:
         else:
             print(msg, flush=True)
 
-    def close(self) -> None:
-        if not self.enabled:
+    def close(self, quiet: bool = False) -> None:
+        """Flush and close (once); ``quiet``: a run that already failed only lets go of its files."""
+        if not self.enabled or self.closed:
             return
+        self.closed = True
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
@@ -103,7 +105,8 @@ class RunLogger:
         try:
             self.jsonl.close()
         except OSError as e:
-            raise write_error(self.dir / "metrics.jsonl", e) from None
+            if not quiet:
+                raise write_error(self.dir / "metrics.jsonl", e) from None
 
 
 def _truncate_metrics(path: Path, last_step: int, final_step: int) -> None:

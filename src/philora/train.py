@@ -270,6 +270,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
         if world.main else None  # MLflow / W&B / trackio runs, finished (or failed) when train() ends
     logger = RunLogger(out, steps, state["step"], enabled=world.main, progress_bar=tc.progress_bar,
                        elapsed=state["elapsed"], tensorboard="tensorboard" in report_to, trackers=trackers)
+    held.callback(logger.close, quiet=True)  # a run that fails lets go of its files (no-op after close())
     pad_id = tokenizer.pad_token_id
     eval_subset = eval_set[:tc.eval_max_samples] if tc.eval_max_samples > 0 else eval_set
 
