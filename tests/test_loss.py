@@ -85,3 +85,23 @@ def test_no_label_tokens_gives_zero_and_backpropagates(helpers):
     loss_sum, n = CausalLMLoss(model)(b)
     assert n.item() == 0 and loss_sum.item() == 0.0
     loss_sum.backward()
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_final_logit_softcap_value_and_gradient(trainable):
+    """Gemma 2's cap * tanh(logits / cap): the chunked loss and its gradient against autograd on
+    the full, capped logits."""
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    head.weight.data.mul_(20.0)  # logits well into tanh's curve at cap 5
+    head.weight.requires_grad_(trainable)
+    h = torch.randn(9, 16, requires_grad=True)
+    y = torch.randint(0, 50, (9,))
+    ours = lm_head_loss(h, head, y, chunk=4, softcap=5.0)
+    (g_ours,) = torch.autograd.grad(ours, h)
+    logits = head(h)
+    ref = F.cross_entropy(torch.tanh(logits / 5.0) * 5.0, y, reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref, h)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-6)
+    assert (ours - F.cross_entropy(logits, y, reduction="sum")).abs() > 1.0  # the cap matters here
