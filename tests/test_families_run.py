@@ -110,3 +110,12 @@ def test_misplaced_or_malformed_tools_are_one_line_errors(message, needle, helpe
     with pytest.raises(DataError) as e:
         to_messages(record, "auto", "tools.jsonl:3")
     helpers.one_line_error(e, "tools.jsonl:3", needle)
+
+
+@pytest.mark.parametrize("name, model", [("phi35-mini-lora.yaml", "microsoft/Phi-3.5-mini-instruct"),
+                                         ("phi4-mini-lora.yaml", "microsoft/Phi-4-mini-instruct")])
+def test_shipped_longrope_configs_stay_on_the_short_side(name, model):
+    from philora.config import CONFIG_DIR, load_config
+    cfg = load_config(str(CONFIG_DIR / name))
+    assert cfg.model.name_or_path == model and cfg.model.trust_remote_code is False
+    assert cfg.data.max_length <= 4096  # both switch at original_max_position_embeddings 4096
