@@ -21,7 +21,7 @@ from philora.checkpoint import list_checkpoints, read_verified, save_checkpoint
 from philora.cli import describe_os_error, main
 from philora.diskio import TEMP_PREFIX, WriteError, staged, write_bytes, write_error
 from philora.errors import PhiloraError
-from philora.metrics import RunLogger
+from philora.metrics import RunLogger, read_metrics
 from philora.train import train
 
 NO_SPACE = os.strerror(errno.ENOSPC)
@@ -223,3 +223,22 @@ def test_merge_into_a_full_real_disk(small_fs, base_dir, tmp_path, helpers, caps
     assert code == 2 and NO_SPACE in line, line
     assert not leftovers(small_fs) and not any((small_fs / "merged").iterdir())
     shutil.rmtree(small_fs / "merged")
+
+
+def test_tensorboard_write_failure_is_one_warning_and_the_run_logs_on(tmp_path, monkeypatch, capfd):
+    from tensorboard.compat.tensorflow_stub.io import gfile
+    logger = RunLogger(tmp_path, 10, progress_bar=False)
+    logger.write({"step": 1, "loss": 1.0})
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, NO_SPACE)
+    monkeypatch.setattr(gfile.LocalFileSystem, "append", full)
+    for step in range(2, 6):
+        logger.write({"step": step, "loss": 1.0})
+    logger.close()
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "Exception in thread" not in out + err
+    assert [line for line in out.splitlines() if "TensorBoard" in line] == [
+        f"philora: warning: TensorBoard logging stopped: cannot write '{tmp_path / 'tensorboard'}': {NO_SPACE} "
+        f"(the disk is full: free some space)"]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]

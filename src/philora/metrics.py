@@ -11,6 +11,7 @@ TensorBoard, secondary to metrics.jsonl, is switched off with one warning instea
 import io
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -44,10 +45,20 @@ class RunLogger:
                                     purge_step=start_step + 1 if start_step > 0 else None) if tensorboard else None
         except ImportError:  # tensorboard is a dependency, but never fail a run over it
             self.tb = None
+        if self.tb is not None:  # its writer thread's I/O error is reported by write() in one line
+            self._excepthook = threading.excepthook
+            threading.excepthook = self._quiet_tensorboard_thread
         if progress_bar:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True)
+
+    def _quiet_tensorboard_thread(self, args) -> None:
+        """threading.excepthook while open: TensorBoard's writer thread prints a traceback when a
+        write fails, then hands the error to the next flush, which write() turns into one line."""
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard"):
+            return
+        self._excepthook(args)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -102,6 +113,8 @@ class RunLogger:
                 self.tb.close()
             except Exception:  # noqa: BLE001 (already reported by write, or nothing left to flush)
                 pass
+        if getattr(self, "_excepthook", None) is not None:
+            threading.excepthook, self._excepthook = self._excepthook, None
         try:
             self.jsonl.close()
         except OSError as e:
