@@ -31,6 +31,7 @@ the key: bad records are rows too, and the policy applies when the rows are read
 same inputs maps the cache and tokenizes nothing; a changed input tokenizes again.
 """
 
+import bisect
 import hashlib
 import json
 import os
@@ -95,6 +96,8 @@ def _labels_from_offsets(chat, turns, ids, tokenizer, added):
     if list(enc["input_ids"]) != ids:
         return None
     offsets = enc["offset_mapping"]
+    starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
+    ordered = starts == sorted(starts) and ends == sorted(ends)  # then a turn's tokens are one run
     labels, cursor = [IGNORE_INDEX] * len(ids), 0
     for i in turns:
         span = _content_span(chat, i, text, cursor, tokenizer)
@@ -103,7 +106,11 @@ def _labels_from_offsets(chat, turns, ids, tokenizer, added):
         start, end = span
         cursor = end
         last = None
-        for k, ((s, e), t) in enumerate(zip(offsets, ids)):
+        for k in range(bisect.bisect_right(ends, start) if ordered else 0, len(ids)):
+            s, e = offsets[k]
+            if ordered and s >= end:
+                break
+            t = ids[k]
             # content tokens; an added token only when wholly inside (not a header that swallowed whitespace)
             if s < end and e > start and (t not in added or (s >= start and e <= end)):
                 labels[k], last = t, k
@@ -123,7 +130,8 @@ def _content_span(chat, i, text, cursor, tokenizer):
     if i > 0:
         try:
             prefix = tokenizer.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True)
-            lo = max(lo, len(os.path.commonprefix([prefix, text])))
+            same = len(prefix) if text.startswith(prefix) else len(os.path.commonprefix([prefix, text]))
+            lo = max(lo, same)
         except Exception:  # templates that cannot render a partial conversation
             pass
     content = chat[i]["content"]
