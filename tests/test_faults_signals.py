@@ -197,3 +197,57 @@ def test_lock_in_process(tmp_path):
     with pytest.raises(Exception) as e:
         acquire(tmp_path / "file")
     assert "is not a directory" in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# torchrun: a signal that reaches one rank stops every rank after the same step
+
+
+def pids_with(env_items):
+    """Processes whose environment holds every KEY=VALUE of ``env_items``."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                env = open(f"/proc/{d}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if all(item.encode() in env for item in env_items):
+                found.append(int(d))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
+def test_sigterm_to_one_torchrun_rank_stops_all_after_the_same_step(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    tag = f"PHILORA_TEST_TAG={os.getpid()}-{time.monotonic_ns()}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PHILORA_TEST_TAG=tag.split("=", 1)[1])
+    args = [f"model.name_or_path={tiny_model_dir}", f"training_config.output_dir={out}", "data.max_length=128",
+            "training_config.max_steps=100000", "training_config.per_device_train_batch_size=2",
+            "training_config.logging_steps=1", "training_config.eval_steps=0", "training_config.save_steps=0",
+            "training_config.eval_max_samples=2", "training_config.report_samples=0",
+            "training_config.progress_bar=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "philora", "train", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(proc, lambda: len(logged_steps(out)) >= 2, "step 2")
+        (rank1,) = pids_with([tag, "RANK=1"])
+        os.kill(rank1, signal.SIGTERM)  # rank 1 only: rank 0 learns of it through the step's all-reduce
+        log, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    step = logged_steps(out)[-1]
+    stopped = [ln for ln in log.splitlines() if "stopped after step" in ln]
+    assert len(stopped) == 2, log[-3000:]  # both ranks, the same line
+    assert all(ln.endswith(f"philora: SIGTERM: stopped after step {step} with a checkpoint in "
+                           f"{out / f'checkpoint-{step}'}; continue with the same command and --resume")
+               for ln in stopped), stopped
+    # The workers print no traceback; torchrun prints its own report of workers that exited 143.
+    assert log.count("Traceback") == 1 and "ChildFailedError" in log.split("Traceback")[1], log[-3000:]
+    assert [p.name for p in list_checkpoints(out)] == [f"checkpoint-{step}"]
+    read_verified(out / f"checkpoint-{step}")
+    state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    assert state["step"] == step and state["world_size"] == 2
