@@ -336,8 +336,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
         # One all-reduce for what every rank must decide alike: skip a step whose loss or gradient
         # is NaN/inf (no update: the weights and Adam's moments stay finite), and stop after this
         # step on SIGTERM/SIGINT.
-        bad, stop = distributed.all_sum(world, torch.tensor(float(not (torch.isfinite(step_loss) and torch.isfinite(norm)))),
-                                        torch.tensor(float(guard.requested)))
+        finite = math.isfinite(step_loss.item()) and math.isfinite(float(norm))
+        bad, stop = distributed.all_sum(world, torch.tensor(float(not finite)), torch.tensor(float(guard.requested)))
         bad_steps = bad_steps + 1 if bad else 0
         if bad:
             window["skipped"] += 1
