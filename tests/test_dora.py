@@ -97,6 +97,33 @@ def test_forward_and_gradients_equal_peft(base_dir, helpers, dropout):
         assert_close(mine[n], grads[n], **helpers.TIGHT, msg=n)
 
 
+def test_conv1d_layers_equal_peft(helpers):
+    """GPT-2's Conv1D (weight stored (in, out), fan_in_fan_out in peft), with biases."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()
+    mine = gpt2()
+    inject_lora(mine, PeftConfig(**DORA))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in mine.named_parameters():
+            if "lora_" in n:
+                p.copy_(p * 1.3 if "magnitude" in n else torch.randn(p.shape, generator=g) * 0.3)
+    theirs = get_peft_model(gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                               use_dora=True, fan_in_fan_out=True))
+    params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in mine.named_parameters():
+            if "lora_" in name:
+                module, _, which = name.rpartition(".")
+                params[f"base_model.model.{module}.{which}.default.weight"].copy_(p)
+    ids = torch.randint(0, 64, (2, 9), generator=g)
+    assert_close(helpers.logits(mine, ids), helpers.logits(theirs, ids), **helpers.TIGHT)
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_saved_adapter_is_peft_dora(base_dir, tmp_path, helpers, rslora):
     from peft import PeftModel
@@ -124,7 +151,7 @@ def test_peft_dora_adapter_loads_in_philora(base_dir, tmp_path, helpers):
             if "lora_magnitude_vector" in n:
                 p.mul_(1.5)
     peft_model.save_pretrained(tmp_path)
-    adapter = read_adapter(tmp_path)
+    adapter = read_adapter(tmp_path, dora=True)
     assert sorted(adapter.magnitudes) == sorted(adapter.modules) and len(adapter.modules) == 4
     model = helpers.load_model(base_dir)
     apply_adapter(model, tmp_path)
@@ -153,6 +180,17 @@ def test_adapter_check_says_merge_to_deploy(base_dir, tmp_path, capsys, helpers)
     assert check_cli(tmp_path) == 1
     errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "vLLM cannot serve DoRA" in errors[0] and "philora merge" in errors[0]
+
+
+def test_plain_lora_commands_refuse_dora_in_one_line(base_dir, tmp_path, helpers):
+    from philora.adapter import AdapterError
+    from philora.adapter_convert import convert
+    model = philora_dora(helpers, base_dir, target_modules=["o_proj"])
+    save_adapter(model, tmp_path / "a", base_dir, PeftConfig(**DORA))
+    with pytest.raises(AdapterError) as e:  # loralib has no magnitude: dropping it would change the model
+        convert(tmp_path / "a", tmp_path / "lora.safetensors", to="loralib")
+    helpers.one_line_error(e, "DoRA", "philora merge")
+    assert not (tmp_path / "lora.safetensors").exists()
 
 
 def test_magnitude_that_does_not_fit_is_one_line(base_dir, tmp_path, helpers):

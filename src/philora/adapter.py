@@ -333,10 +333,15 @@ def scan_adapter(adapter_dir) -> Tuple[Adapter, List[str]]:
     return adapter, problems
 
 
-def read_adapter(adapter_dir) -> Adapter:
-    """A PEFT LoRA adapter philora can load, or a one-line AdapterError naming the problem."""
+def read_adapter(adapter_dir, dora: bool = False) -> Adapter:
+    """A PEFT LoRA adapter philora can load, or a one-line AdapterError naming the problem.
+    A DoRA adapter only for callers that apply its magnitudes (``dora=True``: loading, merging);
+    elsewhere (loralib conversion, GGUF LoRA) dropping them would change the model silently."""
     adapter, problems = scan_adapter(adapter_dir)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise AdapterError(f"{adapter_dir}: {problems[0]}{more}")
+    if adapter.magnitudes and not dora:
+        raise AdapterError(f"{adapter_dir}: a DoRA adapter (use_dora); this takes plain LoRA only, whose "
+                           f"update is B @ A: merge it into its base first (philora merge)")
     return adapter

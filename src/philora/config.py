@@ -181,6 +181,7 @@ RESUME_FREE = {
     "training_config.save_total_limit", "training_config.eval_max_samples",
     "training_config.report_samples", "training_config.progress_bar", "training_config.fsdp",
     "training_config.max_bad_steps", "model.gradient_checkpointing", "data.num_proc", "data.cache_dir",
+    "training_config.report_to", "training_config.eval_generations",
 }
 
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from . import dora, lora, quant
+from . import dora, fused, lora, quant
 from .adapter import Adapter, AdapterError, read_adapter
 from .config import PeftConfig
 from .dropout import Dropout
@@ -130,7 +130,8 @@ def lora_layer(base: nn.Module, target: Target, pc: PeftConfig) -> nn.Module:
         common = dict(r=pc.r, lora_alpha=pc.lora_alpha, fan_in_fan_out=fan_in_fan_out,
                       merge_weights=False, bias=base.bias is not None, device="meta")
         cls = lora.Linear if enable is None else lora.MergedLinear
-        cls = dora.dora_class(cls) if pc.use_dora else cls
+        # Training runs through fused.py's one autograd function per layer (same parameters).
+        cls = dora.dora_class(cls) if pc.use_dora else fused.fast_class(cls)
         new = cls(in_f, out_f, **common) if enable is None else \
             cls(in_f, out_f, enable_lora=enable, split_sizes=target.split_sizes, **common)
         new.weight = base.weight
@@ -220,7 +221,7 @@ def apply_adapter(model: nn.Module, adapter: Union[str, Path, Adapter]) -> dict:
     """Inject and load a PEFT-format LoRA adapter into ``model`` (in place); returns its config.
     Each module gets its own rank and alpha (PEFT's rank_pattern / alpha_pattern), and a DoRA
     layer when the adapter has its magnitude vector."""
-    adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+    adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter, dora=True)
     spec = PeftConfig(lora_dropout=0.0, use_rslora=adapter.use_rslora)
     for name, (A, B, alpha) in adapter.modules.items():
         base = target_layer(model, name, A, B, adapter.path)

@@ -145,7 +145,7 @@ def merge(source, out, base: Optional[str] = None, dtype: Optional[str] = None,
     src = resolve_source(source, base)
     if src.adapter_dir is None:
         raise PhiloraError(f"{source}: nothing to merge: not a run or adapter directory (no adapter_config.json)")
-    adapter = read_adapter(src.adapter_dir)  # a bad adapter fails before the base loads
+    adapter = read_adapter(src.adapter_dir, dora=True)  # a bad adapter fails before the base loads
     path = resolve_path(src.model_cfg.name_or_path)
     out_dir = Path(out)
     for p in (src.adapter_dir, path):
