@@ -158,7 +158,8 @@ def test_training_loss_and_lora_grads_equal_eager_alone(name, families, capsys):
         ours = lora_params(model)
         for module, grads in theirs.items():
             for kind, g in grads.items():
-                torch.testing.assert_close(ours[module][kind].grad, g, rtol=1e-4, atol=1e-5 * g.abs().max().item())
+                # within 1e-4 of the gradient's scale: fp32 summation order, sharpened by the attention
+                torch.testing.assert_close(ours[module][kind].grad, g, rtol=1e-4, atol=1e-4 * g.abs().max().item())
     if name.startswith("gemma2"):  # softcapped attention: said once, at load
         assert capsys.readouterr().out.count("philora_softcap") == 1
 

@@ -11,7 +11,7 @@ Serving engines choose one set per deployment (vLLM from ``--max-model-len``, ll
 
 import json
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from .models import longrope_advice, longrope_switch
 
@@ -20,15 +20,15 @@ README = "README.md"
 MARK = "<!-- written by philora: rewritten by each run in this directory -->"
 
 
-def rope_regimes(config, examples: Iterable[dict]) -> Optional[dict]:
+def rope_regimes(config, examples) -> Optional[dict]:
     """For a LongRoPE model: the switch, the conversations (and tokens) on each side of it, and
     the serving advice. None for other models."""
     switch = longrope_switch(config)
     if switch is None:
         return None
     counts = {"short": [0, 0], "long": [0, 0]}
-    for ex in examples:
-        n = len(ex["input_ids"])
+    lengths = examples.lengths() if hasattr(examples, "lengths") else [len(ex["input_ids"]) for ex in examples]
+    for n in (int(n) for n in lengths):  # data.Examples knows its lengths without reading rows
         side = counts["long" if n > switch else "short"]
         side[0] += 1
         side[1] += n
