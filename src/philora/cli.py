@@ -229,13 +229,20 @@ def bench(argv: List[str]) -> int:
     return module.main([a for a in argv if a != "--"])
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: under torchrun every rank may say it at once, and
+    print's separate newline write lets their lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # bench has its own parser: pass its options through untouched
         try:
             return bench(argv[1:])
         except PhiloraError as e:
-            print(f"philora: error: {e}", file=sys.stderr)
+            _say(f"philora: error: {e}")
             return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -250,16 +257,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return run(args)
     except PhiloraError as e:
-        print(f"philora: error: {e}", file=sys.stderr)
+        _say(f"philora: error: {e}")
         return 2
     except Interrupted as e:  # SIGTERM / SIGINT: the line says what was saved and how to go on
-        print(f"philora: {e}", file=sys.stderr)
+        _say(f"philora: {e}")
         return e.exit_code
     except KeyboardInterrupt:
-        print("philora: interrupted", file=sys.stderr)
+        _say("philora: interrupted")
         return 130
     except OSError as e:  # a file the user named or a disk we write to: one line, no traceback
-        print(f"philora: error: {describe_os_error(e)}", file=sys.stderr)
+        _say(f"philora: error: {describe_os_error(e)}")
         return 1
 
 
