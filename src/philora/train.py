@@ -266,6 +266,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     if world.main:
         remove_run(old_run)  # --overwrite: only now that data, tokenizer and model have loaded
         write_text(out / "config.yaml", config_yaml)
+    guard.immediate("stopped before the first step, nothing trained: start again with --overwrite" if ckpt is None
+                    else f"stopped before training resumed; {ckpt.name} is as it was: --resume again")
     trackers = held.enter_context(Trackers(out, report_to, config_to_dict(cfg), resume=ckpt is not None)) \
         if world.main else None  # MLflow / W&B / trackio runs, finished (or failed) when train() ends
     logger = RunLogger(out, steps, state["step"], enabled=world.main, progress_bar=tc.progress_bar,
