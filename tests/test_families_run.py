@@ -51,11 +51,13 @@ def test_longrope_run_records_both_sides_and_how_to_serve(families, helpers, tmp
     assert "warning: LongRoPE: trained on both sides of the switch at 48 tokens" in out
 
 
-def test_longrope_run_within_the_switch_serves_short(families, helpers, tmp_path, capsys):
+def test_longrope_run_within_the_switch_serves_short_and_stays_tied(families, helpers, tmp_path, capsys):
     path = families.dir("phi4-mini")
     data = write_data(families, "phi4-mini", tmp_path / "data")
     run = tmp_path / "run"
-    train(helpers.make_cfg(run, path, data, "data.max_length=48", "training_config.max_steps=1"))
+    result = train(helpers.make_cfg(run, path, data, "data.max_length=48", "training_config.max_steps=2"))
+    model = result.model  # tied embeddings stay one tensor through training
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     record = json.loads((run / "longrope.json").read_text(encoding="utf-8"))
     assert record["long"]["conversations"] == 0 and record["short"]["conversations"] > 0
     assert "--max-model-len 48" in (run / "README.md").read_text(encoding="utf-8")
@@ -119,3 +121,18 @@ def test_shipped_longrope_configs_stay_on_the_short_side(name, model):
     cfg = load_config(str(CONFIG_DIR / name))
     assert cfg.model.name_or_path == model and cfg.model.trust_remote_code is False
     assert cfg.data.max_length <= 4096  # both switch at original_max_position_embeddings 4096
+
+
+def test_adapter_check_warns_about_longrope_for_an_adapter_without_record(families, helpers, tmp_path, capsys):
+    from philora.adapter import save_adapter
+    from philora.config import ModelConfig, PeftConfig
+    from philora.inject import inject_lora
+    from philora.loading import load_model_and_tokenizer
+    path = families.dir("phi3.5-mini")
+    model, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=path, dtype="float32"))
+    pc = PeftConfig(r=4, lora_alpha=8, target_modules=["o_proj"])
+    inject_lora(model, pc)
+    save_adapter(model, tmp_path / "adapter", path, pc)
+    capsys.readouterr()
+    assert check_cli(tmp_path / "adapter") == 0
+    assert "vLLM --max-model-len <= 48 for the short factors" in capsys.readouterr().out

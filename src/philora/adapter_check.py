@@ -16,6 +16,7 @@ from .adapter import AdapterError, read_adapter, scan_adapter
 from .errors import PhiloraError
 from .inject import target_layer
 from .loading import meta_model
+from .models import longrope_switch
 from .serving import read_record
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -71,6 +72,11 @@ def check(adapter_dir, base: Optional[str] = None) -> Tuple[List[str], List[str]
         warnings.append(f"target_modules entry '{t}' matches no module of {name}")
     if modules and all(m not in names for m in modules):
         errors.append(f"none of the adapter's modules is in {name}: it would serve the base model unchanged")
+    switch = longrope_switch(getattr(model, "config", None))
+    if switch is not None and read_record(adapter_dir) is None:  # not a philora run: the side is unknown
+        warnings.append(f"{name} uses LongRoPE (short rotary factors up to {switch} tokens, long above): "
+                        f"serve on the side the adapter was trained on, vLLM --max-model-len <= {switch} "
+                        f"for the short factors, above for the long")
     return errors, warnings
 
 
