@@ -182,6 +182,7 @@ RESUME_FREE = {
     "training_config.report_samples", "training_config.progress_bar", "training_config.fsdp",
     "training_config.max_bad_steps", "model.gradient_checkpointing", "data.num_proc", "data.cache_dir",
     "training_config.report_to", "training_config.eval_generations",
+    "model.attn_implementation",  # the same attention computed another way (e.g. resumed on other hardware)
 }
 
 
