@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import lora
+from . import fused, lora
 from .config import ModelConfig
 from .devices import resolve_dtype
 from .errors import PhiloraError
@@ -137,6 +137,9 @@ class _QuantBase:
         # The 4-bit base runs as bitsandbytes' module; the LoRA branch is lora.Linear's /
         # lora.MergedLinear's own (the other base of each class below).
         result = self.base_layer(x)
+        cdt = fused.compute_dtype(self, x)
+        if cdt is not None:  # training: the LoRA half of fused.py's one autograd function
+            return fused.lora_linear(self, x, result, cdt)
         return result + self.lora_forward(x).to(result.dtype)
 
 
