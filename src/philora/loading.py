@@ -24,6 +24,9 @@ from .inject import apply_adapter
 from .quant import prepare_quantized, quantization_kwargs
 from .tiny import resolve_model
 
+_SAID: set = set()  # notes on the attention chosen, already printed
+
+
 def resolve_path(name_or_path: str) -> str:
     """A local directory for ``tiny`` (built on first use); anything else as given."""
     return resolve_model(name_or_path)
@@ -56,7 +59,8 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: Optional[torch.device] = 
     # block-diagonal mask over the whole row (attention.py; plain sdpa whenever a mask is given);
     # its explicit-scores form for models with softcapped attention (Gemma 2), said once.
     attn, note = attention.choose(_model_config(path, cfg), cfg.attn_implementation, training)
-    if note:
+    if note and note not in _SAID:  # once per process (eval loads the base and the tuned model)
+        _SAID.add(note)
         print(note)
     kwargs = dict(dtype=dtype, attn_implementation=attn,
                   trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
