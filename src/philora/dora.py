@@ -21,8 +21,6 @@ stays a loralib drop-in, so DoRA lives here). A scaling of 0 (``report.lora_disa
 the whole adapter off, magnitude included: the base model, as PEFT's ``disable_adapter``.
 """
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,33 +45,42 @@ class _DoRA:
         base = getattr(self, "base_layer", None)
         return base(x) if base is not None else F.linear(x, self._T(self.weight), bias=self.bias)
 
-    def _rows(self) -> Optional[torch.Tensor]:
-        """Rows with a magnitude: all (None), or the enabled slices' rows of a fused module."""
-        ind = getattr(self, "lora_ind", None)
-        return None if ind is None or bool(ind.all()) else ind
-
     @torch.no_grad()
     def full_weight_norm(self) -> torch.Tensor:
-        """||W + s B A|| per output row, float32, (out,): zero update on rows without LoRA."""
-        weight = self._base_weight().float()
-        return torch.linalg.norm(weight + self._T(self.delta_weight()).float(), dim=1)
+        """||W + s B A|| per output row, float32, (out,): zero update on rows without LoRA.
+        In float32 whatever autocast says; one (out, in) float32 buffer at a time."""
+        weight = self._base_weight()
+        with torch.autocast(weight.device.type, enabled=False):
+            summed = self._T(self.delta_weight()).float()
+            summed += weight
+            return torch.linalg.norm(summed, dim=1)
 
     def weight_norm(self) -> torch.Tensor:
         """The norm for the rows that have a magnitude (a constant: no gradient)."""
-        norm, rows = self.full_weight_norm(), self._rows()
-        return norm if rows is None else norm[rows]
+        norm = self.full_weight_norm()
+        return norm if self.dora_rows is None else norm[self.dora_rows]
 
     def init_magnitude(self) -> None:
-        """m = ||W + s B A|| (= ||W|| with B at zero): the layer starts as plain LoRA."""
-        self.lora_magnitude_vector = nn.Parameter(self.weight_norm().to(self.lora_A.dtype))
+        """m = ||W + s B A|| (= ||W|| with B at zero): the layer starts as plain LoRA. After the
+        factors, scaling and slice mask are set (inject.lora_layer)."""
+        ind = getattr(self, "lora_ind", None)
+        rows = None if ind is None or bool(ind.all()) else ind.nonzero()[:, 0]
+        full = self.full_weight_norm()
+        # Buffers (not saved): they follow the layer to its device. The rows with a magnitude
+        # (None: all), and ||W|| of the others, which PEFT's file needs (never recomputed from a
+        # weight that FSDP may have sharded by then).
+        self.register_buffer("dora_rows", rows, persistent=False)
+        self.register_buffer("base_norm", None if rows is None else full, persistent=False)
+        m = full if rows is None else full[rows]
+        self.lora_magnitude_vector = nn.Parameter(m.to(self.lora_A.dtype))
 
     def peft_magnitude(self) -> torch.Tensor:
         """The (out,) vector PEFT stores for this module: m, and ||W|| on rows without LoRA."""
-        m, rows = self.lora_magnitude_vector.detach(), self._rows()
-        if rows is None:
-            return m.float().clone()
-        full = self.full_weight_norm()
-        full[rows] = m.float()
+        m = self.lora_magnitude_vector.detach().float()
+        if self.dora_rows is None:
+            return m.clone()
+        full = self.base_norm.clone()
+        full[self.dora_rows] = m
         return full
 
     def _merge_delta(self, sign: float) -> None:
@@ -85,9 +92,8 @@ class _DoRA:
         if not self._has_lora() or self.merged or not self.scaling:
             return result
         g = self.lora_magnitude_vector / self.weight_norm()
-        rows = self._rows()
-        if rows is not None:  # factor 1 on rows without LoRA
-            g = g.new_ones(self.out_features).index_put((rows.nonzero()[:, 0],), g)
+        if self.dora_rows is not None:  # factor 1 on rows without LoRA
+            g = g.new_ones(self.out_features).index_put((self.dora_rows,), g)
         if self.training and not isinstance(self.lora_dropout, nn.Identity):
             x = self.lora_dropout(x)  # PEFT: W and the LoRA branch both see the dropped-out input
             base = F.linear(x, self._base_weight().to(x.dtype))
