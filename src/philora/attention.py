@@ -33,6 +33,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .errors import PhiloraError
+
 NAME = "philora_sdpa"
 SOFTCAP_NAME = "philora_softcap"  # no "sdpa" in it: transformers checks such names for SDPA support
 
@@ -119,6 +121,9 @@ def philora_sdpa_forward(module, query, key, value, attention_mask, dropout: flo
                          sliding_window: Optional[int] = None, softcap: Optional[float] = None,
                          **kwargs):
     """transformers' attention-function signature; returns (output (B, L, H, D), None)."""
+    if kwargs.get("s_aux") is not None or kwargs.get("is_causal") is False:
+        raise PhiloraError(f"attention: {type(module).__name__} uses attention sinks or non-causal "
+                           f"attention, which {NAME} does not compute; set model.attn_implementation: eager")
     if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
         # A padding mask or a cache: the mask (built by _mask / _softcap_mask) says it all.
         if softcap is None:
