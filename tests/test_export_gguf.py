@@ -285,6 +285,8 @@ def test_bad_inputs_are_one_line_errors(phi3_base, tmp_path, monkeypatch):
     _one_line_error(r"d.gguf' already exists; pass --force", export_gguf, phi3_base, tmp_path / "d.gguf")
     assert (tmp_path / "d.gguf").read_bytes() == b"x"
     _one_line_error(r"is a directory", export_gguf, phi3_base, tmp_path)
+    _one_line_error("is not a llama.cpp type" if HAS_LLAMA_CPP else "needs llama-cpp-python", export_gguf,
+                    phi3_base, tmp_path / "g.gguf", outtype="q9_9")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
     _one_line_error(r"--outtype q4_k_m needs llama-cpp-python \(pip install llama-cpp-python\)",
                     export_gguf, phi3_base, tmp_path / "e.gguf", outtype="q4_k_m")

@@ -293,11 +293,25 @@ def write_adapter(adapter, base_dir: Path, out: Path, outtype: str) -> None:
 
 
 def _quantize(llama_cpp, ftype, src: Path, out: Path, outtype: str) -> None:
+    """llama.cpp's own quantizer (its per-tensor log goes to a file; its last line names a failure)."""
     import ctypes
+    import os
+    import sys
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)):
-        raise PhiloraError(f"llama.cpp could not quantize the model to {outtype}")
+    with tempfile.TemporaryFile() as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            failed = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if failed:
+            log.seek(0)
+            lines = [x for x in log.read().decode(errors="replace").splitlines() if x.strip()]
+            raise PhiloraError(f"llama.cpp could not quantize the model to {outtype}: {(lines or ['no message'])[-1]}")
 
 
 # -----------------------------------------------------------------------------
