@@ -8,7 +8,7 @@ llama.cpp's converter is read from the llama-cpp-python source distribution (``s
 not importable (``scripts/setup.sh --tests`` installs it).
 """
 
-import importlib.util
+import importlib
 import json
 import re
 import shutil
@@ -27,7 +27,11 @@ from philora.export_gguf import export_gguf
 
 PHI3_TOKENIZER = Path(__file__).parent / "fixtures" / "phi3-tokenizer"
 LLAMA_CPP = "llama_cpp_python-0.3.36"
-HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+try:
+    importlib.import_module("llama_cpp")
+    HAS_LLAMA_CPP = True
+except ImportError:  # a broken build (OSError) fails loudly instead
+    HAS_LLAMA_CPP = False
 needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not importable (scripts/setup.sh --tests)")
 
 CHATS = [
