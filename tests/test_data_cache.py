@@ -8,7 +8,6 @@ import json
 import os
 import tracemalloc
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -16,6 +15,7 @@ from philora import data, datastore
 from philora.config import DataConfig, DataSource
 from philora.data import DataError, build_datasets, encode_chat, to_messages, tokenize
 from philora.errors import PhiloraError
+from philora.records import raw_batches
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +150,8 @@ def test_any_number_of_processes_gives_the_same_rows(tmp_path, phi3):
 
 def test_processes_default_to_the_cores_with_enough_rows_each(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    assert data.processes(0, 100) == 1 and data.processes(0, 3500) == 3 and data.processes(0, 10 ** 6) == 8
-    assert data.processes(5, 3) == 3 and data.processes(2, 10 ** 6) == 2
+    assert datastore.processes(0, 100) == 1 and datastore.processes(0, 3500) == 3
+    assert datastore.processes(0, 10 ** 6) == 8 and datastore.processes(5, 3) == 3 and datastore.processes(2, 10 ** 6) == 2
 
 
 def test_rows_are_memory_mapped_three_bytes_per_token(tmp_path, phi3):
@@ -195,7 +195,7 @@ def test_json_lines_are_streamed(tmp_path):
         for _ in range(12000):  # ~17 MB
             f.write(line + "\n")
     tracemalloc.start()
-    rows = datastore.write_rows(tmp_path / "records.arrow", data.RAW_SCHEMA, data._raw_batches(str(path), "jsonl"))
+    rows = datastore.write_rows(tmp_path / "records.arrow", datastore.RAW_SCHEMA, raw_batches(str(path), "jsonl"))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert rows == 12000 and peak < path.stat().st_size / 4  # batches of lines, never the file

@@ -50,13 +50,11 @@ from .errors import first_line
 from .examples import Examples, Part, epoch_indices, per_source
 from .formats import FORMATS, DataError, detect_format, to_messages  # noqa: F401 (re-exported)
 from .loss import IGNORE_INDEX
-from .records import (SAMPLE_EVAL, SAMPLE_TRAIN, MissingSplit, is_dataset_name, json_array,  # noqa: F401
-                      json_lines, kind_of, label, load_records, open_dataset, parse_json, record_name,
-                      resolve)
+from .records import (SAMPLE_EVAL, SAMPLE_TRAIN, MissingSplit, is_dataset_name, kind_of, label,  # noqa: F401
+                      load_records, open_dataset, parse_json, raw_batches, record_name, resolve)
 
 ENCODING_VERSION = 1  # bump whenever encode_chat's output or the stored columns change
 KEPT, TRUNCATED, TOO_LONG, NO_LABELS, BAD = range(5)  # the status of a record's row
-MIN_ROWS_PER_PROCESS = 1000  # data.num_proc=0 starts no more processes than this many rows each can use
 PROGRESS_ROWS = 20000  # sources this large show datasets' progress bar while tokenizing
 
 
@@ -163,48 +161,8 @@ def _common_prefix(a, b):
     return n
 
 
-
 # -----------------------------------------------------------------------------
 # one source -> tokenized Arrow rows (cached)
-
-def _schema(narrow: bool) -> pa.Schema:
-    return pa.schema([
-        ("where", pa.string()), ("status", pa.uint8()), ("error", pa.string()),
-        ("input_ids", pa.list_(pa.uint16() if narrow else pa.int32())), ("label_mask", pa.list_(pa.uint8())),
-        ("num_labels", pa.int32()), ("full_length", pa.int32()), ("hash", pa.int64()), ("messages", pa.string()),
-    ])
-
-
-RAW_SCHEMA = pa.schema([("where", pa.string()), ("raw", pa.binary())])
-
-
-def tokenizer_digest(tokenizer) -> str:
-    """sha256 of what makes the tokenizer's ids and the template's text: its vocabulary, merges,
-    normalizer and added tokens (the fast tokenizer's JSON), special tokens, chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts = [type(tokenizer).__name__,
-             backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())),
-             json.dumps(tokenizer.chat_template, sort_keys=True, default=str),
-             json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
-             json.dumps({int(k): str(v) for k, v in tokenizer.added_tokens_decoder.items()}, sort_keys=True)]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-
-def _versions() -> dict:
-    import tokenizers
-    import transformers
-    return {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-            "jinja2": jinja2.__version__}
-
-
-def processes(num_proc: int, rows: int) -> int:
-    """Tokenizing processes: ``data.num_proc``, or with 0 one per CPU core this process may use,
-    no more than rows / MIN_ROWS_PER_PROCESS (starting a process costs more than a few rows)."""
-    if num_proc > 0:
-        return max(1, min(num_proc, rows))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, rows // MIN_ROWS_PER_PROCESS))
-
 
 def source_spec(source: Union[str, DataSource], cfg: DataConfig, split: str) -> DataSource:
     """A DataSource with every field set (format and split from the data config unless given)."""
@@ -233,7 +191,7 @@ def tokenize(src: DataSource, cfg: DataConfig, tokenizer, log: Callable = print,
     narrow = len(tokenizer) <= 1 << 16
     described = {"encoding": ENCODING_VERSION, "source": path, "split": src.split, "input": ident,
                  "format": src.format, "max_length": cfg.max_length, "truncation": cfg.truncation,
-                 "tokenizer": tokenizer_digest(tokenizer), "narrow": narrow, "versions": _versions()}
+                 "tokenizer": datastore.tokenizer_digest(tokenizer), "narrow": narrow, "versions": datastore.versions()}
     key = datastore.key_of(described)
     entry = datastore.find(root, key)
     shown = label(src.path, src.split)
@@ -250,33 +208,16 @@ def tokenize(src: DataSource, cfg: DataConfig, tokenizer, log: Callable = print,
         log(f"data: {name}: tokenized {shown}: {meta['records']} records in {time.perf_counter() - start:.1f} s "
             f"({meta['processes']} process{'es' if meta['processes'] > 1 else ''}); cached in {entry}")
     meta = datastore.read_meta(entry)
-    return datastore.read_table(entry, meta["files"], _schema(narrow)), meta
-
-
-def _raw_batches(path: str, kind: str, size: int = 1000):
-    """Batches of {"where", "raw"}: a JSON-lines file streamed, or a JSON array's records."""
-    batch = {"where": [], "raw": []}
-    if kind == "json":
-        rows = ((f"{path} record {i}", json.dumps(r).encode()) for i, r in enumerate(json_array(path, path), 1))
-    else:
-        rows = ((f"{path}:{n}", raw) for n, raw in json_lines(path))
-    for where, raw in rows:
-        batch["where"].append(where)
-        batch["raw"].append(raw)
-        if len(batch["where"]) == size:
-            yield batch
-            batch = {"where": [], "raw": []}
-    if batch["where"]:
-        yield batch
+    return datastore.read_table(entry, meta["files"], datastore.row_schema(narrow)), meta
 
 
 def _tokenize_into(tmp, path, kind, dataset, src, cfg, tokenizer, narrow, key, log, name) -> dict:
     import datasets
     if dataset is None:  # JSON: the raw records to an Arrow file first, so processes can share it
-        datastore.write_rows(tmp / "records.arrow", RAW_SCHEMA, _raw_batches(path, kind))
+        datastore.write_rows(tmp / "records.arrow", datastore.RAW_SCHEMA, raw_batches(path, kind))
         dataset = datasets.Dataset.from_file(str(tmp / "records.arrow"))
-    schema = _schema(narrow)
-    procs = processes(cfg.num_proc, len(dataset))
+    schema = datastore.row_schema(narrow)
+    procs = datastore.processes(cfg.num_proc, len(dataset))
     if len(dataset) == 0:
         datastore.write_rows(tmp / "tokens.arrow", schema, [])
         files = ["tokens.arrow"]
@@ -295,7 +236,7 @@ def _encode_rows(batch: dict, indices: List[int], prefix: Optional[str], fmt: st
     """One row per record (datasets.map, batched): ``status`` (KEPT, TRUNCATED, TOO_LONG, NO_LABELS,
     BAD), the one-line ``error`` of a bad record, token ids, label mask, label count, the length
     before truncation, a hash of the conversation (exact duplicates) and its messages as JSON."""
-    out = {k: [] for k in _schema(narrow).names}
+    out = {k: [] for k in datastore.row_schema(narrow).names}
     for j, index in enumerate(indices):
         where = batch["where"][j] if prefix is None else f"{prefix} record {index + 1}"
         status, error, ids, mask, full, digest, text = BAD, None, [], [], 0, 0, None

@@ -3,7 +3,10 @@
     cache_dir(configured)           -> the cache directory (data.cache_dir, else $PHILORA_CACHE/data
                                        or ~/.cache/philora/data)
     file_digest(path, root)         -> sha256 of a file's content (memoised by path and stat)
-    key_of(description)             -> the key of a JSON-able description (data.py says what is in it)
+    key_of(description)             -> the key of a JSON-able description (data.py says what is in it;
+                                       tokenizer_digest and versions are parts of it)
+    row_schema(narrow)              -> the columns of a tokenized record (RAW_SCHEMA: before parsing)
+    processes(num_proc, rows)       -> how many tokenizing processes
     find(root, key) / build(root, key, fill) -> an entry directory: found, or built by ``fill(tmp)``
     write_rows(path, schema, batches), map_rows(...), read_table(entry, files)
 
@@ -36,6 +39,53 @@ import pyarrow as pa
 
 from .diskio import TEMP_PREFIX, fsync_dir, is_write_failure, write_error, write_text
 from .errors import PhiloraError
+
+
+MIN_ROWS_PER_PROCESS = 1000  # data.num_proc=0 starts no more processes than this many rows each can use
+
+# The stored rows: one per record (data._encode_rows fills them; examples.Examples reads them).
+RAW_SCHEMA = pa.schema([("where", pa.string()), ("raw", pa.binary())])  # a JSON record before parsing
+
+
+def row_schema(narrow: bool) -> pa.Schema:
+    """A tokenized record: where it is, its status (data.KEPT ... data.BAD) and error, token ids
+    (uint16 when the vocabulary fits, else int32), label mask, label count, length before
+    truncation, a hash of the conversation, and the conversation (JSON)."""
+    return pa.schema([
+        ("where", pa.string()), ("status", pa.uint8()), ("error", pa.string()),
+        ("input_ids", pa.list_(pa.uint16() if narrow else pa.int32())), ("label_mask", pa.list_(pa.uint8())),
+        ("num_labels", pa.int32()), ("full_length", pa.int32()), ("hash", pa.int64()), ("messages", pa.string()),
+    ])
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of what makes the tokenizer's ids and the template's text: its vocabulary, merges,
+    normalizer and added tokens (the fast tokenizer's JSON), special tokens, chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [type(tokenizer).__name__,
+             backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())),
+             json.dumps(tokenizer.chat_template, sort_keys=True, default=str),
+             json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+             json.dumps({int(k): str(v) for k, v in tokenizer.added_tokens_decoder.items()}, sort_keys=True)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def versions() -> dict:
+    """The libraries whose behaviour the tokenized rows depend on (templates, tokenization)."""
+    import jinja2
+    import tokenizers
+    import transformers
+    return {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+            "jinja2": jinja2.__version__}
+
+
+def processes(num_proc: int, rows: int) -> int:
+    """Tokenizing processes: ``data.num_proc``, or with 0 one per CPU core this process may use,
+    no more than rows / MIN_ROWS_PER_PROCESS (starting a process costs more than a few rows)."""
+    if num_proc > 0:
+        return max(1, min(num_proc, rows))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, rows // MIN_ROWS_PER_PROCESS))
 
 
 def cache_dir(configured: Optional[str] = None) -> Path:

@@ -3,6 +3,7 @@
     kind_of(source)                      -> "jsonl" | "json" | "dataset"  (after resolve(source, split))
     json_lines(path)                     -> (line number, bytes) of each non-blank line, streamed
     parse_json(raw, where)               -> a record (DataError "file.jsonl:17: invalid JSON: ...")
+    raw_batches(path, kind)              -> batches of {"where", "raw"} of a JSON(-lines) file, streamed
     open_dataset(source, split)          -> a datasets.Dataset (Parquet, CSV, a dataset folder, the hub)
     load_records(source, split, errors)  -> [(where, record)]  (every record in memory: small data, tests)
 
@@ -108,6 +109,24 @@ def json_array(path: str, source: str) -> list:
     if not isinstance(data, list):
         raise DataError(f"{source}: expected a JSON array of records or JSON lines, got {type(data).__name__}")
     return data
+
+
+def raw_batches(path: str, kind: str, size: int = 1000) -> Iterator[dict]:
+    """Batches of {"where", "raw"} (the record's JSON bytes): a JSON-lines file streamed, or a
+    JSON array file's records."""
+    if kind == "json":
+        rows = ((f"{path} record {i}", json.dumps(r).encode()) for i, r in enumerate(json_array(path, path), 1))
+    else:
+        rows = ((f"{path}:{n}", raw) for n, raw in json_lines(path))
+    batch = {"where": [], "raw": []}
+    for where, raw in rows:
+        batch["where"].append(where)
+        batch["raw"].append(raw)
+        if len(batch["where"]) == size:
+            yield batch
+            batch = {"where": [], "raw": []}
+    if batch["where"]:
+        yield batch
 
 
 def open_dataset(source: str, split: str):
