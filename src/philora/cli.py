@@ -135,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--processes", type=_number(int, lambda v: v >= 1, ">= 1"), default=1,
                    help="training processes (torchrun), for the steps per epoch (default 1)")
 
+    p = sub.add_parser("export", help="export for local inference (GGUF + Ollama Modelfile)")
+    esub = p.add_subparsers(dest="export_format", metavar="FORMAT")
+    q = esub.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile beside it")
+    q.add_argument("source", help="a philora run or PEFT adapter directory (merged in float32 on the way), or a model directory")
+    q.add_argument("--out", required=True, help="the .gguf file to write (the Modelfile goes beside it)")
+    q.add_argument("--outtype", default="f16",
+                   help="f32, f16 (default), bf16, q8_0; q4_k_m, q5_k_m, q6_k, ... with llama-cpp-python installed")
+    q.add_argument("--adapter-only", action="store_true", help="the LoRA alone as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER)")
+    q.add_argument("--base", default=None, help="base model for an adapter (default: the run's / adapter's own)")
+    q.add_argument("--force", action="store_true", help="overwrite an existing output file and Modelfile")
+
     sub.add_parser("bench", help="benchmark philora against TRL + PEFT (philora bench --help)")
     return ap
 
@@ -203,6 +214,13 @@ def run(args: argparse.Namespace) -> int:
         evaluate_run(args.run, data=args.data, out=args.out, samples=args.samples,
                      max_new_tokens=args.max_new_tokens)
         return 0
+    if args.command == "export":
+        if args.export_format == "gguf":
+            from .export_gguf import export_gguf
+            export_gguf(args.source, args.out, outtype=args.outtype, force=args.force,
+                        adapter_only=args.adapter_only, base=args.base)
+            return 0
+        build_parser().parse_args(["export", "--help"])
     if args.command == "adapter":
         if args.adapter_command == "check":
             from .adapter_check import check_cli

@@ -24,9 +24,12 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .adapter import read_adapter
 from .errors import PhiloraError
 from .export_ollama import write_modelfile
 from .export_vocab import add_vocab, build_vocab, end_of_turn, load_hf_tokenizer
+from .loading import resolve_path, resolve_source
+from .merge import merge
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCHS = {"phi3": "PHI3", "llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
@@ -343,7 +346,6 @@ def export_gguf(source, out, outtype: str = "f16", force: bool = False, adapter_
                 base: Optional[str] = None) -> Path:
     """Export ``source`` (a philora run / PEFT adapter directory, or a model directory) to the GGUF
     file ``out`` and write an Ollama ``Modelfile`` beside it; returns ``out``."""
-    from .loading import resolve_path, resolve_source
 
     llama_cpp = ftype = None
     if outtype not in OUTTYPES:
@@ -375,8 +377,6 @@ def export_gguf(source, out, outtype: str = "f16", force: bool = False, adapter_
 
 def _export(source, src, base, base_path: Path, out: Path, part: Path, outtype: str, adapter_only: bool,
             llama_cpp, ftype) -> Path:
-    from .adapter import read_adapter
-    from .merge import merge
     with tempfile.TemporaryDirectory(prefix=".philora-export-", dir=out.parent) as tmp:
         if adapter_only:
             write_adapter(read_adapter(src.adapter_dir), base_path, part, outtype)

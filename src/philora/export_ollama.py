@@ -16,6 +16,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .models import stop_token_ids
+
 
 @dataclass(frozen=True)
 class ChatFormat:
@@ -112,7 +114,6 @@ def stop_strings(model_dir: Path, tok, eot: Optional[str]) -> List[str]:
     """Every token generation stops on (generate.stop_token_ids: generation config, eos, the
     architecture's stop tokens) plus the end-of-turn token, as text."""
     from transformers import AutoConfig, GenerationConfig
-    from .models import stop_token_ids
     try:
         gen = GenerationConfig.from_pretrained(str(model_dir))
     except (OSError, ValueError):
