@@ -47,7 +47,7 @@ import pyarrow as pa
 from . import datastore
 from .config import DataConfig, DataSource
 from .errors import first_line
-from .examples import Examples, Part, epoch_indices, per_source
+from .examples import Examples, Part, column, epoch_indices, per_source
 from .formats import FORMATS, DataError, detect_format, to_messages  # noqa: F401 (re-exported)
 from .loss import IGNORE_INDEX
 from .records import (SAMPLE_EVAL, SAMPLE_TRAIN, MissingSplit, is_dataset_name, kind_of, label,  # noqa: F401
@@ -291,7 +291,7 @@ def encode_part(src: DataSource, cfg: DataConfig, tokenizer, log: Callable = pri
     raises its DataError (the first in file order), unless ``cfg.skip_bad_records``: then bad
     records are counted and the first one logged."""
     table, _ = tokenize(src, cfg, tokenizer, log, name)
-    status = table.column("status").to_numpy()
+    status = column(table, "status")
     stats = _counts(label(src.path, src.split))
     stats["records"] = len(status)
     bad = np.flatnonzero(status == BAD)

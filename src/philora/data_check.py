@@ -24,7 +24,7 @@ from .config import Config
 from .data import BAD, NO_LABELS, TOO_LONG, TRUNCATED, build_datasets, sources, tokenize
 from .diskio import write_text
 from .errors import PhiloraError
-from .examples import epoch_size
+from .examples import column, epoch_size
 from .loading import load_tokenizer, resolve_path
 from .records import MissingSplit, is_dataset_name, label
 
@@ -49,12 +49,12 @@ def _histogram(lengths: np.ndarray, max_length: int, bins: int = 20) -> dict:
 
 def source_report(table, role: str, path: str, split: str, weight: float, fmt: str, max_length: int) -> dict:
     """Counts of one tokenized source (all its records, before any train/eval split)."""
-    status = table.column("status").to_numpy()
+    status = column(table, "status")
     kept = np.flatnonzero(status <= TRUNCATED)
-    full = table.column("full_length").to_numpy()
+    full = column(table, "full_length")
     lengths = np.minimum(full[kept], max_length)
-    labels = table.column("num_labels").to_numpy()[kept]
-    hashes = table.column("hash").to_numpy()[kept]
+    labels = column(table, "num_labels")[kept]
+    hashes = column(table, "hash")[kept]
     tokens = int(lengths.sum())
     bad = np.flatnonzero(status == BAD)
     errors = table.column("error").take(bad[:ERROR_LIMIT]).to_pylist()

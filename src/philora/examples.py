@@ -39,6 +39,21 @@ from .batching import epoch_order
 from .loss import IGNORE_INDEX
 
 
+def view(array: pa.Array) -> np.ndarray:
+    """A primitive Arrow array without nulls as a numpy view of its buffer (no copy; pyarrow's
+    own ``to_numpy`` imports pandas, seconds of start-up a cached run need not pay)."""
+    if array.null_count:
+        raise ValueError("view: the array has nulls")
+    dtype = np.dtype(str(array.type))
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
+
+
+def column(table: pa.Table, name: str) -> np.ndarray:
+    """A primitive column of ``table`` as one numpy array (its chunks' views, concatenated)."""
+    chunks = [view(c) for c in table.column(name).chunks]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.dtype(str(table.schema.field(name).type)))
+
+
 @dataclass(frozen=True, eq=False)
 class Part:
     """Rows ``rows`` (indices into ``table``, in this order) of one source, with its weight."""
@@ -56,14 +71,14 @@ class _Columns:
         self.ids, self.mask, self.offsets, self.starts = [], [], [], []
         start = 0
         for a, m in zip(ids.chunks, mask.chunks):
-            self.ids.append(a.values.to_numpy(zero_copy_only=True))
-            self.mask.append(m.values.to_numpy(zero_copy_only=True))
-            self.offsets.append(a.offsets.to_numpy())
+            self.ids.append(view(a.values))
+            self.mask.append(view(m.values))
+            self.offsets.append(view(a.offsets))
             self.starts.append(start)
             start += len(a)
         self.messages = table.column("messages").chunks if "messages" in table.column_names else None
         self.lengths = np.concatenate([np.diff(o) for o in self.offsets]) if self.offsets else np.zeros(0, np.int64)
-        self.num_labels = table.column("num_labels").to_numpy()
+        self.num_labels = column(table, "num_labels")
 
 
 class Examples(Sequence):
