@@ -65,10 +65,11 @@ def encode_chat(messages: List[dict], tokenizer, max_length: Optional[int] = Non
     """Token ids of the chat template and labels: -100 except assistant contents and their end-of-turn token."""
     # tool definitions ride on the system message (formats.py); the template decides how they render
     chat = [{k: m[k] for k in ("role", "content", "tools") if k in m} for m in messages]
-    ids = _as_ids(tokenizer.apply_chat_template(chat, tokenize=True))
+    enc = _encode_with_offsets(chat, tokenizer)
+    ids = _as_ids(enc if enc is not None else tokenizer.apply_chat_template(chat, tokenize=True))
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
     added = set(tokenizer.added_tokens_decoder)  # headers and end-of-turn markers are added tokens
-    labels = _labels_from_offsets(chat, turns, ids, tokenizer, added)
+    labels = _labels_from_offsets(chat, turns, ids, tokenizer, added, enc)
     if labels is None:
         labels = _labels_from_prefixes(chat, turns, ids, tokenizer, added)
     if max_length is not None:
@@ -86,14 +87,26 @@ def _as_ids(out):  # apply_chat_template returns a BatchEncoding (transformers 5
     return [int(t) for t in out]
 
 
-def _labels_from_offsets(chat, turns, ids, tokenizer, added):
+def _encode_with_offsets(chat, tokenizer):
+    """The template's own tokenization (``apply_chat_template(tokenize=True)``, one call) with
+    each token's character offsets in the rendered text; None for tokenizers without offsets."""
     if not getattr(tokenizer, "is_fast", False):
         return None
-    text = tokenizer.apply_chat_template(chat, tokenize=False)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if list(enc["input_ids"]) != ids:
+    try:
+        enc = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True,
+                                            tokenizer_kwargs={"return_offsets_mapping": True})
+    except TypeError:  # a tokenizer whose apply_chat_template takes no tokenizer_kwargs
         return None
-    offsets = enc["offset_mapping"]
+    return enc if hasattr(enc, "keys") and "offset_mapping" in enc else None
+
+
+def _labels_from_offsets(chat, turns, ids, tokenizer, added, enc=None):
+    if enc is None:
+        return None
+    text = tokenizer.apply_chat_template(chat, tokenize=False)  # the text those offsets point into
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    if len(offsets) != len(ids) or (offsets and offsets[-1][1] > len(text)):
+        return None
     starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
     ordered = starts == sorted(starts) and ends == sorted(ends)  # then a turn's tokens are one run
     labels, cursor = [IGNORE_INDEX] * len(ids), 0
