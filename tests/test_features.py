@@ -223,6 +223,9 @@ def test_advice():
     assert len(big) == 1 and "64" in big[0]
     assert advice(load_config(None, ["training_config.per_device_train_batch_size=8",
                                      "training_config.gradient_accumulation_steps=4"]), 1) == []
+    dora = advice(load_config(None, ["peft_config.use_dora=true", "peft_config.lora_dropout=0.05"]), 1)
+    assert len(dora) == 1 and "lora_dropout: 0" in dora[0]
+    assert advice(load_config(None, ["peft_config.use_dora=true", "peft_config.lora_dropout=0"]), 1) == []
 
 
 def test_eval_generations_at_every_evaluation(tmp_path, small_model_dir, small_data, capsys, helpers):

@@ -64,6 +64,10 @@ def advice(cfg: Config, world_size: int) -> List[str]:
         out.append(f"the effective batch is {batch} conversations (processes x per_device_train_batch_size x "
                    f"gradient_accumulation_steps); LoRA tends to learn less per example above ~{LARGE_BATCH}: "
                    f"prefer more steps with smaller batches")
+    if pc.use_dora and pc.lora_dropout > 0:
+        out.append(f"peft_config.use_dora with lora_dropout {pc.lora_dropout:g}: DoRA applies each adapted "
+                   f"layer's base weight a second time, to the dropped-out input (as PEFT and the paper's "
+                   f"code), about half LoRA's speed; with lora_dropout: 0 DoRA costs a few percent")
     if pc.loraplus_lr_ratio is not None and pc.loraplus_lr_ratio < 1:
         out.append(f"peft_config.loraplus_lr_ratio {pc.loraplus_lr_ratio:g} < 1 makes lora_B learn slower "
                    f"than lora_A; LoRA+ uses ratios of 2 to 16")
