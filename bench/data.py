@@ -56,15 +56,15 @@ def words():
 
 def write_conversations(path: Path, n: int, seed: int = 0) -> dict:
     """n UltraChat-like conversations: 1-6 user/assistant pairs (3.2 on average), user turns of
-    15-120 words, assistant turns of 60-330 words (~1450 Phi-3 tokens per conversation)."""
+    20-165 words, assistant turns of 80-450 words (~1450 Phi-3 tokens per conversation)."""
     rng, vocab = random.Random(seed), [w for w in words() if w.isalpha()]
     turns = 0
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n):
             msgs = []
             for _ in range(rng.choice((1, 2, 2, 3, 3, 4, 4, 5, 6))):
-                msgs.append({"role": "user", "content": " ".join(rng.choices(vocab, k=rng.randint(15, 120))).capitalize() + "?"})
-                msgs.append({"role": "assistant", "content": " ".join(rng.choices(vocab, k=rng.randint(60, 330))).capitalize() + "."})
+                msgs.append({"role": "user", "content": " ".join(rng.choices(vocab, k=rng.randint(20, 165))).capitalize() + "?"})
+                msgs.append({"role": "assistant", "content": " ".join(rng.choices(vocab, k=rng.randint(80, 450))).capitalize() + "."})
             turns += len(msgs) // 2
             f.write(json.dumps({"messages": msgs}) + "\n")
     return {"conversations": n, "turn_pairs_mean": round(turns / n, 2), "bytes": path.stat().st_size}

@@ -273,3 +273,25 @@ def test_file_digest_sees_a_same_size_rewrite(tmp_path):
     assert datastore.file_digest(str(path), root) == first  # memoised
     change_content_keep_stat(path)
     assert datastore.file_digest(str(path), root) != first
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove", "meta"])
+def test_a_damaged_entry_is_said_removed_and_tokenized_again(tmp_path, phi3, damage):
+    records = [chat(i) for i in range(6)]
+    path = write(tmp_path / "t.jsonl", records)
+    root = tmp_path / "cache"
+    cfg = DataConfig(train=str(path), eval_fraction=0.0, cache_dir=str(root), shuffle=False)
+    build_datasets(cfg, phi3, 0, quiet)
+    (entry,) = [root / e for e in entries(root)]
+    tokens = entry / datastore.read_meta(entry)["files"][0]
+    if damage == "truncate":
+        tokens.write_bytes(tokens.read_bytes()[:-100])
+    elif damage == "remove":
+        tokens.unlink()
+    else:
+        (entry / "meta.json").write_text('{"files": ')
+    logs = []
+    train, _, _ = build_datasets(cfg, phi3, 0, logs.append)
+    assert any(line.startswith(f"data: the cached entry {entry} is damaged (") and line.endswith("tokenizing again")
+               for line in logs), logs
+    assert plain(train) == reference(phi3, records, 2048) and entries(root) == [entry.name]

@@ -205,26 +205,23 @@ def tokenize(src: DataSource, cfg: DataConfig, tokenizer, log: Callable = print,
     described = {"encoding": ENCODING_VERSION, "source": path, "split": src.split, "input": ident,
                  "format": src.format, "max_length": cfg.max_length, "truncation": cfg.truncation,
                  "tokenizer": datastore.tokenizer_digest(tokenizer), "narrow": narrow, "versions": datastore.versions()}
-    key = datastore.key_of(described)
-    entry = datastore.find(root, key)
-    shown = label(src.path, src.split)
-    if entry is not None:
-        log(f"data: {name}: {shown}: tokenized data from the cache ({entry})")
-    else:
-        start = time.perf_counter()
-
-        def fill(tmp):
-            return _tokenize_into(tmp, path, kind, dataset, src, cfg, tokenizer, narrow, key, log, name)
-
-        entry = datastore.build(root, key, fill)
-        meta = datastore.read_meta(entry)
-        log(f"data: {name}: tokenized {shown}: {meta['records']} records in {time.perf_counter() - start:.1f} s "
-            f"({meta['processes']} process{'es' if meta['processes'] > 1 else ''}); cached in {entry}")
-    meta = datastore.read_meta(entry)
-    return datastore.read_table(entry, meta["files"], datastore.row_schema(narrow)), meta
+    key, schema, shown = datastore.key_of(described), datastore.row_schema(narrow), label(src.path, src.split)
+    found = datastore.load(root, key, schema, warn=log)
+    if found is not None:
+        log(f"data: {name}: {shown}: tokenized data from the cache ({root / key})")
+        return found
+    start = time.perf_counter()
+    entry = datastore.build(root, key, lambda tmp: _tokenize_into(tmp, path, kind, dataset, src, cfg, tokenizer,
+                                                                  narrow, key))
+    table, meta = datastore.load(root, key, schema, warn=log) or (None, None)
+    if table is None:
+        raise DataError(f"{shown}: the tokenized data just written to {entry} cannot be read back")
+    log(f"data: {name}: tokenized {shown}: {meta['rows']} records in {time.perf_counter() - start:.1f} s "
+        f"({meta['processes']} process{'es' if meta['processes'] > 1 else ''}); cached in {entry}")
+    return table, meta
 
 
-def _tokenize_into(tmp, path, kind, dataset, src, cfg, tokenizer, narrow, key, log, name) -> dict:
+def _tokenize_into(tmp, path, kind, dataset, src, cfg, tokenizer, narrow, key) -> dict:
     import datasets
     if dataset is None:  # JSON: the raw records to an Arrow file first, so processes can share it
         datastore.write_rows(tmp / "records.arrow", datastore.RAW_SCHEMA, raw_batches(path, kind))
@@ -241,7 +238,7 @@ def _tokenize_into(tmp, path, kind, dataset, src, cfg, tokenizer, narrow, key, l
                                    procs, tmp / "tokens.arrow", key, f"tokenizing {label(src.path, src.split)}",
                                    progress=len(dataset) >= PROGRESS_ROWS)
     (tmp / "records.arrow").unlink(missing_ok=True)
-    return {"files": files, "records": len(dataset), "processes": procs, "source": path, "split": src.split}
+    return {"files": files, "rows": len(dataset), "processes": procs, "source": path, "split": src.split}
 
 
 def _encode_rows(batch: dict, indices: List[int], prefix: Optional[str], fmt: str, tokenizer,

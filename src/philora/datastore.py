@@ -8,6 +8,7 @@
     row_schema(narrow)              -> the columns of a tokenized record (RAW_SCHEMA: before parsing)
     processes(num_proc, rows)       -> how many tokenizing processes
     find(root, key) / build(root, key, fill) -> an entry directory: found, or built by ``fill(tmp)``
+    load(root, key, schema)         -> (table, meta) of a whole entry, None if absent (or damaged: removed)
     write_rows(path, schema, batches), map_rows(...), read_table(entry, files)
 
 An entry is ``<root>/<key>/``: Arrow files (the IPC stream format datasets writes and maps) and
@@ -33,12 +34,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import pyarrow as pa
 
 from .diskio import TEMP_PREFIX, fsync_dir, is_write_failure, write_error, write_text
-from .errors import PhiloraError
+from .errors import PhiloraError, first_line
 
 
 MIN_ROWS_PER_PROCESS = 1000  # data.num_proc=0 starts no more processes than this many rows each can use
@@ -133,6 +134,24 @@ def find(root: Path, key: str) -> Optional[Path]:
 
 def read_meta(entry: Path) -> dict:
     return json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+
+
+def load(root: Path, key: str, schema: pa.Schema, warn: Callable = print) -> Optional[Tuple[pa.Table, dict]]:
+    """(table, meta) of entry ``key``, or None: no such entry, or a damaged one (a file missing
+    or cut short, another schema, a row count unlike meta's "rows"), which is removed and said."""
+    entry = find(root, key)
+    if entry is None:
+        return None
+    try:
+        meta = read_meta(entry)
+        table = read_table(entry, meta["files"], schema)
+        if not table.schema.equals(schema, check_metadata=False) or table.num_rows != meta["rows"]:
+            raise ValueError(f"{table.num_rows} rows of {table.schema.names}, expected {meta['rows']} of {schema.names}")
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+        warn(f"data: the cached entry {entry} is damaged ({first_line(e)}); tokenizing again")
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    return table, meta
 
 
 def _cache_error(root: Path, e: BaseException) -> PhiloraError:
