@@ -128,3 +128,28 @@ def test_mixture_and_unusable_data(tmp_path, capsys, phi3_tokenizer_dir, no_mode
     assert code == 1 and "problem: " in out and "too few to hold out" in out
     code, _, err = check(capsys, f"model.name_or_path={phi3_tokenizer_dir}", f"data.train={tmp_path / 'nope.jsonl'}")
     assert code == 2 and err.strip().splitlines()[-1] == f"philora: error: {tmp_path / 'nope.jsonl'}: no such file"
+
+
+def test_a_hub_dataset_with_and_without_an_eval_split(capsys, phi3_tokenizer_dir, no_model, monkeypatch):
+    import datasets
+    splits = {"train": [chat(f"q{i}") for i in range(20)]}
+
+    def fake_load_dataset(name, split):
+        if split not in splits:
+            raise ValueError(f'Unknown split "{split}". Should be one of {list(splits)}.')
+        return datasets.Dataset.from_list(splits[split])
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    args = [f"model.name_or_path={phi3_tokenizer_dir}", "data.train=someone/chats", "data.eval_fraction=0.25", "--json"]
+    code, out, err = check(capsys, *args)
+    report = json.loads(out)
+    assert code == 0, err
+    assert [(s["role"], s["source"], s["examples"]) for s in report["sources"]] == [("train", "someone/chats[train]", 20)]
+    assert report["eval"]["examples"] == 5 and "held out" in report["eval"]["source"]
+    splits["test"] = [chat("t1"), chat("q3")]  # one of them also in train
+    code, out, err = check(capsys, *args)
+    report = json.loads(out)
+    assert code == 0, err
+    assert [(s["role"], s["source"], s["examples"]) for s in report["sources"]] == [
+        ("train", "someone/chats[train]", 20), ("eval", "someone/chats[test]", 2)]
+    assert report["eval"]["examples"] == 2 and report["eval"]["also_in_train"] == 1
+    assert report["train"]["per_epoch"]["examples"] == 20
