@@ -109,13 +109,14 @@ def local_first(world: World, fn):
     collective with a long timeout: tokenizing a large set can outlast NCCL's 10 minutes."""
     if not world.enabled:
         return fn()
+    # Made by every rank before anyone starts work: creating a group is itself a collective.
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=12))
     result, error = None, None
     if world.local_rank == 0:
         try:
             result = fn()
         except PhiloraError as e:
             error = e
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=12))
     errors = [None] * world.size
     dist.all_gather_object(errors, None if error is None else str(error), group=group)
     dist.destroy_process_group(group)
