@@ -31,7 +31,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA that supports it, else fp32) | float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # eager | sdpa | philora_sdpa (per-sequence, no mask) | flash_attention_2
     trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Union[bool, str] = False  # true | false | auto (on when a micro-batch would not fit: memory.py)
     revision: Optional[str] = None
     quantization: Optional[str] = None  # nf4 | fp4 (QLoRA: 4-bit base through bitsandbytes)
     double_quant: bool = True
@@ -122,6 +122,7 @@ class Config:
 
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.gradient_checkpointing": (False, True, "auto"),
     "model.attn_implementation": ("eager", "sdpa", "philora_sdpa", "flash_attention_2"),
     "model.quantization": (None, "nf4", "fp4"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),

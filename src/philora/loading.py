@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import attention, rope
+from . import attention, memory, rope
 from .adapter import CONFIG_NAME, AdapterError, read_adapter_config
 from .config import Config, ModelConfig, load_config
 from .devices import pick_device, resolve_dtype
@@ -80,8 +80,8 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: Optional[torch.device] = 
     model.requires_grad_(False)
     rope.install(model)  # LongRoPE: each packed conversation gets its own factor set
     model.config.use_cache = not training
-    if training and cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if training and cfg.gradient_checkpointing is True:  # "auto": train() decides (memory.py)
+        memory.enable_checkpointing(model)
     return model, tokenizer, path
 
 

@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 import yaml
 
-from . import distributed
+from . import distributed, memory
 from .adapter import save_adapter
 from .batching import collate
 from .checkpoint import (changed_settings, clean_stale, find_resumable, load_checkpoint, nonfinite,
@@ -252,10 +252,16 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     loss_fn = CausalLMLoss(model)
     loss_fn.train()
     row = row_capacity(model, dc.max_length)  # packed rows: one per micro-batch where attention allows
-    if world.enabled:
-        loss_fn = distributed.wrap(loss_fn, device, tc.fsdp)
     amp = device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
     autocast = (lambda: torch.autocast("cuda", dtype=model.dtype)) if amp else contextlib.nullcontext
+    if cfg.model.gradient_checkpointing == "auto":  # on where the longest micro-batch would not fit
+        on, line = memory.plan(loss_fn, train_set, tc.per_device_train_batch_size,
+                               tokenizer.pad_token_id, device, autocast)
+        if distributed.all_sum(world, torch.tensor(float(on)))[0] > 0:  # every rank alike
+            memory.enable_checkpointing(model)
+        log(line)
+    if world.enabled:
+        loss_fn = distributed.wrap(loss_fn, device, tc.fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, cfg)  # AdamW; LoRA+'s groups with peft_config.loraplus_lr_ratio
     steps = total_steps(cfg, epoch_size(train_set), world.size)
