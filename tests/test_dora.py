@@ -71,6 +71,15 @@ def test_starts_as_the_base_and_switches_off_to_it(base_dir, helpers):
     assert (helpers.logits(model, ids) - want).abs().max() > 1e-2
     with lora_disabled(model):  # the report's base side: magnitude off too
         assert torch.equal(helpers.logits(model, ids), want)
+    # The norm is kept between forwards only while A, B and W are unchanged: an in-place update
+    # (an optimizer step, load_state_dict) gives what a model built with the new tensors gives.
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.mul_(2.0)
+    fresh = helpers.load_model(base_dir)
+    inject_lora(fresh, PeftConfig(**DORA, fused_slices={"qkv_proj": ["q", "v"]}))
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
+    assert torch.equal(helpers.logits(model, ids), helpers.logits(fresh, ids))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])

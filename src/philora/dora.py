@@ -10,6 +10,8 @@ Forward, as PEFT's ``DoraLinearLayer``: ``base(x) + (g - 1) * W x + g * s B A x`
 ``B`` on the r-wide tensor, never an (out, in) product per token); what DoRA adds is one norm of
 an (out, in) matrix per layer and forward, whatever the number of tokens, and, in training with
 ``lora_dropout > 0``, a second base matmul (PEFT applies ``W`` again to the dropped-out input).
+The norm is kept until A, B or W change, so accumulation, checkpointed recomputation and
+generation (token by token) compute it once.
 
 Per-slice LoRA (``fused_slices``, Phi-3's ``q_proj`` names) gets a magnitude for the enabled
 slices' rows only; the others stay exactly the base. In the PEFT file the fused module gets one
@@ -56,9 +58,16 @@ class _DoRA:
             return torch.linalg.norm(summed, dim=1)
 
     def weight_norm(self) -> torch.Tensor:
-        """The norm for the rows that have a magnitude (a constant: no gradient)."""
-        norm = self.full_weight_norm()
-        return norm if self.dora_rows is None else norm[self.dora_rows]
+        """The norm for the rows that have a magnitude (a constant: no gradient). Recomputed only
+        when A, B or W changed (their in-place version counters, or new storage): once per
+        optimizer step, not per micro-batch, checkpointed recomputation or generated token."""
+        weight = getattr(self, "base_layer", self).weight
+        key = tuple((t.data_ptr(), t._version) for t in (self.lora_A, self.lora_B, weight)) + (self.scaling,)
+        if getattr(self, "_norm_key", None) != key:
+            norm = self.full_weight_norm()
+            self._norm = norm if self.dora_rows is None else norm[self.dora_rows]
+            self._norm_key = key
+        return self._norm
 
     def init_magnitude(self) -> None:
         """m = ||W + s B A|| (= ||W|| with B at zero): the layer starts as plain LoRA. After the
