@@ -181,11 +181,15 @@ def run_worker(job: dict, d: Path, name: str) -> dict:
     job_path.write_text(json.dumps(job), encoding="utf-8")
     out_path.unlink(missing_ok=True)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    start = time.time()
     p = subprocess.run([sys.executable, str(WORKER), str(job_path), str(out_path)],
                        capture_output=True, text=True, env=env)
+    wall = time.time() - start
     if p.returncode != 0 or not out_path.exists():
         raise RuntimeError(f"bench worker {name} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
-    return json.loads(out_path.read_text(encoding="utf-8"))
+    r = json.loads(out_path.read_text(encoding="utf-8"))
+    r.update(wall_s=wall, startup_s=r["first_step_at"] - start)  # whole process; to the end of step 1
+    return r
 
 
 def job_for(system: str, d: Path, args, seed: int, profile: bool = False) -> dict:
@@ -205,8 +209,8 @@ def load_avg() -> str:
 
 def table(results: Dict[str, List[dict]], flops: float, args) -> str:
     """Medians over runs; a ratio is the median of per-repeat ratios (runs side by side in time)."""
-    med = {s: {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "peak_bytes", "loss")}
-           for s, runs in results.items()}
+    keys = ("tokens_per_s", "peak_bytes", "loss", "wall_s", "startup_s")
+    med = {s: {k: statistics.median(r[k] for r in runs) for k in keys} for s, runs in results.items()}
     base = [b for b in BASELINES if b in med]
 
     def ratio(s, b, key):
@@ -214,13 +218,15 @@ def table(results: Dict[str, List[dict]], flops: float, args) -> str:
 
     head = ["system", "non-pad tok/s"] + [f"x {b}" for b in base]
     head += ["peak CUDA alloc GiB" if args.cuda else "peak RSS GiB"] + [f"mem x {b}" for b in base[:1]]
+    head += ["whole process s"] + [f"speed x {b} (whole process)" for b in base] + ["start-up s"]
     head += ["MFU", f"loss (last {args.loss_steps} steps)", "runs"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s, m in med.items():
         mfu = statistics.median(flops * r["tokens_per_s"] / r["peak_flops"] for r in results[s])
         cells = [s, f"{m['tokens_per_s']:.0f}"] + [f"{ratio(s, b, 'tokens_per_s'):.2f}" for b in base]
         cells += [f"{m['peak_bytes'] / 2**30:.2f}"] + [f"{ratio(s, b, 'peak_bytes'):.2f}" for b in base[:1]]
-        cells += [f"{100 * mfu:.0f}%", f"{m['loss']:.4f}", str(len(results[s]))]
+        cells += [f"{m['wall_s']:.1f}"] + [f"{1 / ratio(s, b, 'wall_s'):.2f}" for b in base]
+        cells += [f"{m['startup_s']:.1f}", f"{100 * mfu:.0f}%", f"{m['loss']:.4f}", str(len(results[s]))]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -289,7 +295,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 r.update(peak_flops=peak_flops, load=f"{before} -> {load_avg()}")
                 results[s].append(r)
                 print(f"  run {rep + 1}/{args.repeats} {s:18s} {r['tokens_per_s']:7.0f} tok/s  "
-                      f"{r['peak_bytes'] / 2**30:5.2f} GiB  loss {r['loss']:.4f}  "
+                      f"{r['peak_bytes'] / 2**30:5.2f} GiB  whole {r['wall_s']:5.1f} s (start-up "
+                      f"{r['startup_s']:4.1f} s)  loss {r['loss']:.4f}  "
                       f"matmul {peak_flops / 1e9:.0f} GFLOP/s  load {r['load']}", flush=True)
         print()
         print(table(results, flops, args))

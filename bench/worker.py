@@ -2,7 +2,9 @@
 
 Started by ``bench/run.py`` and ``bench/qlora.py``, which write the job (system, model
 directory, steps, batch, seed, ...) and read the result this writes: non-pad tokens/s over the
-steps after ``warmup``, per-step losses, and memory (below).
+steps after ``warmup``, per-step losses, memory (below), and ``first_step_at``: the wall-clock time
+(``time.time()``) the first optimizer step ended, from which ``bench/run.py`` takes the start-up
+(process start to the end of the first step: imports, data, model load, first step).
 
 * ``philora``: ``philora.train.train`` itself, the loop ``philora train`` runs, with a config
   built for the benchmark (the messages JSONL of the run, no shuffle, packing, logging every
@@ -16,8 +18,8 @@ any module): it reads the peak so far (``load_peak_bytes``), the bytes of the fr
 buffers (``weights``), and resets the high-water mark (``/proc/self/clear_refs``, or CUDA's peak
 statistics), so ``train_peak_bytes`` is the peak of training alone (and of what ``train`` does
 after its last step: saving the adapter, plotting the loss). ``peak_bytes`` is the process's
-peak (the larger of the two); ``rss_baseline`` is the RSS before the run, with the libraries the
-run uses already imported (for philora also matplotlib and TensorBoard, which ``train`` imports).
+peak (the larger of the two); ``rss_baseline`` is the RSS before the run, with the system's main
+libraries imported (and only those: the peak is the system's whole process).
 
 ``"profile": true`` in the job: torch.profiler over the steps after ``warmup`` (stepped by a
 global optimizer-step hook, so the loop itself is untouched), self time summed by op family.
@@ -196,20 +198,18 @@ def op_families(prof) -> Dict[str, dict]:
 
 
 def worker(job: dict) -> dict:
+    # Each system imports only what its run imports (whole-process time and peak RSS are the
+    # system's own): philora.train for philora; transformers, TRL, PEFT and datasets for TRL,
+    # whose import of PEFT also pulls in bitsandbytes and torch._dynamo. train() seeds itself;
+    # TRL's LoRA init and dropout follow transformers.set_seed.
     import torch
-    import transformers
-    import philora.data  # noqa: F401  (libraries in memory before the baseline is read)
-    import philora.train  # noqa: F401
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        pass
-    if job["spec"]["kind"] == "philora":  # what train() imports for its logs and loss plot
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
-        import torch.utils.tensorboard  # noqa: F401
-    transformers.set_seed(job["seed"])  # TRL's LoRA init and dropout; train() seeds itself the same way
+    if job["spec"]["kind"] == "philora":
+        import philora.train  # noqa: F401
+    else:
+        import datasets  # noqa: F401
+        import transformers
+        import trl  # noqa: F401
+        transformers.set_seed(job["seed"])
     d = Path(job["dir"])
     run = run_philora if job["spec"]["kind"] == "philora" else run_trl
     work = Path(tempfile.mkdtemp(prefix="run-", dir=d))
@@ -226,9 +226,13 @@ def worker(job: dict) -> dict:
                 finally:
                     hook.remove()
             return {"profile": op_families(p)}
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        first: List[float] = []
+        hook = register_optimizer_step_post_hook(lambda *a: first.append(time.time()) if not first else None)
         memory = Memory()
         result = run(job, d, work)
-        result.update(memory.result())
+        hook.remove()
+        result.update(memory.result(), first_step_at=first[0])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     timed = [s for s in result["steps"] if s["step"] > job["warmup"]]
