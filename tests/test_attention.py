@@ -233,3 +233,28 @@ def test_flash_attention_varlen_path_is_per_conversation(kind, fake_flash_attent
         one = flash.model(input_ids=b["input_ids"].reshape(1, -1),
                           position_ids=b["position_ids"].reshape(1, -1)).last_hidden_state
     assert (rows.reshape(1, -1, rows.shape[-1]) - one).abs().max() > 1e-2
+
+
+def test_a_value_view_of_a_fused_projection_is_not_kept_whole():
+    """Phi-3's v is a view into qkv_proj's output: backward must keep v alone, not q and k too
+    (9% of the activations), and the result and gradients are those of a contiguous v."""
+    from philora.attention import sequence_attention
+    torch.manual_seed(0)
+    heads, d, n = 4, 8, 11
+    qkv = torch.randn(1, n, 3 * heads * d, requires_grad=True)  # (B, L, q|k|v) as qkv_proj returns it
+    q, k, v = (t.view(1, n, heads, d).transpose(1, 2) for t in qkv.split(heads * d, dim=-1))
+    q, k = q * 1.0, k * 1.0  # RoPE makes new tensors of q and k
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.untyped_storage().nbytes()) or t,
+                                                  lambda t: t):
+        out = sequence_attention(q, k, v, [[(0, 5), (5, n)]], None)
+    assert out.shape == (1, n, heads, d)
+    assert kept and max(kept) < qkv.untyped_storage().nbytes()
+    grad = torch.randn_like(out)
+    (g,) = torch.autograd.grad(out, qkv, grad)
+    ref_qkv = qkv.detach().clone().requires_grad_()
+    rq, rk, rv = (t.view(1, n, heads, d).transpose(1, 2).contiguous() for t in ref_qkv.split(heads * d, dim=-1))
+    ref = sequence_attention(rq, rk, rv, [[(0, 5), (5, n)]], None)
+    (rg,) = torch.autograd.grad(ref, ref_qkv, grad)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(g, rg, rtol=1e-6, atol=1e-6)
