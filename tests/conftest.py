@@ -8,7 +8,9 @@ LoRA adapters written by philora and by peft, one-line errors, the CLI, short tr
 philora.lora's layers) come through the ``helpers`` fixture: ``helpers.load_model(path)``.
 
 Fixtures on one topic live in plugin modules beside this file, registered below (never imported by
-test files): model_matrix.py (``families``: a tiny model of each family).
+test files): model_matrix.py (``families``: a tiny model of each family), gguf_models.py (tiny
+Phi-3 / Llama models and runs for the GGUF export tests: ``phi3_base``, ``phi3_run``, ``phi3_merged``,
+``gguf_models``).
 """
 
 import os
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest_plugins = ["model_matrix"]
+pytest_plugins = ["model_matrix", "gguf_models"]
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
