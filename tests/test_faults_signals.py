@@ -111,15 +111,23 @@ def cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def wait_for(proc, ready, what, timeout=240):
+def tail(path, n=3000):
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+def wait_for(proc, ready, what, timeout=240, log=None, every=0.02):
+    """Poll ``ready()`` until it is true; fail if ``proc`` ends first or after ``timeout`` s (then
+    ``proc`` is killed). ``log``: the file the run writes its output to (else its pipes)."""
     end = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended before {what}: {proc.communicate()}")
+            said = tail(log) if log is not None else proc.communicate()
+            raise AssertionError(f"the run ended before {what}: {said}")
         if time.monotonic() > end:
             proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                                 + (f": {tail(log)}" if log is not None else ""))
+        time.sleep(every)
 
 
 def logged_steps(out):
@@ -201,25 +209,36 @@ def test_lock_in_process(tmp_path):
 
 # -----------------------------------------------------------------------------
 # torchrun: a signal that reaches one rank stops every rank after the same step
+#
+# Every wait below is for something the run shows (a step in metrics.jsonl, torchrun's worker
+# process, the exit), with deadlines far above the ~20 s this takes on an idle machine: niced on
+# two cores shared with other jobs, starting torchrun and two ranks that import torch can take
+# minutes. The output goes to a file, not a pipe nobody reads while waiting (a full pipe would stall
+# the run), and whatever happens the run's processes are gone when the test ends.
+
+START_S = 900  # until step 2 is logged (idle machine: ~15 s)
+STOP_S = 600  # from the signal until torchrun has exited (idle machine: ~5 s)
 
 
-def pids_with(env_items):
-    """Processes whose environment holds every KEY=VALUE of ``env_items``."""
+def tagged_pids(tag, *env_items, parent=None):
+    """Processes whose environment holds ``tag`` and every KEY=VALUE of ``env_items`` (and whose
+    parent is ``parent``, if given): a run's processes, found even after their launcher died."""
     found = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 env = open(f"/proc/{d}/environ", "rb").read().split(b"\0")
-            except OSError:
+                ppid = int(open(f"/proc/{d}/stat", "rb").read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # gone meanwhile
                 continue
-            if all(item.encode() in env for item in env_items):
+            if all(item.encode() in env for item in (tag, *env_items)) and parent in (None, ppid):
                 found.append(int(d))
     return found
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
 def test_sigterm_to_one_torchrun_rank_stops_all_after_the_same_step(tmp_path, tiny_model_dir):
-    out = tmp_path / "run"
+    out, log_path = tmp_path / "run", tmp_path / "torchrun.log"
     tag = f"PHILORA_TEST_TAG={os.getpid()}-{time.monotonic_ns()}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PHILORA_TEST_TAG=tag.split("=", 1)[1])
     args = [f"model.name_or_path={tiny_model_dir}", f"training_config.output_dir={out}", "data.max_length=128",
@@ -227,18 +246,38 @@ def test_sigterm_to_one_torchrun_rank_stops_all_after_the_same_step(tmp_path, ti
             "training_config.logging_steps=1", "training_config.eval_steps=0", "training_config.save_steps=0",
             "training_config.eval_max_samples=2", "training_config.report_samples=0",
             "training_config.progress_bar=false"]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "philora", "train", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                 "2", "-m", "philora", "train", *args], env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(proc, lambda: len(logged_steps(out)) >= 2, "step 2")
-        (rank1,) = pids_with([tag, "RANK=1"])
-        os.kill(rank1, signal.SIGTERM)  # rank 1 only: rank 0 learns of it through the step's all-reduce
-        log, _ = proc.communicate(timeout=180)
+        wait_for(proc, lambda: len(logged_steps(out)) >= 2, "step 2", timeout=START_S, log=log_path, every=0.1)
+        rank1 = []
+
+        def rank1_found():  # torchrun's own worker (its child), not a process that worker may have started
+            rank1[:] = tagged_pids(tag, "RANK=1", parent=proc.pid)
+            return rank1
+        wait_for(proc, rank1_found, "torchrun's rank-1 worker", log=log_path, every=0.1)
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGTERM)  # rank 1 only: rank 0 learns of it through the step's all-reduce
+        try:
+            proc.wait(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"torchrun still running {STOP_S} s after the signal: {tail(log_path)}") from None
     finally:
         if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=60)
+            proc.terminate()  # torchrun stops its workers
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pid in tagged_pids(tag):  # workers a killed torchrun left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    log = log_path.read_text()
     step = logged_steps(out)[-1]
     stopped = [ln for ln in log.splitlines() if "stopped after step" in ln]
     assert len(stopped) == 2, log[-3000:]  # both ranks, the same line
