@@ -54,6 +54,17 @@ SLICE_ALIASES: Dict[str, Dict[str, Tuple[str, str]]] = {
     },
 }
 
+# Gated SiLU MLPs, by class name: down(silu(gate) * up), gate and up from one fused projection
+# (its rows: gate, then up) or from two. fused.fuse_mlps trains these through one autograd
+# function that saves less; each entry is checked against the class's own forward in the tests.
+GATED_MLPS: Dict[str, Tuple[Tuple[str, ...], str]] = {  # class -> (projections, activation attribute)
+    "Phi3MLP": (("gate_up_proj",), "activation_fn"),
+    "LlamaMLP": (("gate_proj", "up_proj"), "act_fn"),
+    "MistralMLP": (("gate_proj", "up_proj"), "act_fn"),
+    "Qwen2MLP": (("gate_proj", "up_proj"), "act_fn"),
+    "Qwen3MLP": (("gate_proj", "up_proj"), "act_fn"),
+}
+
 # Stop tokens beyond the tokenizer's eos, by model type (Phi-3 ends a turn with <|end|>).
 STOP_TOKENS: Dict[str, Tuple[str, ...]] = {
     "phi3": ("<|end|>", "<|endoftext|>", "<|assistant|>"),
