@@ -64,7 +64,7 @@ def test_speed_phase_makes_the_table(tmp_path, monkeypatch):
     def fake_worker(job, d, name):
         jobs.append(job)
         return {"tokens_per_s": 1000.0 if job["system"] == "philora" else 400.0, "peak_bytes": 2 ** 30,
-                "loss": 7.5}
+                "loss": 7.5, "wall_s": 60.0, "startup_s": 20.0}  # (run_worker adds the last two)
 
     monkeypatch.setattr(gpu_check.bench, "run_worker", fake_worker)
     monkeypatch.setattr(gpu_check.bench, "matmul_flops", lambda dtype: 1e12)
