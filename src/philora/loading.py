@@ -20,6 +20,7 @@ from .adapter import CONFIG_NAME, AdapterError, read_adapter_config
 from .config import Config, ModelConfig, load_config
 from .devices import pick_device, resolve_dtype
 from .errors import PhiloraError, first_line
+from .fused import fuse_mlps
 from .inject import apply_adapter
 from .quant import prepare_quantized, quantization_kwargs
 from .tiny import resolve_model
@@ -79,6 +80,8 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: Optional[torch.device] = 
         model.to(device)
     model.requires_grad_(False)
     rope.install(model)  # LongRoPE: each packed conversation gets its own factor set
+    if training:  # gated SiLU MLPs keep less for backward, same numbers (fused.py)
+        fuse_mlps(model)
     model.config.use_cache = not training
     if training and cfg.gradient_checkpointing is True:  # "auto": train() decides (memory.py)
         memory.enable_checkpointing(model)

@@ -31,7 +31,6 @@ from .diskio import staged, write_text
 from .distributed import World
 from .errors import PhiloraError
 from .examples import epoch_indices, epoch_size
-from .fused import fuse_mlps
 from .inject import count_parameters, inject_lora
 from .devices import pick_device
 from .loading import load_model_and_tokenizer, load_tokenizer, resolve_path
@@ -241,7 +240,6 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     distributed.check_run(world, cfg, epoch_size(train_set))
     model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, device, training=True)
     inject_lora(model, pc)
-    fuse_mlps(model)  # gated SiLU MLPs keep less for backward, same numbers (fused.py)
     trainable, total = count_parameters(model)
     log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     for warning in advice(cfg, world.size):  # learning rate, batch size: once, before training
