@@ -11,7 +11,9 @@ Hand-written because the comparison itself is the point: every run is a fresh su
 repeat (and the order rotates), so machine noise hits them alike; each run trains the same
 conversations in the same order (same batches of ``--batch``), so losses compare.
 
-philora is measured as users run it: the worker calls ``philora.train.train`` with a config
+philora is measured as users run it: in a process started as ``philora train`` starts itself
+(TCMalloc preloaded when the machine has it, allocator.py; ``philora-glibc`` without), the
+worker calls ``philora.train.train`` with a config
 (messages JSONL in, no shuffle, packing, constant LR, no eval, checkpoints or report) and reads
 the run's own ``metrics.jsonl`` (``tokens``, ``tokens_per_s``, ``loss`` per step). TRL runs
 ``SFTTrainer`` with a PEFT ``LoraConfig`` on the same conversations, tokenized beforehand by
@@ -50,6 +52,7 @@ SYSTEMS = {  # name: how the worker runs it (dtype "auto": bf16 on CUDA, fp32 on
     "philora": {"kind": "philora", "dtype": "auto"},
     "philora-bf16": {"kind": "philora", "dtype": "bfloat16"},  # a dtype change: reported apart
     "philora-checkpointing": {"kind": "philora", "dtype": "auto", "checkpointing": True},
+    "philora-glibc": {"kind": "philora", "dtype": "auto", "malloc": "system"},  # without TCMalloc
     "trl-cookbook": {"kind": "trl", "padding_free": False},
     "trl-padding-free": {"kind": "trl", "padding_free": True},
 }
@@ -181,6 +184,9 @@ def run_worker(job: dict, d: Path, name: str) -> dict:
     job_path.write_text(json.dumps(job), encoding="utf-8")
     out_path.unlink(missing_ok=True)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    if job["spec"]["kind"] == "philora":  # the allocator `philora train` re-executes itself with
+        from philora.allocator import ENV, preload_env
+        env = preload_env(dict(env, **{ENV: job["spec"].get("malloc", "")})) or env
     start = time.time()
     p = subprocess.run([sys.executable, str(WORKER), str(job_path), str(out_path)],
                        capture_output=True, text=True, env=env)

@@ -121,7 +121,9 @@ def run_philora(job: dict, d: Path, work: Path) -> dict:
     expected = sum(len(e["input_ids"]) for e in read_jsonl(d / "tokens.jsonl")[:job["steps"] * job["batch"]])
     if sum(r["tokens"] for r in steps) != expected:  # train() saw other tokens than TRL does
         raise RuntimeError(f"philora trained {sum(r['tokens'] for r in steps)} tokens, the data has {expected}")
-    return {"steps": [{k: r[k] for k in ("step", "tokens", "tokens_per_s", "loss")} for r in steps]}
+    from philora.allocator import active
+    return {"steps": [{k: r[k] for k in ("step", "tokens", "tokens_per_s", "loss")} for r in steps],
+            "malloc": active()}  # TCMalloc when bench/run.py preloaded it, as `philora train` does
 
 
 def run_trl(job: dict, d: Path, work: Path) -> dict:

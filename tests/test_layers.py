@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "philora"
 # Lower layers first; a module may import its own layer or lower ones (and no cycle within one).
 LAYERS = [
     ("errors", "config", "models", "devices", "diskio", "runlock", "preempt"),
-    ("formats", "loss", "batching", "attention", "rope", "serving", "dropout", "lora", "fused", "memory", "records", "examples", "datastore", "encoding"),
+    ("formats", "loss", "batching", "attention", "rope", "serving", "dropout", "lora", "fused", "memory", "records", "examples", "datastore", "encoding", "allocator"),
     ("data", "quant", "adapter", "dora"),
     ("tiny", "inject"),
     ("loading",),
