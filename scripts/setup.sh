@@ -8,7 +8,10 @@
 #                              built from source the first time (~8 minutes on 2 cores; pip's wheel
 #                              cache keeps the wheel, so later set-ups on the machine take seconds),
 #                              and its source distribution in .venv/src (llama.cpp's own converter,
-#                              the reference the export tests compare against; never installed)
+#                              the reference the export tests compare against; never installed),
+#                              and, where apt-get runs as root, TCMalloc (libtcmalloc-minimal4:
+#                              what `philora train` preloads when present, src/philora/allocator.py;
+#                              optional, so a failure here is only a line)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TESTS=0
@@ -39,4 +42,10 @@ if [ "$TESTS" = 1 ] && { [ ! -f .venv/.philora-tests-installed ] || [ constraint
     .venv/bin/python -m pip download -q --no-deps --no-binary :all: -d .venv/src "$LLAMA_CPP"
   fi
   touch .venv/.philora-tests-installed
+fi
+if [ "$TESTS" = 1 ] && ! ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1; }; } \
+    || echo "setup: TCMalloc (libtcmalloc-minimal4) not installed; philora train uses the system's malloc"
 fi
