@@ -5,7 +5,9 @@ counts (assistant tokens: often a small share of a chat batch), and computes the
 cross-entropy over them in chunks. When the LM head is frozen (LoRA never trains it), a custom
 autograd function computes each chunk's gradient with respect to the hidden states in the
 forward pass and drops the chunk's logits at once: peak memory is one chunk of logits, and the
-backward pass does no LM-head matmul at all. Hand-written because neither transformers nor
+backward pass does no LM-head matmul at all. Chunks of ``CHUNK`` rows: on the CPU benchmark
+(hidden 512, vocab 32064, ~900 label rows a step) 512-row chunks ran as fast as one 4096-row
+chunk and hold 64 MiB of fp32 logits instead of 113 (256 rows: 10% slower). Hand-written because neither transformers nor
 PyTorch offers this; TRL's chunked loss is generic but slow on CPU.
 
 Returns the *sum* of token losses and the token count, so gradient accumulation can normalise
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from .models import final_logit_softcap
 
 IGNORE_INDEX = -100  # the label of a position that is not trained on (as torch's cross_entropy)
+CHUNK = 512  # LM-head rows per chunk of logits (module docstring)
 
 
 class _FrozenHeadCE(torch.autograd.Function):
@@ -63,7 +66,7 @@ class _FrozenHeadCE(torch.autograd.Function):
 
 
 def lm_head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-                 chunk: int = 4096, softcap: Optional[float] = None) -> torch.Tensor:
+                 chunk: int = CHUNK, softcap: Optional[float] = None) -> torch.Tensor:
     """Sum of cross-entropies of ``head(hidden)`` (softcapped when ``softcap`` is given) against
     ``targets``. hidden (N, H), targets (N,)."""
     weight, bias = head.weight, getattr(head, "bias", None)
@@ -85,7 +88,7 @@ class CausalLMLoss(nn.Module):
     A module (not a function) so DistributedDataParallel can wrap it and see every forward.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 4096):
+    def __init__(self, model: nn.Module, chunk: int = CHUNK):
         super().__init__()
         self.model = model
         self.chunk = chunk
