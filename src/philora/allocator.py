@@ -3,11 +3,11 @@
 Why: on CPU every activation is a plain ``malloc``. glibc's allocator keeps what a step frees
 in its heap, fragmented, and the next step, whose tensors have other sizes (packed rows change
 length), grows the heap again: on the benchmark (bench/RESULTS.md) the training process peaked
-at 1.72 GiB where its live memory peaked at ~1.22 GiB. glibc can be made to return memory at
+at 1722 MiB where its live memory peaked at ~1219 MiB. glibc can be made to return memory at
 once (a fixed mmap threshold), but then every large tensor is fresh pages from the kernel,
-faulted in and zeroed: -30% peak memory, +33% time. TCMalloc (gperftools, the allocator
+faulted in and zeroed: -29% peak memory, +33% time. TCMalloc (gperftools, the allocator
 PyTorch's CPU performance guide recommends) reuses freed memory by size class instead:
-peak 1.25 GiB at the same or better speed.
+peak 1253 MiB at the same or better speed.
 
 An allocator can only be chosen before the process starts (``LD_PRELOAD``), so the CLI's
 ``train`` re-executes itself once, with the library preloaded, before it imports anything
