@@ -7,6 +7,7 @@ once for every command (:func:`guard_output`): an existing one is replaced only 
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -173,8 +174,6 @@ def _enable_lora(items: List[str]) -> Optional[dict]:
 def _with_allocator() -> None:
     """Re-execute this ``philora train`` process with TCMalloc preloaded, when allocator.py
     finds it (lower peak memory, same speed); a bad PHILORA_MALLOC is a one-line error."""
-    import os
-
     from .allocator import preload_env
     try:
         env = preload_env(dict(os.environ))
@@ -189,7 +188,7 @@ def _with_allocator() -> None:
 def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .allocator import active
-        if active():
+        if active() and os.environ.get("RANK", "0") == "0":  # once per run, not per torchrun rank
             print(f"malloc: {active()} (PHILORA_MALLOC=system keeps the system's allocator)")
         from .config import load_config
         from .train import train
