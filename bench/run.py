@@ -194,7 +194,9 @@ def run_worker(job: dict, d: Path, name: str) -> dict:
     if p.returncode != 0 or not out_path.exists():
         raise RuntimeError(f"bench worker {name} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
     r = json.loads(out_path.read_text(encoding="utf-8"))
-    r.update(wall_s=wall, startup_s=r["first_step_at"] - start)  # whole process; to the end of step 1
+    r["wall_s"] = wall  # the whole process
+    if "first_step_at" in r:  # (a profiling run has no timings)
+        r["startup_s"] = r["first_step_at"] - start  # process start to the end of step 1
     return r
 
 

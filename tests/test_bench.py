@@ -46,6 +46,13 @@ def test_quick_smoke_run_reads_train_metrics(tiny_model_dir, capsys, tmp_path):
     assert r["losses"] == [s["loss"] for s in r["steps"]] and all(math.isfinite(x) for x in r["losses"])
     assert r["peak_bytes"] >= r["train_peak_bytes"] > r["rss_baseline"] > 0
     assert r["weights"] > 0
+    assert r["wall_s"] > r["startup_s"] > 0  # whole process; process start to the end of step 1
+
+
+def test_profile_run_sums_op_families(tiny_model_dir, capsys):
+    assert run.main(["--quick", "--profile", "philora"]) == 0
+    out = capsys.readouterr().out
+    assert "profile of philora" in out and re.search(r"matmul\s+[\d.]+ s", out)
 
 
 def test_train_and_trl_get_the_same_tokens(tiny_model_dir, tmp_path):
