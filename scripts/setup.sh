@@ -43,7 +43,7 @@ if [ "$TESTS" = 1 ] && { [ ! -f .venv/.philora-tests-installed ] || [ constraint
   fi
   touch .venv/.philora-tests-installed
 fi
-if [ "$TESTS" = 1 ] && ! ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 >/dev/null 2>&1 \
+if [ "$TESTS" = 1 ] && [ -z "$(.venv/bin/python -c 'from philora.allocator import find_library; print(find_library() or "")')" ] \
     && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   { apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \
     || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1; }; } \

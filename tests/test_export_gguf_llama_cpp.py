@@ -6,7 +6,6 @@ Phi-4-mini) work. The file's contents: test_export_gguf.py; the tiny models and 
 Skipped only when llama_cpp is not importable (``scripts/setup.sh --tests`` installs it).
 """
 
-import importlib
 import json
 from pathlib import Path
 
@@ -16,12 +15,8 @@ import torch
 
 from philora.export_gguf import export_gguf
 
-try:
-    importlib.import_module("llama_cpp")
-    HAS_LLAMA_CPP = True
-except ImportError:  # a broken build (OSError) fails loudly instead
-    HAS_LLAMA_CPP = False
-pytestmark = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not importable (scripts/setup.sh --tests)")
+# a missing llama_cpp skips this file; a broken build (OSError) fails loudly instead
+pytest.importorskip("llama_cpp", reason="llama_cpp is not importable (scripts/setup.sh --tests)")
 
 
 # -----------------------------------------------------------------------------

@@ -188,8 +188,9 @@ def _with_allocator() -> None:
 def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .allocator import active
-        if active() and os.environ.get("RANK", "0") == "0":  # once per run, not per torchrun rank
-            print(f"malloc: {active()} (PHILORA_MALLOC=system keeps the system's allocator)")
+        lib = active()
+        if lib and os.environ.get("RANK", "0") == "0":  # once per run, not per torchrun rank
+            print(f"malloc: {lib} (PHILORA_MALLOC=system keeps the system's allocator)")
         from .config import load_config
         from .train import train
         config, overrides = _config_args(args)
