@@ -8,7 +8,7 @@ A synthetic UltraChat-like JSONL (multi-turn ``messages`` records of random word
 bench/text.txt, ~1450 Phi-3 tokens per conversation on average, as UltraChat-200k's ~290M tokens
 over 208k conversations) is written once; then each measurement runs in a fresh subprocess:
 
-* philora: ``philora.train.train`` with ``max_steps=1`` on a small random Phi-3 with the real
+* philora: ``philora.run.train.train`` with ``max_steps=1`` on a small random Phi-3 with the real
   Phi-3 tokenizer (tests/fixtures/phi3-tokenizer): cold (empty data cache) with
   ``data.num_proc=1`` and with all cores, then cached (the cache the cold run left).
 * TRL: ``SFTTrainer`` on ``datasets.load_dataset("json", data_files=...)`` of the same file,
@@ -132,11 +132,11 @@ def timed(fn, timing: dict):
 
 
 def run_philora(job: dict) -> dict:
-    import philora.train
-    from philora.config import Config, DataConfig, ModelConfig, PeftConfig, TrainingConfig
-    from philora.train import train
+    import philora.run.train
+    from philora.core.config import Config, DataConfig, ModelConfig, PeftConfig, TrainingConfig
+    from philora.run.train import train
     timing = {}
-    philora.train.build_datasets = timed(philora.train.build_datasets, timing)  # reading + tokenizing
+    philora.run.train.build_datasets = timed(philora.run.train.build_datasets, timing)  # reading + tokenizing
     cfg = Config(
         model=ModelConfig(name_or_path=job["model"], dtype="float32"),
         data=DataConfig(train=job["data"], eval_fraction=0.0, max_length=MAX_LENGTH, num_proc=job["procs"],
@@ -173,9 +173,9 @@ def run_resident(job: dict) -> dict:
     lists (the representation philora used before Arrow)."""
     import gc
 
-    from philora.config import DataConfig
-    from philora.data import build_datasets
-    from philora.loading import load_tokenizer
+    from philora.core.config import DataConfig
+    from philora.data.build import build_datasets
+    from philora.model.loading import load_tokenizer
     tok = load_tokenizer(job["model"])
     cfg = DataConfig(train=job["data"], eval_fraction=0.0, max_length=MAX_LENGTH, cache_dir=job["cache"])
     warm, _, _ = build_datasets(cfg, tok, 0, log=lambda *a: None)  # every code path once, then let go

@@ -16,7 +16,7 @@ still leaves what it measured; no probe of phase 3 starts after ``--stop-s``:
    not raised, so the other phases still run.
 2. ``speed``: Phi-3-mini's shape (3.8B, random bf16 weights, max_length 2048, packed, batch 4,
    conversations of 200-2000 tokens), the systems of ``bench/run.py`` through its own workers
-   (philora: ``philora.train.train``; TRL + PEFT: ``SFTTrainer``, SDPA, cookbook and
+   (philora: ``philora.run.train.train``; TRL + PEFT: ``SFTTrainer``, SDPA, cookbook and
    padding-free): non-pad tokens/s, peak CUDA memory, MFU against the measured bf16 matmul rate.
 3. ``longest``: the longest single conversation one training step fits in the GPU's memory,
    philora (fused LoRA, philora_sdpa) vs TRL + PEFT (padding-free, SDPA), in-process: a CUDA
@@ -56,8 +56,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def smoke_fused(device: torch.device) -> Dict[str, float]:
     """Worst relative error of output and gradients (x, A, B): fused vs plain LoRA layer."""
-    from philora import fused, lora
-    from philora.dropout import Dropout
+    from philora.model import fused
+    from philora import lora
+    from philora.model.dropout import Dropout
     out = {}
     cases = [("fp32_dropout0.1", torch.float32, 0.1, False), ("bf16_autocast", torch.bfloat16, 0.0, True)]
     for name, dtype, p, amp in cases:
@@ -89,9 +90,9 @@ def smoke_fused(device: torch.device) -> Dict[str, float]:
 def tiny_lora_model(device: torch.device, dtype: torch.dtype):
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from philora import attention
-    from philora.config import PeftConfig
-    from philora.inject import inject_lora
+    from philora.model import attention
+    from philora.core.config import PeftConfig
+    from philora.model.inject import inject_lora
     torch.manual_seed(0)
     cfg = Phi3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
@@ -108,8 +109,8 @@ def tiny_lora_model(device: torch.device, dtype: torch.dtype):
 
 def smoke_packing(device: torch.device) -> Dict[str, float]:
     """Worst relative error of the loss and LoRA gradients: one packed row vs each conversation alone."""
-    from philora.batching import collate
-    from philora.loss import CausalLMLoss
+    from philora.data.batching import collate
+    from philora.model.loss import CausalLMLoss
     out = {}
     g = torch.Generator().manual_seed(1)
     convs = []
@@ -190,7 +191,7 @@ def make_model_dir(path: Path, shape: dict, device: torch.device) -> None:
     """bench/run.py's model directory, built on ``device`` (a 3.8B model in seconds on a GPU)."""
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
-    from philora.tiny import resolve_model
+    from philora.model.tiny import resolve_model
     tok = AutoTokenizer.from_pretrained(resolve_model("tiny"))
     cfg = Phi3Config(**shape["model"], pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
@@ -261,11 +262,11 @@ def one_conversation(n: int, vocab: int) -> dict:
 
 
 def philora_stepper(model_dir: Path, device: torch.device, vocab: int):
-    from philora.batching import collate
-    from philora.config import ModelConfig, PeftConfig
-    from philora.inject import inject_lora
-    from philora.loading import load_model_and_tokenizer
-    from philora.loss import CausalLMLoss
+    from philora.data.batching import collate
+    from philora.core.config import ModelConfig, PeftConfig
+    from philora.model.inject import inject_lora
+    from philora.model.loading import load_model_and_tokenizer
+    from philora.model.loss import CausalLMLoss
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     model, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(model_dir), dtype=dtype,
                                                        attn_implementation="philora_sdpa"), device)

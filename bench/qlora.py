@@ -7,7 +7,7 @@ Builds a Phi-3-shaped model with random weights in a temporary directory (``--sh
 hidden 512, intermediate 1376, 8 layers, 8 heads, vocabulary 32064; the tiny model's
 tokenizer) and synthetic chat conversations of 0.9 x ``--seq`` to ``--seq`` tokens from the
 benchmark text (bench/run.py), then runs each variant in a fresh subprocess (``bench/worker.py``)
-so peak memory never mixes between them. Each run is ``philora.train.train`` itself (LoRA r=16,
+so peak memory never mixes between them. Each run is ``philora.run.train.train`` itself (LoRA r=16,
 alpha 32, no dropout, all linear layers, lr 1e-4 constant, batch ``--batch`` conversations,
 one per row) for ``--warmup`` untimed then ``--steps`` timed optimizer steps; speed and loss
 are the run's own ``metrics.jsonl`` records. Speed is the fastest timed step of ``--repeats``

@@ -13,11 +13,11 @@ conversations in the same order (same batches of ``--batch``), so losses compare
 
 philora is measured as users run it: in a process started as ``philora train`` starts itself
 (TCMalloc preloaded when the machine has it, allocator.py; ``philora-glibc`` without), the
-worker calls ``philora.train.train`` with a config
+worker calls ``philora.run.train.train`` with a config
 (messages JSONL in, no shuffle, packing, constant LR, no eval, checkpoints or report) and reads
 the run's own ``metrics.jsonl`` (``tokens``, ``tokens_per_s``, ``loss`` per step). TRL runs
 ``SFTTrainer`` with a PEFT ``LoraConfig`` on the same conversations, tokenized beforehand by
-the same chat-template code (``philora.data.encode_chat``) that ``train`` uses.
+the same chat-template code (``philora.data.build.encode_chat``) that ``train`` uses.
 
 Model: ``Phi3Config`` with random weights, saved once to a temp directory next to the tiny
 model's tokenizer; no hub. Data: synthetic chat conversations of random words from
@@ -78,7 +78,7 @@ def make_model_dir(path: Path, shape: dict, seed: int = 0) -> None:
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from philora.tiny import resolve_model
+    from philora.model.tiny import resolve_model
     hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(resolve_model("tiny"))
     cfg = Phi3Config(**shape["model"], pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -98,9 +98,9 @@ def bench_words() -> List[str]:
 
 def make_conversations(tokenizer, n: int, lengths: Sequence[int], seed: int = 0) -> List[dict]:
     """n synthetic conversations of lengths[0]..lengths[1] tokens (chat template included):
-    ``{"messages", "input_ids", "labels"}``, tokenized with ``philora.data.encode_chat`` (what
+    ``{"messages", "input_ids", "labels"}``, tokenized with ``philora.data.build.encode_chat`` (what
     ``train`` does with a messages record), so no conversation is ever truncated."""
-    from philora.data import encode_chat
+    from philora.data.build import encode_chat
     rng = random.Random(seed)
     words = [w for w in bench_words() if w.isalpha()]
     sample = " ".join(rng.choices(words, k=500))
@@ -125,7 +125,7 @@ def make_conversations(tokenizer, n: int, lengths: Sequence[int], seed: int = 0)
 
 
 def write_data(d: Path, conversations: List[dict]) -> None:
-    """``train.jsonl``: messages records for ``philora.train``; ``tokens.jsonl``: the same
+    """``train.jsonl``: messages records for ``philora.run.train``; ``tokens.jsonl``: the same
     conversations as ``input_ids``/``labels`` for TRL."""
     with open(d / "train.jsonl", "w", encoding="utf-8") as f:
         for c in conversations:
@@ -185,7 +185,7 @@ def run_worker(job: dict, d: Path, name: str) -> dict:
     out_path.unlink(missing_ok=True)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
     if job["spec"]["kind"] == "philora":  # the allocator `philora train` re-executes itself with
-        from philora.allocator import ENV, preload_env
+        from philora.run.allocator import ENV, preload_env
         env = preload_env(dict(env, **{ENV: job["spec"].get("malloc", "")})) or env
     start = time.time()
     p = subprocess.run([sys.executable, str(WORKER), str(job_path), str(out_path)],

@@ -6,7 +6,7 @@ steps after ``warmup``, per-step losses, memory (below), and ``first_step_at``: 
 (``time.time()``) the first optimizer step ended, from which ``bench/run.py`` takes the start-up
 (process start to the end of the first step: imports, data, model load, first step).
 
-* ``philora``: ``philora.train.train`` itself, the loop ``philora train`` runs, with a config
+* ``philora``: ``philora.run.train.train`` itself, the loop ``philora train`` runs, with a config
   built for the benchmark (the messages JSONL of the run, no shuffle, packing, logging every
   step, constant LR, no eval, checkpoints, report or progress bar). Speed and losses are the
   run's own ``metrics.jsonl`` records (``tokens``, ``tokens_per_s``, ``loss`` per step).
@@ -93,11 +93,11 @@ def read_jsonl(path: Path) -> List[dict]:
 
 
 def run_philora(job: dict, d: Path, work: Path) -> dict:
-    """``philora.train.train`` on the benchmark config; speed and losses from its metrics.jsonl."""
+    """``philora.run.train.train`` on the benchmark config; speed and losses from its metrics.jsonl."""
     import torch
 
-    from philora.config import Config, DataConfig, ModelConfig, PeftConfig, TrainingConfig
-    from philora.train import train
+    from philora.core.config import Config, DataConfig, ModelConfig, PeftConfig, TrainingConfig
+    from philora.run.train import train
     spec = job["spec"]
     attn = "flash_attention_2" if torch.cuda.is_available() and has_flash() else "philora_sdpa"
     out = work / "run"
@@ -121,7 +121,7 @@ def run_philora(job: dict, d: Path, work: Path) -> dict:
     expected = sum(len(e["input_ids"]) for e in read_jsonl(d / "tokens.jsonl")[:job["steps"] * job["batch"]])
     if sum(r["tokens"] for r in steps) != expected:  # train() saw other tokens than TRL does
         raise RuntimeError(f"philora trained {sum(r['tokens'] for r in steps)} tokens, the data has {expected}")
-    from philora.allocator import active
+    from philora.run.allocator import active
     return {"steps": [{k: r[k] for k in ("step", "tokens", "tokens_per_s", "loss")} for r in steps],
             "malloc": active()}  # TCMalloc when bench/run.py preloaded it, as `philora train` does
 
@@ -201,12 +201,12 @@ def op_families(prof) -> Dict[str, dict]:
 
 def worker(job: dict) -> dict:
     # Each system imports only what its run imports (whole-process time and peak RSS are the
-    # system's own): philora.train for philora; transformers, TRL, PEFT and datasets for TRL,
+    # system's own): philora.run.train for philora; transformers, TRL, PEFT and datasets for TRL,
     # whose import of PEFT also pulls in bitsandbytes and torch._dynamo. train() seeds itself;
     # TRL's LoRA init and dropout follow transformers.set_seed.
     import torch
     if job["spec"]["kind"] == "philora":
-        import philora.train  # noqa: F401
+        import philora.run.train  # noqa: F401
     else:
         import datasets  # noqa: F401
         import transformers

@@ -10,7 +10,7 @@
 #                              and its source distribution in .venv/src (llama.cpp's own converter,
 #                              the reference the export tests compare against; never installed),
 #                              and, where apt-get runs as root, TCMalloc (libtcmalloc-minimal4:
-#                              what `philora train` preloads when present, src/philora/allocator.py;
+#                              what `philora train` preloads when present, src/philora/run/allocator.py;
 #                              optional, so a failure here is only a line)
 set -euo pipefail
 cd "$(dirname "$0")/.."

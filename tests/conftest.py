@@ -57,7 +57,7 @@ def phi3_tokenizer_dir():
 def tiny_model_dir(philora_cache):
     """The built-in tiny Phi-3 (real tokenizer and chat template), built once into the private
     cache, so ``model.name_or_path: tiny`` resolves to it without rebuilding."""
-    from philora.tiny import resolve_model
+    from philora.model.tiny import resolve_model
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PHILORA_CACHE", str(philora_cache))
         path = resolve_model("tiny")
@@ -89,7 +89,7 @@ def small_model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """24 train and 8 eval conversations from the shipped sample."""
-    from philora.data import SAMPLE_EVAL, SAMPLE_TRAIN
+    from philora.data.build import SAMPLE_EVAL, SAMPLE_TRAIN
     d = tmp_path_factory.mktemp("data")
     train_lines = SAMPLE_TRAIN.read_text(encoding="utf-8").splitlines()[:24]
     eval_lines = SAMPLE_EVAL.read_text(encoding="utf-8").splitlines()[:8]
@@ -169,9 +169,9 @@ def peft_logits(base_dir, adapter_dir, ids):
 def philora_run_adapter(base_dir, out_dir, seed=3, use_rslora=False):
     """A philora adapter with per-slice LoRA (q and v of the fused qkv_proj) plus whole o_proj
     and gate_up_proj, saved in PEFT format; returns the live philora model."""
-    from philora.adapter import save_adapter
-    from philora.config import PeftConfig
-    from philora.inject import inject_lora
+    from philora.model.adapter import save_adapter
+    from philora.core.config import PeftConfig
+    from philora.model.inject import inject_lora
     pc = PeftConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["o_proj", "gate_up_proj"],
                     fused_slices={"qkv_proj": ["q", "v"]}, use_rslora=use_rslora)
     model = load_model(base_dir)
@@ -186,8 +186,8 @@ def lora_phi3(kv_heads=2, attn_implementation="sdpa"):
     base frozen, lora_B drawn from N(0, 0.1) so the LoRA path has an effect. Not saved anywhere."""
     from transformers import Phi3ForCausalLM
 
-    from philora.config import PeftConfig
-    from philora.inject import inject_lora
+    from philora.core.config import PeftConfig
+    from philora.model.inject import inject_lora
     torch.manual_seed(0)
     model = Phi3ForCausalLM(phi3_config(kv_heads, attn_implementation=attn_implementation)).float()
     model.requires_grad_(False)
@@ -202,7 +202,7 @@ def make_run(run_dir, base_dir, tokenizer_dir=None, **model_cfg):
     """A philora run directory: per-slice adapter + config.yaml (+ the run's tokenizer)."""
     from transformers import AutoTokenizer
 
-    from philora.config import Config, ModelConfig, save_config
+    from philora.core.config import Config, ModelConfig, save_config
     model = philora_run_adapter(base_dir, run_dir)
     save_config(Config(model=ModelConfig(name_or_path=str(base_dir), **model_cfg)), run_dir / "config.yaml")
     if tokenizer_dir:
@@ -212,7 +212,7 @@ def make_run(run_dir, base_dir, tokenizer_dir=None, **model_cfg):
 
 def one_line_error(excinfo, *needles):
     """The message of a raised PhiloraError: one non-empty line holding every needle."""
-    from philora.errors import PhiloraError
+    from philora.core.errors import PhiloraError
     msg = str(excinfo.value)
     assert isinstance(excinfo.value, PhiloraError), repr(excinfo.value)
     assert "\n" not in msg and msg, msg
@@ -258,7 +258,7 @@ def make_args(out, model, data, *overrides):
 
 
 def make_cfg(out, model, data, *overrides):
-    from philora.config import load_config
+    from philora.core.config import load_config
     return load_config(None, make_args(out, model, data, *overrides))
 
 
@@ -274,7 +274,7 @@ class Recorder:
 
 
 def install_recorder(mp) -> Recorder:
-    from philora import train as train_mod
+    from philora.run import train as train_mod
     rec = Recorder()
     real_inject = train_mod.inject_lora
 

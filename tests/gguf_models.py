@@ -106,7 +106,7 @@ def make_run(run: Path, base: Path, quantization=None, seed=3, scale_b=0.02) -> 
     """A philora run directory (config.yaml, PEFT adapter, the run's tokenizer) with LoRA on every
     linear layer; qkv / q_proj get another rank and alpha (rank_pattern, alpha_pattern), so one
     adapter-wide alpha could not express the scaling."""
-    from philora.config import Config, ModelConfig, save_config
+    from philora.core.config import Config, ModelConfig, save_config
     run.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
     tensors, special = {}, r"(qkv_proj|q_proj)"
@@ -146,7 +146,7 @@ def phi3_run(phi3_base, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def phi3_merged(phi3_run, tmp_path_factory):
-    from philora.merge import merge
+    from philora.use.merge import merge
     return merge(str(phi3_run), tmp_path_factory.mktemp("merged") / "m", dtype="float32")
 
 

@@ -1,4 +1,4 @@
-"""philora.adapter: PEFT adapters in and out, checked against peft itself (equal logits), and a
+"""philora.model.adapter: PEFT adapters in and out, checked against peft itself (equal logits), and a
 one-line error for every adapter philora cannot load."""
 
 import json
@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from philora.config import PeftConfig
-from philora.adapter import AdapterError, read_adapter, save_adapter
-from philora.inject import apply_adapter, inject_lora
+from philora.core.config import PeftConfig
+from philora.model.adapter import AdapterError, read_adapter, save_adapter
+from philora.model.inject import apply_adapter, inject_lora
 from philora.lora import lora_layers
 
 

@@ -1,4 +1,4 @@
-"""philora.adapter_check: ``philora adapter check`` reports what vLLM would refuse or serve wrongly,
+"""philora.export.adapter_check: ``philora adapter check`` reports what vLLM would refuse or serve wrongly,
 against real peft-written adapters and the base model's module names and shapes."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 
 from safetensors.torch import load_file, save_file
 
-from philora.adapter_check import check_cli
+from philora.export.adapter_check import check_cli
 
 
 @pytest.fixture(scope="module")

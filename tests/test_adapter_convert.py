@@ -1,4 +1,4 @@
-"""philora.adapter_convert: loralib <-> PEFT conversions keep the logits (checked against the real
+"""philora.export.adapter_convert: loralib <-> PEFT conversions keep the logits (checked against the real
 loralib and the real peft); bad inputs are one-line errors."""
 
 import json
@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 import philora.lora as plora
-from philora.config import PeftConfig
-from philora.adapter_convert import convert
-from philora.errors import PhiloraError
-from philora.inject import inject_lora
+from philora.core.config import PeftConfig
+from philora.export.adapter_convert import convert
+from philora.core.errors import PhiloraError
+from philora.model.inject import inject_lora
 
 SLICES = {"qkv_proj": [True, False, True]}  # q and v, as in loralib's README
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from philora.allocator import DONE, ENV, find_library, preload_env
-from philora.errors import PhiloraError
+from philora.run.allocator import DONE, ENV, find_library, preload_env
+from philora.core.errors import PhiloraError
 
 
 @pytest.fixture

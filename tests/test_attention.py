@@ -5,11 +5,11 @@ import random
 import pytest
 import torch
 
-from philora.config import PeftConfig
-from philora.attention import NAME, register, segments
-from philora.batching import collate
-from philora.inject import inject_lora
-from philora.loss import CausalLMLoss
+from philora.core.config import PeftConfig
+from philora.model.attention import NAME, register, segments
+from philora.data.batching import collate
+from philora.model.inject import inject_lora
+from philora.model.loss import CausalLMLoss
 
 register()
 
@@ -118,7 +118,7 @@ def small(kind, impl, window=8, seed=0):
 
 def test_band_is_transformers_sliding_window_mask():
     from transformers.masking_utils import sliding_window_causal_mask_function
-    from philora.attention import band
+    from philora.model.attention import band
     for window in (1, 3, 8):
         allowed = sliding_window_causal_mask_function(window)
         for q_len, kv_len in ((12, 12), (1, 12), (4, 12)):
@@ -163,7 +163,7 @@ def test_decoding_past_the_window_with_a_cache_equals_eager(kind, impl):
 def _fa_attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
     """flash-attn's documented semantics, in torch, for one sequence: q (Lq, H, D), k/v (Lk, Hkv, D);
     causal aligned bottom-right; window (left, right) around each query's own position."""
-    from philora.attention import scores_attention
+    from philora.model.attention import scores_attention
     lq, lk = q.shape[0], k.shape[0]
     qi = torch.arange(lk - lq, lk)[:, None]
     kj = torch.arange(lk)[None, :]
@@ -238,7 +238,7 @@ def test_flash_attention_varlen_path_is_per_conversation(kind, fake_flash_attent
 def test_a_value_view_of_a_fused_projection_is_not_kept_whole():
     """Phi-3's v is a view into qkv_proj's output: backward must keep v alone, not q and k too
     (9% of the activations), and the result and gradients are those of a contiguous v."""
-    from philora.attention import sequence_attention
+    from philora.model.attention import sequence_attention
     torch.manual_seed(0)
     heads, d, n = 4, 8, 11
     qkv = torch.randn(1, n, 3 * heads * d, requires_grad=True)  # (B, L, q|k|v) as qkv_proj returns it

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from philora.attention import NAME, register
-from philora.batching import best_fit_decreasing, collate, epoch_order
-from philora.loss import CausalLMLoss
+from philora.model.attention import NAME, register
+from philora.data.batching import best_fit_decreasing, collate, epoch_order
+from philora.model.loss import CausalLMLoss
 
 register()
 

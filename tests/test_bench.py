@@ -1,5 +1,5 @@
 """bench/ (outside the package, loaded by path as ``philora bench`` does): the driver's smoke run
-trains through ``philora.train.train`` and reads its metrics; train() and TRL get the same
+trains through ``philora.run.train.train`` and reads its metrics; train() and TRL get the same
 tokens; model FLOPs are what the docstring says; qlora.py's smoke run."""
 
 import importlib.util
@@ -58,8 +58,8 @@ def test_profile_run_sums_op_families(tiny_model_dir, capsys):
 def test_train_and_trl_get_the_same_tokens(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from philora.config import DataConfig
-    from philora.data import build_datasets
+    from philora.core.config import DataConfig
+    from philora.data.build import build_datasets
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     convs = run.make_conversations(tok, 12, (20, 100))
     assert convs == run.make_conversations(tok, 12, (20, 100))  # fixed data

@@ -1,4 +1,4 @@
-"""philora.checkpoint: exact save/load of LoRA, optimizer, scheduler and RNG; atomic writes; rotation."""
+"""philora.run.checkpoint: exact save/load of LoRA, optimizer, scheduler and RNG; atomic writes; rotation."""
 
 import json
 import random
@@ -8,11 +8,11 @@ import torch
 from torch.testing import assert_close
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from philora.config import PeftConfig
-from philora import checkpoint
-from philora.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from philora.errors import PhiloraError
-from philora.inject import inject_lora
+from philora.core.config import PeftConfig
+from philora.run import checkpoint
+from philora.run.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from philora.core.errors import PhiloraError
+from philora.model.inject import inject_lora
 from philora.lora import lora_state_dict
 
 

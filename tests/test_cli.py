@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from philora.cli import main
-from philora.config import load_config
-from philora.metrics import read_metrics
+from philora.core.config import load_config
+from philora.run.metrics import read_metrics
 
 
 def one_error_line(capsys, *needles, bars=False):
@@ -135,11 +135,11 @@ def test_data_and_target_errors_exit_2(tmp_path, small_args, small_model_dir, sm
 def test_overrides_after_options(tmp_path, small_args, small_model_dir, small_data, monkeypatch):
     """`philora train run.yaml --overwrite key=value`: overrides after an option still count."""
     seen = {}
-    import philora.report
-    import philora.train
-    monkeypatch.setattr(philora.train, "train", lambda cfg, resume, overwrite: seen.update(
+    import philora.use.report
+    import philora.run.train
+    monkeypatch.setattr(philora.run.train, "train", lambda cfg, resume, overwrite: seen.update(
         cfg=cfg, resume=resume, overwrite=overwrite))
-    monkeypatch.setattr(philora.report, "end_of_run", lambda result, cfg: None)
+    monkeypatch.setattr(philora.use.report, "end_of_run", lambda result, cfg: None)
     p = tmp_path / "run.yaml"
     p.write_text("training_config:\n  max_steps: 5\n")
     assert main(["train", str(p), "peft_config.r=2", "--overwrite", "training_config.max_steps=7", "--resume",
@@ -156,7 +156,7 @@ def test_overrides_after_options(tmp_path, small_args, small_model_dir, small_da
 
 
 def test_enable_lora_flag_parses_and_rejects(capsys, monkeypatch):
-    from philora import adapter_convert
+    from philora.export import adapter_convert
     from philora.cli import _enable_lora
 
     assert _enable_lora(["qkv_proj=1,0,1", "gate_up_proj=true,false"]) == {
@@ -172,7 +172,7 @@ def test_enable_lora_flag_parses_and_rejects(capsys, monkeypatch):
 
 
 def test_generate_out_needs_force(tmp_path, capsys, monkeypatch):
-    from philora import generate
+    from philora.use import generate
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hi"}\n')

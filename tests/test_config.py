@@ -1,11 +1,11 @@
-"""philora.config: YAML into frozen dataclasses, one-line errors naming the key, checked overrides."""
+"""philora.core.config: YAML into frozen dataclasses, one-line errors naming the key, checked overrides."""
 
 import dataclasses
 
 import pytest
 import yaml
 
-from philora.config import (CONFIG_DIR, Config, ConfigError, ModelConfig, PeftConfig, TrainingConfig,
+from philora.core.config import (CONFIG_DIR, Config, ConfigError, ModelConfig, PeftConfig, TrainingConfig,
                             config_to_dict, load_config, save_config)
 
 

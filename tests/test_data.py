@@ -1,12 +1,12 @@
-"""Tests for philora.data / philora.formats: formats, validation errors, assistant-only labels, splits."""
+"""Tests for philora.data.build / philora.data.formats: formats, validation errors, assistant-only labels, splits."""
 
 import json
 
 import pytest
 
-from philora import data
-from philora.config import DataConfig
-from philora.data import DataError, build_datasets, detect_format, encode_chat, load_records, to_messages
+from philora.data import build as data
+from philora.core.config import DataConfig
+from philora.data.build import DataError, build_datasets, detect_format, encode_chat, load_records, to_messages
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -258,7 +258,7 @@ def test_prefix_fallback_agrees(request, monkeypatch, tok_name):
     tok = request.getfixturevalue(tok_name)
     convs = [[{"role": r, "content": c} for r, c in t] for t in CONVERSATIONS]
     expected = [encode_chat(msgs, tok) for msgs in convs]
-    monkeypatch.setattr("philora.encoding._labels_from_offsets", lambda *a: None)
+    monkeypatch.setattr("philora.data.encoding._labels_from_offsets", lambda *a: None)
     got = [encode_chat(msgs, tok) for msgs in convs]
     if tok_name != "llama2":
         assert got == expected
@@ -352,7 +352,7 @@ def test_eval_file_and_sample_source(tmp_path, phi3, monkeypatch):
     ev = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "x", "output": "y"}])
     tr, e, stats = build_datasets(DataConfig(train=str(train), eval=str(ev)), phi3, 0, quiet)
     assert len(tr) == 4 and len(e) == 1 and stats["eval"]["source"] == str(ev)
-    from philora import records
+    from philora.data import records
     monkeypatch.setattr(records, "SAMPLE_TRAIN", train)
     monkeypatch.setattr(records, "SAMPLE_EVAL", ev)
     tr, e, _ = build_datasets(DataConfig(train="sample"), phi3, 0, quiet)

@@ -1,4 +1,4 @@
-"""Tokenized data in Arrow (philora.data.tokenize, philora.datastore, philora.examples.Examples):
+"""Tokenized data in Arrow (philora.data.build.tokenize, philora.data.datastore, philora.data.examples.Examples):
 the cache is reused exactly when nothing that changes the rows changed, any number of processes
 gives the same rows, every example equals encode_chat on its record, rows are memory-mapped
 (3 or 5 bytes per token), and failures leave the cache as it was."""
@@ -11,11 +11,12 @@ import tracemalloc
 import pyarrow as pa
 import pytest
 
-from philora import data, datastore
-from philora.config import DataConfig, DataSource
-from philora.data import DataError, build_datasets, encode_chat, to_messages, tokenize
-from philora.errors import PhiloraError
-from philora.records import raw_batches
+from philora.data import build as data
+from philora.data import datastore
+from philora.core.config import DataConfig, DataSource
+from philora.data.build import DataError, build_datasets, encode_chat, to_messages, tokenize
+from philora.core.errors import PhiloraError
+from philora.data.records import raw_batches
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from philora import data
+from philora.data import build as data
 from philora.cli import main
-from philora.config import load_config
-from philora.data import build_datasets, encode_chat, to_messages
+from philora.core.config import load_config
+from philora.data.build import build_datasets, encode_chat, to_messages
 
 
 def chat(q, a="Sure, here it is."):
@@ -36,7 +36,7 @@ def no_model(monkeypatch):
     """Any attempt to load a model fails the test."""
     import transformers
 
-    from philora import loading
+    from philora.model import loading
 
     def boom(*a, **k):
         raise AssertionError("data check loaded a model")

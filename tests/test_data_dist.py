@@ -9,9 +9,10 @@ import socket
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from philora import data, distributed
-from philora.config import DataConfig
-from philora.distributed import World
+from philora.data import build as data
+from philora.run import distributed
+from philora.core.config import DataConfig
+from philora.run.distributed import World
 
 
 def free_port() -> int:

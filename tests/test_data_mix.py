@@ -1,4 +1,4 @@
-"""Weighted mixing (philora.examples): what each epoch reads, against counts derived by hand.
+"""Weighted mixing (philora.data.examples): what each epoch reads, against counts derived by hand.
 
 Each source of weight w and n examples must put round(w * n) examples into every epoch: each of
 its examples floor(w) times plus a seeded sample without replacement for the fraction, a different
@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from philora.batching import epoch_order
-from philora.config import DataConfig, DataSource, load_config
-from philora.data import build_datasets
-from philora.distributed import World
-from philora.examples import Examples, Part, epoch_indices, epoch_size, per_source
-from philora.train import micro_batches
+from philora.data.batching import epoch_order
+from philora.core.config import DataConfig, DataSource, load_config
+from philora.data.build import build_datasets
+from philora.run.distributed import World
+from philora.data.examples import Examples, Part, epoch_indices, epoch_size, per_source
+from philora.run.train import micro_batches
 
 
 def table(n, start=0, labels=1):

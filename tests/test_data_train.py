@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from philora import data
-from philora.examples import epoch_indices, epoch_size
-from philora.metrics import read_metrics
-from philora.train import train
+from philora.data import build as data
+from philora.data.examples import epoch_indices, epoch_size
+from philora.run.metrics import read_metrics
+from philora.run.train import train
 
 
 def write(path, lines):
@@ -42,7 +42,7 @@ def full(small_model_dir, small_data, mixture, tmp_path_factory, helpers):
 
 def test_a_mixture_trains_on_the_drawn_examples(full, small_model_dir):
     out, cfg = full
-    from philora.loading import load_tokenizer
+    from philora.model.loading import load_tokenizer
     train_set, _, stats = data.build_datasets(cfg.data, load_tokenizer(small_model_dir), cfg.training_config.seed,
                                               log=lambda *a: None)
     n = epoch_size(train_set)

@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from philora import distributed
-from philora.batching import epoch_order
+from philora.run import distributed
+from philora.data.batching import epoch_order
 from philora.cli import main as cli_main
-from philora.distributed import World
-from philora.errors import PhiloraError
-from philora.train import micro_batches
+from philora.run.distributed import World
+from philora.core.errors import PhiloraError
+from philora.run.train import micro_batches
 
 STEPS, SAVE = 4, 2
 FINAL = ("adapter_model.safetensors", "adapter_config.json", f"checkpoint-{STEPS}")
@@ -38,7 +38,7 @@ DRIVER = textwrap.dedent("""
     from philora.cli import main
 
     # train() leaves the group it created; a torchrun worker cannot join a second one, so keep
-    # the first (created by philora.distributed.setup) up for every run, and leave it at the end.
+    # the first (created by philora.run.distributed.setup) up for every run, and leave it at the end.
     destroy, dist.destroy_process_group = dist.destroy_process_group, lambda *a, **k: None
     out, common = Path(sys.argv[1]), sys.argv[2:]
     rank = int(os.environ["RANK"])
@@ -186,8 +186,8 @@ def test_resume_on_a_different_world_size(runs, tmp_path):
     shutil.copytree(src / f"checkpoint-{SAVE}", out / f"checkpoint-{SAVE}")
     base = [f"training_config.output_dir={out}", *runs["common"], "peft_config.lora_dropout=0.0"]
     with pytest.raises(PhiloraError, match="global batch of 4 .* this run's is 2"):
-        from philora.config import load_config
-        from philora.train import train
+        from philora.core.config import load_config
+        from philora.run.train import train
         train(load_config(None, base + ["training_config.per_device_train_batch_size=2"]), resume=True)
     assert cli_main(["train", *base, "training_config.per_device_train_batch_size=4", "--resume"]) == 0
     assert_adapters(out, src, **TOL)
@@ -212,7 +212,7 @@ def test_step_seeds_differ_by_rank_and_step():
 
 
 def test_world_size_checks_are_one_line():
-    from philora.config import load_config
+    from philora.core.config import load_config
     cfg = load_config(None, ["training_config.per_device_train_batch_size=2"])
     with pytest.raises(PhiloraError) as e:
         distributed.check_run(World(0, 4), cfg, 7)
@@ -225,7 +225,7 @@ def test_world_size_checks_are_one_line():
     assert "\n" not in str(e.value)
     distributed.check_run(World(), qlora_fsdp, 400)  # one process: no FSDP, QLoRA runs
     bnb = pytest.importorskip("bitsandbytes")
-    from philora.fsdp import FSDPLoRA
+    from philora.run.fsdp import FSDPLoRA
     with pytest.raises(PhiloraError, match="fsdp: false"):
         FSDPLoRA(torch.nn.Sequential(bnb.nn.Linear4bit(64, 64)), torch.device("cpu"))
     with pytest.raises(PhiloraError) as e:

@@ -9,15 +9,15 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from philora import dora
-from philora.adapter import read_adapter, save_adapter
-from philora.adapter_check import check_cli
-from philora.config import Config, ModelConfig, PeftConfig, save_config
-from philora.inject import apply_adapter, inject_lora
+from philora.model import dora
+from philora.model.adapter import read_adapter, save_adapter
+from philora.export.adapter_check import check_cli
+from philora.core.config import Config, ModelConfig, PeftConfig, save_config
+from philora.model.inject import apply_adapter, inject_lora
 from philora.lora import lora_layers
-from philora.merge import merge
-from philora.report import lora_disabled
-from philora.train import train
+from philora.use.merge import merge
+from philora.use.report import lora_disabled
+from philora.run.train import train
 
 DORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True)
 
@@ -192,8 +192,8 @@ def test_adapter_check_says_merge_to_deploy(base_dir, tmp_path, capsys, helpers)
 
 
 def test_plain_lora_commands_refuse_dora_in_one_line(base_dir, tmp_path, helpers):
-    from philora.adapter import AdapterError
-    from philora.adapter_convert import convert
+    from philora.model.adapter import AdapterError
+    from philora.export.adapter_convert import convert
     model = philora_dora(helpers, base_dir, target_modules=["o_proj"])
     save_adapter(model, tmp_path / "a", base_dir, PeftConfig(**DORA))
     with pytest.raises(AdapterError) as e:  # loralib has no magnitude: dropping it would change the model
@@ -203,7 +203,7 @@ def test_plain_lora_commands_refuse_dora_in_one_line(base_dir, tmp_path, helpers
 
 
 def test_magnitude_that_does_not_fit_is_one_line(base_dir, tmp_path, helpers):
-    from philora.adapter import AdapterError
+    from philora.model.adapter import AdapterError
     model = philora_dora(helpers, base_dir, target_modules=["o_proj"])
     save_adapter(model, tmp_path, base_dir, PeftConfig(**DORA))
     from safetensors.torch import save_file
@@ -225,8 +225,8 @@ def test_magnitude_that_does_not_fit_is_one_line(base_dir, tmp_path, helpers):
 
 def test_4bit_dora_layer_is_the_formula(small_model_dir, helpers):
     pytest.importorskip("bitsandbytes")
-    from philora.loading import load_model_and_tokenizer
-    from philora.quant import dequantize_weight, prepare_quantized
+    from philora.model.loading import load_model_and_tokenizer
+    from philora.model.quant import dequantize_weight, prepare_quantized
     cfg = ModelConfig(name_or_path=small_model_dir, quantization="nf4", compute_dtype="float32", dtype="float32")
     model, _, _ = load_model_and_tokenizer(cfg, torch.device("cpu"), training=True)
     prepare_quantized(model)
@@ -306,8 +306,8 @@ def test_training_run_is_peft_dora_and_resumes_exactly(tmp_path, small_model_dir
 
 def test_qlora_dora_run_merges_to_what_it_trained(tmp_path, small_model_dir, small_data, helpers):
     pytest.importorskip("bitsandbytes")
-    from philora.loading import load_model_and_tokenizer
-    from philora.quant import prepare_quantized
+    from philora.model.loading import load_model_and_tokenizer
+    from philora.model.quant import prepare_quantized
     out = tmp_path / "run"
     train(helpers.make_cfg(out, small_model_dir, small_data, *DORA_RUN, "model.quantization=nf4",
                            "training_config.max_steps=2", "training_config.save_steps=0"))

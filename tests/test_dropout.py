@@ -3,9 +3,9 @@
 import torch
 import torch.nn as nn
 
-from philora.config import PeftConfig
+from philora.core.config import PeftConfig
 from philora import lora
-from philora.dropout import LEVELS, MIN_NUMEL, Dropout, cpu_dropout
+from philora.model.dropout import LEVELS, MIN_NUMEL, Dropout, cpu_dropout
 
 
 def test_rate_scale_and_expectation():
@@ -62,7 +62,7 @@ def test_philora_lora_keeps_nn_dropout_like_loralib():
 
 
 def test_injected_lora_dropout_uses_the_fast_mask():
-    from philora.inject import inject_lora
+    from philora.model.inject import inject_lora
 
     model = nn.Sequential(nn.Linear(512, 256))
     inject_lora(model, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["0"]))

@@ -11,9 +11,9 @@ import shutil
 
 import pytest
 
-from philora import report
+from philora.use import report
 from philora.cli import main
-from philora.metrics import read_metrics
+from philora.run.metrics import read_metrics
 
 STRICT = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from philora.errors import PhiloraError
-from philora.export_gguf import export_gguf
+from philora.core.errors import PhiloraError
+from philora.export.gguf import export_gguf
 
 LLAMA_CPP = "llama_cpp_python-0.3.36"
 try:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from philora.export_gguf import export_gguf
+from philora.export.gguf import export_gguf
 
 # a missing llama_cpp skips this file; a broken build (OSError) fails loudly instead
 pytest.importorskip("llama_cpp", reason="llama_cpp is not importable (scripts/setup.sh --tests)")
@@ -151,7 +151,7 @@ def test_llama_cpp_tokenizes_bpe_vocabularies_like_transformers(tiny_model_dir, 
     Llama with the same tokenizer: llama.cpp's ids for the sample chats equal transformers', because
     the scores replay the BPE merge order; its greedy tokens equal transformers' too."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from philora.data import SAMPLE_EVAL
+    from philora.data.build import SAMPLE_EVAL
     chats = [json.loads(line)["messages"][:-1] for line in SAMPLE_EVAL.read_text().splitlines()[:20]]
     llama = gguf_models.tiny_llama(tmp_path / "llama", Path(tiny_model_dir))
     for name, model_dir in [("tiny-phi3", Path(tiny_model_dir)), ("llama", llama)]:
@@ -169,7 +169,7 @@ def _byte_level_tokenizer(out: Path, regex: str, template: str, specials):
     sample data, with ``specials`` as special added tokens (the first is eos)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from philora.data import SAMPLE_TRAIN
+    from philora.data.build import SAMPLE_TRAIN
     texts = [m["content"] for line in SAMPLE_TRAIN.read_text().splitlines() for m in json.loads(line)["messages"]]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
@@ -203,7 +203,7 @@ def test_llama_cpp_runs_byte_level_bpe_models(model_type, gguf_models, tmp_path)
     llama.cpp tokenize the sample chats as transformers does and generate its greedy tokens; the
     end-of-turn token is the template's (<|end|>, <|im_end|>)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Qwen2Config
-    from philora.data import SAMPLE_EVAL
+    from philora.data.build import SAMPLE_EVAL
     regex, template, specials = BYTE_LEVEL[model_type]
     tok_dir = _byte_level_tokenizer(tmp_path / "tok", regex, template, specials)
     tok = AutoTokenizer.from_pretrained(tok_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from philora.export_ollama import FORMATS, detect, go_template
+from philora.export.ollama import FORMATS, detect, go_template
 
 PHI3_TOKENIZER = Path(__file__).parent / "fixtures" / "phi3-tokenizer"
 CHATS = [

@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from philora.batching import collate
-from philora.config import ModelConfig, PeftConfig
-from philora.data import encode_chat
-from philora.inject import inject_lora
-from philora.loading import load_model_and_tokenizer
-from philora.loss import IGNORE_INDEX, CausalLMLoss
-from philora.models import stop_token_ids
+from philora.data.batching import collate
+from philora.core.config import ModelConfig, PeftConfig
+from philora.data.build import encode_chat
+from philora.model.inject import inject_lora
+from philora.model.loading import load_model_and_tokenizer
+from philora.data.encoding import IGNORE_INDEX
+from philora.model.loss import CausalLMLoss
+from philora.model.families import stop_token_ids
 
 FAMILIES = json.loads((Path(__file__).resolve().parent / "fixtures" / "families.json").read_text(
     encoding="utf-8"))["families"]
@@ -131,7 +132,7 @@ def test_labels_are_each_assistant_turn_and_its_end_of_turn(name, families):
 def test_training_loss_and_lora_grads_equal_eager_alone(name, families, capsys, monkeypatch):
     """Packed and padded batches through philora (its attention, LongRoPE per conversation, chunked
     loss) against transformers' eager model + peft on each conversation alone."""
-    monkeypatch.setattr("philora.loading._SAID", set())  # the attention note is said once per process
+    monkeypatch.setattr("philora.model.loading._SAID", set())  # the attention note is said once per process
     path = families.dir(name)
     tok = tokenizer(path)
     exs = examples(tok, families.conversations(name))
@@ -178,8 +179,8 @@ def test_peft_loads_the_adapter_and_equals_merge(name, families, tmp_path):
     from peft import PeftModel
     from safetensors import safe_open
 
-    from philora.adapter import save_adapter
-    from philora.merge import merge
+    from philora.model.adapter import save_adapter
+    from philora.use.merge import merge
     path = families.dir(name)
     tok = tokenizer(path)
     pc = peft_config_for(name)

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from philora.adapter_check import check_cli
-from philora.data import encode_chat
-from philora.formats import DataError, to_messages
-from philora.loss import IGNORE_INDEX
-from philora.train import train
+from philora.export.adapter_check import check_cli
+from philora.data.build import encode_chat
+from philora.data.formats import DataError, to_messages
+from philora.data.encoding import IGNORE_INDEX
+from philora.run.train import train
 
 
 def write_data(families, name, d, copies=4):
@@ -67,7 +67,7 @@ def test_longrope_run_within_the_switch_serves_short_and_stays_tied(families, he
 
 
 def test_gemma2_trains_with_softcapped_attention_said_once(families, helpers, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("philora.loading._SAID", set())  # said once per process: as if the first load
+    monkeypatch.setattr("philora.model.loading._SAID", set())  # said once per process: as if the first load
     path = families.dir("gemma2")
     data = write_data(families, "gemma2", tmp_path / "data", copies=2)
     result = train(helpers.make_cfg(tmp_path / "run", path, data, "data.max_length=256",
@@ -118,17 +118,17 @@ def test_misplaced_or_malformed_tools_are_one_line_errors(message, needle, helpe
 @pytest.mark.parametrize("name, model", [("phi35-mini-lora.yaml", "microsoft/Phi-3.5-mini-instruct"),
                                          ("phi4-mini-lora.yaml", "microsoft/Phi-4-mini-instruct")])
 def test_shipped_longrope_configs_stay_on_the_short_side(name, model):
-    from philora.config import CONFIG_DIR, load_config
+    from philora.core.config import CONFIG_DIR, load_config
     cfg = load_config(str(CONFIG_DIR / name))
     assert cfg.model.name_or_path == model and cfg.model.trust_remote_code is False
     assert cfg.data.max_length <= 4096  # both switch at original_max_position_embeddings 4096
 
 
 def test_adapter_check_warns_about_longrope_for_an_adapter_without_record(families, helpers, tmp_path, capsys):
-    from philora.adapter import save_adapter
-    from philora.config import ModelConfig, PeftConfig
-    from philora.inject import inject_lora
-    from philora.loading import load_model_and_tokenizer
+    from philora.model.adapter import save_adapter
+    from philora.core.config import ModelConfig, PeftConfig
+    from philora.model.inject import inject_lora
+    from philora.model.loading import load_model_and_tokenizer
     path = families.dir("phi3.5-mini")
     model, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=path, dtype="float32"))
     pc = PeftConfig(r=4, lora_alpha=8, target_modules=["o_proj"])

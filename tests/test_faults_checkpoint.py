@@ -15,13 +15,13 @@ import pytest
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from philora.checkpoint import (MANIFEST, CheckpointError, find_resumable, load_checkpoint, read_verified,
+from philora.run.checkpoint import (MANIFEST, CheckpointError, find_resumable, load_checkpoint, read_verified,
                                 save_checkpoint)
-from philora.config import PeftConfig
-from philora.inject import inject_lora
+from philora.core.config import PeftConfig
+from philora.model.inject import inject_lora
 from philora.lora import lora_state_dict
-from philora.metrics import read_metrics
-from philora.train import train
+from philora.run.metrics import read_metrics
+from philora.run.train import train
 
 FILES = ["lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.yaml",
          MANIFEST]

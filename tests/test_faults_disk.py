@@ -15,14 +15,15 @@ import uuid
 import pytest
 import torch
 
-from philora import checkpoint, diskio
-from philora import train as train_mod
-from philora.checkpoint import list_checkpoints, read_verified, save_checkpoint
+from philora.run import checkpoint
+from philora.core import diskio
+from philora.run import train as train_mod
+from philora.run.checkpoint import list_checkpoints, read_verified, save_checkpoint
 from philora.cli import describe_os_error, main
-from philora.diskio import TEMP_PREFIX, WriteError, staged, write_bytes, write_error
-from philora.errors import PhiloraError
-from philora.metrics import RunLogger, read_metrics
-from philora.train import train
+from philora.core.diskio import TEMP_PREFIX, WriteError, staged, write_bytes, write_error
+from philora.core.errors import PhiloraError
+from philora.run.metrics import RunLogger, read_metrics
+from philora.run.train import train
 
 NO_SPACE = os.strerror(errno.ENOSPC)
 

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from philora import train as train_mod
-from philora.checkpoint import list_checkpoints, load_checkpoint, read_verified
-from philora.config import ConfigError, PeftConfig, load_config
-from philora.errors import PhiloraError
-from philora.metrics import read_metrics
-from philora.train import save_final_adapter, train
+from philora.run import train as train_mod
+from philora.run.checkpoint import list_checkpoints, load_checkpoint, read_verified
+from philora.core.config import ConfigError, PeftConfig, load_config
+from philora.core.errors import PhiloraError
+from philora.run.metrics import read_metrics
+from philora.run.train import save_final_adapter, train
 
 
 def test_a_config_that_diverges_stops_with_one_line_and_saves_nothing_non_finite(tmp_path, small_model_dir,
@@ -40,7 +40,7 @@ def test_a_config_that_diverges_stops_with_one_line_and_saves_nothing_non_finite
     for ckpt in list_checkpoints(out):  # every checkpoint loads: finite, verified
         read_verified(ckpt)
     model = helpers.load_model(small_model_dir)
-    from philora.inject import inject_lora
+    from philora.model.inject import inject_lora
     inject_lora(model, cfg.peft_config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     load_checkpoint(list_checkpoints(out)[-1], model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))

@@ -8,13 +8,13 @@ import shutil
 import pytest
 import yaml
 
-from philora import train as train_mod
-from philora.checkpoint import list_checkpoints
-from philora.config import ConfigError, load_config
-from philora.diskio import TEMP_PREFIX
-from philora.errors import PhiloraError
-from philora.metrics import read_metrics
-from philora.train import train
+from philora.run import train as train_mod
+from philora.run.checkpoint import list_checkpoints
+from philora.core.config import ConfigError, load_config
+from philora.core.diskio import TEMP_PREFIX
+from philora.core.errors import PhiloraError
+from philora.run.metrics import read_metrics
+from philora.run.train import train
 
 RUN = ["training_config.save_steps=2", "training_config.save_total_limit=0"]  # 4 steps: checkpoints 2 and 4
 

@@ -19,12 +19,12 @@ import time
 import pytest
 import torch
 
-from philora import preempt
-from philora.checkpoint import list_checkpoints, read_verified
-from philora.metrics import read_metrics
-from philora.preempt import Interrupted, SignalGuard
-from philora.runlock import LOCK_NAME, LockedError, acquire
-from philora.train import train
+from philora.run import preempt
+from philora.run.checkpoint import list_checkpoints, read_verified
+from philora.run.metrics import read_metrics
+from philora.run.preempt import Interrupted, SignalGuard
+from philora.run.runlock import LOCK_NAME, LockedError, acquire
+from philora.run.train import train
 
 RUN = ["training_config.max_steps=6", "training_config.logging_steps=4", "training_config.eval_steps=3",
        "training_config.save_steps=2", "training_config.save_total_limit=0", "peft_config.lora_dropout=0.2"]

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from philora.batching import collate
-from philora.config import load_config
-from philora.metrics import read_metrics
-from philora.neftune import NEFTune
-from philora.optim import advice, make_optimizer
-from philora.report import end_of_run
-from philora.train import train
+from philora.data.batching import collate
+from philora.core.config import load_config
+from philora.run.metrics import read_metrics
+from philora.model.neftune import NEFTune
+from philora.run.optim import advice, make_optimizer
+from philora.use.report import end_of_run
+from philora.run.train import train
 
 
 # -----------------------------------------------------------------------------
@@ -33,8 +33,8 @@ def test_loraplus_groups_are_peft_s():
     from peft import LoraConfig, get_peft_model
     from peft.optimizers import create_loraplus_optimizer
 
-    from philora.config import PeftConfig
-    from philora.inject import inject_lora
+    from philora.core.config import PeftConfig
+    from philora.model.inject import inject_lora
     cfg = load_config(None, ["peft_config.loraplus_lr_ratio=16", "training_config.learning_rate=1e-3",
                              "training_config.weight_decay=0.01"])
     mine = gpt2_dora()

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from philora.cli import main as cli_main
-from philora.metrics import read_metrics
+from philora.run.metrics import read_metrics
 
 DRIVER = textwrap.dedent("""
     import json, os, sys

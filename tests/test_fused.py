@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from philora import fused, lora
-from philora.config import PeftConfig
-from philora.dropout import LEVELS, MIN_NUMEL, Dropout, keep_mask
-from philora.inject import inject_lora
+from philora.model import fused
+from philora import lora
+from philora.core.config import PeftConfig
+from philora.model.dropout import LEVELS, MIN_NUMEL, Dropout, keep_mask
+from philora.model.inject import inject_lora
 
 IN, OUT, R = 96, 90, 4
 KINDS = {  # name: (plain class, fused class, extra constructor arguments)
@@ -193,7 +194,7 @@ def plain_copy(model):
 
 
 def test_whole_model_loss_and_gradients_match_the_plain_layers(helpers):
-    from philora.loss import CausalLMLoss
+    from philora.model.loss import CausalLMLoss
     model = helpers.lora_phi3().train()
     assert any(type(m) is fused.Linear for m in model.modules())
     ids = torch.randint(3, 128, (2, 24))
@@ -219,7 +220,7 @@ def test_4bit_base_trains_through_the_fused_lora_half():
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
-    from philora.inject import Target, lora_layer
+    from philora.model.inject import Target, lora_layer
     torch.manual_seed(0)
     base = bnb.nn.Linear4bit(IN, OUT, bias=True, compute_dtype=torch.float32, quant_type="nf4")
     base.load_state_dict(nn.Linear(IN, OUT).state_dict())

@@ -5,10 +5,10 @@ import importlib
 import pytest
 import torch
 
-from philora.config import PeftConfig
-from philora.fused import fuse_mlps, silu_mul
-from philora.inject import inject_lora
-from philora.models import GATED_MLPS
+from philora.core.config import PeftConfig
+from philora.model.fused import fuse_mlps, silu_mul
+from philora.model.inject import inject_lora
+from philora.model.families import GATED_MLPS
 
 MLPS = {  # class -> (transformers module, config class)
     "Phi3MLP": ("phi3", "Phi3Config"),

@@ -4,10 +4,10 @@ conversation alone, which test_batching checks for packed rows)."""
 
 import torch
 
-from philora import attention
-from philora.batching import collate
-from philora.loss import CausalLMLoss
-from philora.train import row_capacity
+from philora.model import attention
+from philora.data.batching import collate
+from philora.model.loss import CausalLMLoss
+from philora.run.train import row_capacity
 
 
 def examples(lengths, seed=0):

@@ -1,4 +1,4 @@
-"""philora.generate: chat template in, stop on the end-of-turn token (never printed), streaming,
+"""philora.use.generate: chat template in, stop on the end-of-turn token (never printed), streaming,
 prompt files, chat history, and base + adapter == merged directory."""
 
 import io
@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from philora import generate
-from philora.generate import chat_ids, generate_ids
-from philora.loading import load_source
-from philora.models import stop_token_ids
-from philora.merge import merge
+from philora.use import generate
+from philora.use.generate import chat_ids, generate_ids
+from philora.model.loading import load_source
+from philora.model.families import stop_token_ids
+from philora.use.merge import merge
 
 SCALE = 10.0
 

@@ -1,4 +1,4 @@
-"""philora.inject: which modules get LoRA (as PEFT decides), per-slice LoRA on Phi-3's fused
+"""philora.model.inject: which modules get LoRA (as PEFT decides), per-slice LoRA on Phi-3's fused
 projections (checked against a hand-computed reference), weight sharing and freezing."""
 
 import copy
@@ -9,10 +9,10 @@ import torch
 from torch.testing import assert_close
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from philora.config import PeftConfig
+from philora.core.config import PeftConfig
 from philora import lora
-from philora.errors import PhiloraError
-from philora.inject import InjectError, count_parameters, find_targets, inject_lora, linear_names
+from philora.core.errors import PhiloraError
+from philora.model.inject import InjectError, count_parameters, find_targets, inject_lora, linear_names
 from philora.lora import lora_layers
 
 HIDDEN, HEADS, KV_HEADS, INTER = 64, 4, 2, 96

@@ -1,126 +1,231 @@
-"""The package's import structure: layers, lower first, no cycles, no private names across modules.
+"""The package's shape: folders are the layers, lower first; the README's code map shows them.
 
-Read from the source with ``ast`` (nothing is imported), so a cycle hidden behind a function-level
-import is found as surely as a top-level one.
+Read from the source with ``ast`` (nothing is imported), so an import hidden in a function or made
+through importlib is found as surely as a top-level one. The one map of the layers is ``LAYERS``:
+a module may import modules of its own folder or of lower folders, never higher ones; within a
+folder there is no cycle. The files at the top of the package (``cli.py``, ``__main__.py``,
+``__init__.py``) are the top layer.
 """
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "philora"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "philora"
+README = ROOT / "README.md"
 
-# Lower layers first; a module may import its own layer or lower ones (and no cycle within one).
-LAYERS = [
-    ("errors", "config", "models", "devices", "diskio", "runlock", "preempt"),
-    ("formats", "loss", "batching", "attention", "rope", "serving", "dropout", "lora", "fused", "memory", "records", "examples", "datastore", "encoding", "allocator"),
-    ("data", "quant", "adapter", "dora"),
-    ("tiny", "inject"),
-    ("loading",),
-    ("fsdp", "distributed", "checkpoint", "metrics", "trackers", "neftune", "optim", "generate", "evalgen"),
-    ("train",),
-    ("merge",),
-    ("report", "data_check", "adapter_check", "adapter_convert", "export_gguf", "export_ollama", "export_vocab"),
-    ("cli", "__main__", "__init__"),
-]
-LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+# The one layer map: lower first. The top-level files of the package come last.
+LAYERS = ("lora", "core", "data", "model", "run", "use", "export")
+TOP = len(LAYERS)
 # Modules that import philora modules inside functions: only to keep start-up fast.
-LAZY_OK = {"cli"}  # `philora --help` must not import torch and transformers
+LAZY_OK = {"philora.cli"}  # `philora --help` must not import torch and transformers
+MAX_FUNCTION_LINES = 100
+MAX_FILE_LINES = 400
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(PACKAGE).with_suffix("")
-    return "lora" if rel.parts[0] == "lora" else rel.name
+def modules(package: Path = None):
+    """{dotted name: path} of every module in the package."""
+    package = package or PACKAGE
+    out = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(["philora"] + parts)] = path
+    return out
 
 
-def imports(path: Path):
-    """(imported philora module, names, inside a function?) for each relative import in ``path``."""
+def folder(module: str) -> str:
+    """The layer folder of ``philora.x.y`` ('x'), or '' for the package's top-level files."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else ""
+
+
+def layer(module: str) -> int:
+    f = folder(module)
+    return LAYERS.index(f) if f else TOP
+
+
+def _resolve(module: str, path: Path, level: int, name: str) -> str:
+    """The absolute module a relative import names."""
+    base = module.split(".")
+    if path.name != "__init__.py":
+        base = base[:-1]  # a module's package
+    base = base[:len(base) - (level - 1)] if level > 1 else base
+    return ".".join(base + ([name] if name else []))
+
+
+def imports(module: str, path: Path, known):
+    """(imported philora module, imported names, inside a function?, line) for every import form:
+    ``from .x import``, ``from philora.x import``, ``import philora.x``, importlib."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     in_function = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             in_function.update(id(n) for n in ast.walk(node) if n is not node)
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level > 0:
-            base = (node.module or "").split(".")[0]
-            if path.parent.name == "lora" and node.level == 1:
-                continue  # inside philora.lora: its own files
-            if base:
-                yield base, [a.name for a in node.names], id(node) in in_function
-            else:  # from . import x, y
-                for a in node.names:
-                    yield a.name, [], id(node) in in_function
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("philora"):
-            raise AssertionError(f"{path.name}: absolute import of {node.module}; use a relative one")
+        lazy = id(node) in in_function
+        if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("philora")):
+            target = _resolve(module, path, node.level, node.module or "") if node.level else node.module
+            for a in node.names:  # `from .pkg import mod` imports a module
+                sub = f"{target}.{a.name}"
+                yield (sub, [], lazy, node.lineno) if sub in known else (target, [a.name], lazy, node.lineno)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("philora"):
+                    yield a.name, [], lazy, node.lineno
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr == "import_module" and node.args \
+                and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("philora"):
+            yield node.args[0].value, [], lazy, node.lineno
 
 
-def graph():
-    edges = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        src = module_name(path)
-        for dst, names, lazy in imports(path):
-            edges.setdefault(src, []).append((dst, names, lazy, path.name))
-    return edges
+def graph(package: Path = None):
+    mods = modules(package)
+    return {m: list(imports(m, p, mods)) for m, p in mods.items()}, mods
 
 
-def test_every_module_has_a_layer():
-    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
-    assert not modules - set(LAYER), f"add these modules to LAYERS: {sorted(modules - set(LAYER))}"
+def test_every_module_is_in_a_layer_folder():
+    mods = modules()
+    stray = [m for m in mods if folder(m) == "" and m not in ("philora", "philora.cli", "philora.__main__")]
+    assert not stray, f"put these modules in a layer folder {LAYERS}: {stray}"
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == set(LAYERS), f"folders {sorted(folders)} vs LAYERS {LAYERS}"
 
 
-def test_imports_go_to_lower_or_same_layers():
-    wrong = [f"{file}: {src} (layer {LAYER[src]}) imports {dst} (layer {LAYER[dst]})"
-             for src, out in graph().items() for dst, _, _, file in out
-             if src in LAYER and LAYER.get(dst, -1) > LAYER[src]]
+def test_imports_go_to_lower_or_same_layers(package=None):
+    edges, _ = graph(package)
+    wrong = [f"{src} (layer {folder(src) or 'top'}) imports {dst} (layer {folder(dst) or 'top'}), line {line}"
+             for src, out in edges.items() for dst, _, _, line in out
+             if dst.startswith("philora") and layer(dst) > layer(src)]
     assert not wrong, "\n".join(wrong)
 
 
 def test_no_import_cycle():
-    edges = {src: {dst for dst, *_ in out if dst != src} for src, out in graph().items()}
+    edges, mods = graph()
+    nxt_of = {src: {dst for dst, *_ in out if dst != src and dst in mods and dst != "philora"}
+              for src, out in edges.items()}
     state = {}
 
     def visit(node, stack):
         state[node] = "open"
-        for nxt in sorted(edges.get(node, ())):
+        for nxt in sorted(nxt_of.get(node, ())):
             if state.get(nxt) == "open":
                 raise AssertionError("import cycle: " + " -> ".join(stack + [node, nxt]))
             if nxt not in state:
                 visit(nxt, stack + [node])
         state[node] = "done"
 
-    for node in sorted(edges):
+    for node in sorted(nxt_of):
         if node not in state:
             visit(node, [])
 
 
-def test_no_private_name_crosses_modules():
-    wrong = [f"{file}: from {dst} import {n}" for src, out in graph().items()
-             for dst, names, _, file in out for n in names if n.startswith("_") and dst != src]
+def _private_definitions(tree) -> set:
+    """Private names a module defines: functions, classes, assigned names and attributes."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_no_private_name_crosses_modules(package=None):
+    edges, mods = graph(package)
+    trees = {m: ast.parse(p.read_text(encoding="utf-8")) for m, p in mods.items()}
+    own = {m: _private_definitions(t) for m, t in trees.items()}
+    wrong = [f"{src}: from {dst} import {n}, line {line}" for src, out in edges.items()
+             for dst, names, _, line in out for n in names
+             if n.startswith("_") and not n.startswith("__") and dst != src]
+    # Attributes and methods: `x._name` where _name is private to another philora module.
+    for m, tree in trees.items():
+        others = set().union(*(own[o] for o in trees if o != m)) - own[m]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in others and not (
+                    isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                wrong.append(f"{m}: uses another module's private '{node.attr}', line {node.lineno}")
     assert not wrong, "\n".join(wrong)
 
 
 def test_function_level_imports_only_to_save_start_up():
-    wrong = [f"{file}: imports {dst} inside a function" for src, out in graph().items()
-             for dst, _, lazy, file in out if lazy and src not in LAZY_OK]
+    edges, _ = graph()
+    wrong = [f"{src}: imports {dst} inside a function, line {line}" for src, out in edges.items()
+             for dst, _, lazy, line in out if lazy and src not in LAZY_OK]
     assert not wrong, "\n".join(wrong)
 
 
+def test_lora_imports_torch_only():
+    wrong = []
+    for path in (PACKAGE / "lora").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for name in names:
+                top = name.split(".")[0]
+                if top != "torch" and top not in sys.stdlib_module_names:
+                    wrong.append(f"{path.name}: import {name}")
+    assert not wrong, "philora/lora/ stays pure torch:\n" + "\n".join(wrong)
+
+
+def test_sizes():
+    wrong = []
+    for m, path in modules().items():
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            wrong.append(f"{m}: {len(text.splitlines())} lines (at most {MAX_FILE_LINES})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    wrong.append(f"{m}.{node.name}: {n} lines (at most {MAX_FUNCTION_LINES})")
+    assert not wrong, "\n".join(wrong)
+
+
+def readme_map():
+    """The README code map's rows: [(folder or file, text)] in order."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `src/philora/([a-z_]+)(?:/|\.py)` \| (.*) \|$", section, flags=re.M)
+
+
+def test_readme_code_map_follows_the_layers():
+    rows = [name for name, _ in readme_map()]
+    assert rows == list(LAYERS) + ["cli"], f"README code map rows {rows}; expected {list(LAYERS) + ['cli']}"
+    described = " ".join(text for _, text in readme_map())
+    missing = [p.stem for f in LAYERS for p in (PACKAGE / f).glob("*.py")
+               if p.stem != "__init__" and f"`{p.stem}`" not in described]
+    assert not missing, f"README code map does not name these modules: {missing}"
+
+
 @pytest.mark.parametrize("bad, message", [
-    ("from .train import train\n", "imports train"),
-    ("def f():\n    from .loss import _private\n", "_private"),
+    ("from ..run.train import train\n", "imports philora.run.train"),
+    ("import philora.use.merge\n", "imports philora.use.merge"),
+    ("import importlib\nimportlib.import_module('philora.export.gguf')\n", "imports philora.export.gguf"),
+    ("def f():\n    from ..model.loss import _private\n", "_private"),
+    ("def f(x):\n    return x._hidden()\n", "private '_hidden'"),
 ])
-def test_the_checks_catch_violations(tmp_path, monkeypatch, bad, message):
+def test_the_checks_catch_violations(tmp_path, bad, message):
     # A copy of the package with one bad import added to a low-level module must fail.
     import shutil
     copy = tmp_path / "philora"
     shutil.copytree(PACKAGE, copy)
-    (copy / "config.py").write_text((copy / "config.py").read_text() + "\n" + bad)
-    monkeypatch.setattr(__import__(__name__), "PACKAGE", copy)
+    target = copy / "core" / "config.py"
+    target.write_text(target.read_text() + "\n" + bad)
+    (copy / "model" / "extra.py").write_text("def _hidden():\n    return 1\n")
     failures = []
     for check in (test_imports_go_to_lower_or_same_layers, test_no_private_name_crosses_modules):
         try:
-            check()
+            check(copy)
         except AssertionError as e:
             failures.append(str(e))
     assert any(message in f for f in failures), failures

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from philora.batching import collate
-from philora.loss import CausalLMLoss, lm_head_loss
+from philora.data.batching import collate
+from philora.model.loss import CausalLMLoss, lm_head_loss
 
 
 def plain(hidden, head, targets):

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from philora import attention, memory
-from philora.batching import collate
-from philora.config import ConfigError, load_config
-from philora.loss import CausalLMLoss
-from philora.train import train
+from philora.model import attention
+from philora.model import memory
+from philora.data.batching import collate
+from philora.core.config import ConfigError, load_config
+from philora.model.loss import CausalLMLoss
+from philora.run.train import train
 
 
 def test_saved_bytes_counts_what_backward_keeps():

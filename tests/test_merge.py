@@ -1,4 +1,4 @@
-"""philora.merge: the merged directory loads with AutoModelForCausalLM alone and gives the logits
+"""philora.use.merge: the merged directory loads with AutoModelForCausalLM alone and gives the logits
 of base + adapter as peft computes them; float32 merge, one cast; shards; stop tokens; guards."""
 
 import json
@@ -8,9 +8,9 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from philora.adapter import read_adapter
-from philora import merge as merge_module
-from philora.merge import merge
+from philora.model.adapter import read_adapter
+from philora.use import merge as merge_module
+from philora.use.merge import merge
 
 
 def test_merged_run_matches_peft_and_loads_unaided(base_dir, tmp_path, helpers):

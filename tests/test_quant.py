@@ -13,14 +13,14 @@ import yaml
 pytest.importorskip("bitsandbytes")
 
 from philora import lora  # noqa: E402
-from philora.adapter import save_adapter  # noqa: E402
-from philora.config import CONFIG_DIR, ModelConfig, PeftConfig, load_config  # noqa: E402
-from philora.errors import PhiloraError  # noqa: E402
-from philora.inject import apply_adapter, inject_lora  # noqa: E402
+from philora.model.adapter import save_adapter  # noqa: E402
+from philora.core.config import CONFIG_DIR, ModelConfig, PeftConfig, load_config  # noqa: E402
+from philora.core.errors import PhiloraError  # noqa: E402
+from philora.model.inject import apply_adapter, inject_lora  # noqa: E402
 from philora.lora import lora_layers  # noqa: E402
-from philora.loading import load_model_and_tokenizer  # noqa: E402
-from philora.merge import load_dequantized_base  # noqa: E402
-from philora.quant import (MergedLinear4bitLoRA, Linear4bitLoRA, dequantize_weight,  # noqa: E402
+from philora.model.loading import load_model_and_tokenizer  # noqa: E402
+from philora.use.merge import load_dequantized_base  # noqa: E402
+from philora.model.quant import (MergedLinear4bitLoRA, Linear4bitLoRA, dequantize_weight,  # noqa: E402
                            prepare_quantized, quantization_kwargs)
 
 CPU = torch.device("cpu")
@@ -178,7 +178,7 @@ def qlora_run_config(tiny_path, out, *extra):
 
 
 def test_qlora_training_run(tiny_path, tmp_path):
-    from philora.train import train
+    from philora.run.train import train
     cfg = qlora_run_config(tiny_path, tmp_path, "model.gradient_checkpointing=true",
                            "training_config.eval_steps=0", "training_config.logging_steps=1")
     metrics = train(cfg).metrics
@@ -192,7 +192,7 @@ def test_qlora_training_run(tiny_path, tmp_path):
     # `philora merge` of the QLoRA run: a plain model computing what the 4-bit base + adapter does.
     from transformers import AutoModelForCausalLM
 
-    from philora.merge import merge
+    from philora.use.merge import merge
     merge(str(tmp_path), str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
@@ -287,7 +287,7 @@ def test_lora_dtype_and_input_dtype(tiny_path):
 def test_qlora_with_untargeted_4bit_layers_trains(tiny_path, tmp_path):
     # Only qkv_proj gets LoRA: the other 4-bit layers run a no-grad eval first (step 0) and must
     # still pass gradients back in training (loading.py calls prepare_quantized for them).
-    from philora.train import train
+    from philora.run.train import train
     cfg = qlora_run_config(tiny_path, tmp_path, "peft_config.target_modules=[qkv_proj]")
     metrics = train(cfg).metrics
     assert math.isfinite(metrics["eval_loss"])

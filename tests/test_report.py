@@ -1,4 +1,4 @@
-"""philora.report: a short tiny run ends with report.md/report.json whose losses match independent
+"""philora.use.report: a short tiny run ends with report.md/report.json whose losses match independent
 computations (plain transformers for the base, peft for the fine-tuned model), the eval split is
 data.build_datasets' own, and the overlap metrics give hand-computed values."""
 
@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from philora.config import PeftConfig
-from philora.config import load_config
-from philora.data import SAMPLE_TRAIN, build_datasets, encode_chat
-from philora.inject import inject_lora
-from philora.loading import load_tokenizer
-from philora.metrics import read_metrics
-from philora.report import end_of_run, exact_match, lora_disabled, rouge_l, token_f1
-from philora.train import train
+from philora.core.config import PeftConfig
+from philora.core.config import load_config
+from philora.data.build import SAMPLE_TRAIN, build_datasets, encode_chat
+from philora.model.inject import inject_lora
+from philora.model.loading import load_tokenizer
+from philora.run.metrics import read_metrics
+from philora.use.report import end_of_run, exact_match, lora_disabled, rouge_l, token_f1
+from philora.run.train import train
 
 RUN_OVERRIDES = ["training_config.max_steps=3", "training_config.eval_steps=0", "training_config.save_steps=0",
                  "training_config.logging_steps=1", "training_config.eval_max_samples=6",

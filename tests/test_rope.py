@@ -4,7 +4,7 @@ run on each conversation alone."""
 import pytest
 import torch
 
-from philora.rope import PerConversationRoPE, install, span_ends
+from philora.model.rope import PerConversationRoPE, install, span_ends
 
 
 def longrope_config(switch=16):

@@ -4,7 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from philora.data import SAMPLE_EVAL, SAMPLE_TRAIN
+from philora.data.build import SAMPLE_EVAL, SAMPLE_TRAIN
 
 # The generator is a script (scripts/make_sample_data.py), not part of the package.
 _spec = importlib.util.spec_from_file_location(

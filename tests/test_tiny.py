@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from philora import tiny
-from philora.data import SAMPLE_EVAL, SAMPLE_TRAIN
-from philora.tiny import PHI3_ADDED_TOKENS, TINY_NAME, build_tiny, resolve_model
+from philora.model import tiny
+from philora.data.build import SAMPLE_EVAL, SAMPLE_TRAIN
+from philora.model.tiny import PHI3_ADDED_TOKENS, TINY_NAME, build_tiny, resolve_model
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 17 plus 25?"}],

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from philora import trackers
-from philora.config import ConfigError, load_config
-from philora.errors import PhiloraError
-from philora.metrics import read_metrics
-from philora.trackers import Trackers, report_to_names
-from philora.train import train
+from philora.run import trackers
+from philora.core.config import ConfigError, load_config
+from philora.core.errors import PhiloraError
+from philora.run.metrics import read_metrics
+from philora.run.trackers import Trackers, report_to_names
+from philora.run.train import train
 
 RECORD = {"step": 3, "loss": 2.5, "lr": 1e-3, "elapsed": 1.0}
 GENERATIONS = {"step": 4, "generations": [{"prompt": [{"role": "user", "content": "hi"}], "reference": "yo",

@@ -1,4 +1,4 @@
-"""philora.train end to end: the run directory, metrics and adapter of a short run on the built-in
+"""philora.run.train end to end: the run directory, metrics and adapter of a short run on the built-in
 tiny model, the PEFT round-trip of the saved adapter, and settings that change how, not what, the
 loop computes.
 
@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from philora.batching import epoch_order
-from philora.checkpoint import list_checkpoints
-from philora.config import config_to_dict, load_config
-from philora.metrics import read_metrics
-from philora.train import train
+from philora.data.batching import epoch_order
+from philora.run.checkpoint import list_checkpoints
+from philora.core.config import config_to_dict, load_config
+from philora.run.metrics import read_metrics
+from philora.run.train import train
 
 TRAIN_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"}
 EVAL_FIELDS = {"step", "eval_loss", "eval_perplexity", "elapsed"}
@@ -135,8 +135,8 @@ def test_e2e_metrics(e2e, tiny_model_dir):
     assert final["eval_loss"] == eval_recs[-1]["eval_loss"]
     assert eval_recs[-1]["eval_loss"] < eval_recs[0]["eval_loss"]  # it learns
     # the tokens logged are those of the 6 x 8 samples the run read, in the seeded order
-    from philora.data import build_datasets
-    from philora.loading import load_tokenizer
+    from philora.data.build import build_datasets
+    from philora.model.loading import load_tokenizer
     train_set, _, _ = build_datasets(cfg.data, load_tokenizer(tiny_model_dir), cfg.training_config.seed,
                                      log=lambda *a: None)
     order = epoch_order(len(train_set), cfg.training_config.seed, 0, cfg.data.shuffle)
@@ -200,7 +200,7 @@ def test_grad_norm_is_logged_without_clipping(tmp_path, small_model_dir, small_d
 def test_lr_schedules_equal_transformers(name, warmup, total):
     from transformers import get_scheduler
 
-    from philora.train import lr_scheduler
+    from philora.run.train import lr_scheduler
 
     def lrs(make):
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
@@ -226,7 +226,7 @@ def test_lr_schedules_equal_transformers(name, warmup, total):
 def test_training_imports_neither_peft_nor_bitsandbytes(tmp_path, small_model_dir, small_data, helpers):
     """A plain LoRA run needs neither (they cost seconds of start-up and print warnings)."""
     args = helpers.make_args(tmp_path / "run", small_model_dir, small_data, "training_config.max_steps=1")
-    code = ("import sys\nfrom philora.config import load_config\nfrom philora.train import train\n"
+    code = ("import sys\nfrom philora.core.config import load_config\nfrom philora.run.train import train\n"
             f"train(load_config(None, {list(map(str, args))!r}))\n"
             "print('LOADED', sorted(m for m in ('peft', 'bitsandbytes', 'trl') if m in sys.modules))\n")
     import subprocess

@@ -1,4 +1,4 @@
-"""philora.train's gradients: accumulation over micro-batches equals one big batch and an independent
+"""philora.run.train's gradients: accumulation over micro-batches equals one big batch and an independent
 reference (token-weighted loss from plain transformers + peft), and gradient checkpointing changes
 nothing.
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from philora.metrics import read_metrics
-from philora.train import train
+from philora.run.metrics import read_metrics
+from philora.run.train import train
 
 
 SHORT, LONG = "Yes.", ("Sure: the quick brown fox jumps over the lazy dog, and then it runs far away into the "
@@ -85,8 +85,8 @@ def test_accumulation_matches_one_big_batch_and_the_reference(tmp_path, small_mo
     names = rec.names()
     assert names == runs[1][1].names() and len(rec.steps) == 2
 
-    from philora.data import build_datasets
-    from philora.loading import load_tokenizer
+    from philora.data.build import build_datasets
+    from philora.model.loading import load_tokenizer
     train_set, _, _ = build_datasets(cfg.data, load_tokenizer(small_model_dir), 0, log=lambda *a: None)
     assert len(train_set) == 8
 

@@ -1,4 +1,4 @@
-"""philora.train: exact resume after a kill (in a step or while saving a checkpoint), and what
+"""philora.run.train: exact resume after a kill (in a step or while saving a checkpoint), and what
 happens to an existing run directory (refused, kept, never deleted by a run that cannot start).
 
 Runs use a small GQA Phi-3 with the tiny model's tokenizer and chat template (conftest).
@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from philora import checkpoint
-from philora.checkpoint import list_checkpoints
-from philora.errors import PhiloraError
-from philora.metrics import read_metrics
-from philora.train import train
+from philora.run import checkpoint
+from philora.run.checkpoint import list_checkpoints
+from philora.core.errors import PhiloraError
+from philora.run.metrics import read_metrics
+from philora.run.train import train
 
 
 def assert_same_tensors(a, b):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .errors import PhiloraError
+from .core.errors import PhiloraError
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"  # in a source checkout
 
@@ -35,7 +35,7 @@ def guard_output(out: str, force: bool, directory: bool, inputs=()) -> None:
 
 def describe_os_error(e: OSError) -> str:
     """'FILE: reason' for an OSError that reached the top (a write, or a read of a user's file)."""
-    from .diskio import HINTS
+    from .core.diskio import HINTS
     text = str(e).strip()
     reason = e.strerror or (text.splitlines()[0] if text else type(e).__name__)
     if e.errno in HINTS:
@@ -174,7 +174,7 @@ def _enable_lora(items: List[str]) -> Optional[dict]:
 def _with_allocator() -> None:
     """Re-execute this ``philora train`` process with TCMalloc preloaded, when allocator.py
     finds it (lower peak memory, same speed); a bad PHILORA_MALLOC is a one-line error."""
-    from .allocator import preload_env
+    from .run.allocator import preload_env
     try:
         env = preload_env(dict(os.environ))
     except PhiloraError as e:
@@ -187,15 +187,15 @@ def _with_allocator() -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from .allocator import active
+        from .run.allocator import active
         lib = active()
         if lib and os.environ.get("RANK", "0") == "0":  # once per run, not per torchrun rank
             print(f"malloc: {lib} (PHILORA_MALLOC=system keeps the system's allocator)")
-        from .config import load_config
-        from .train import train
+        from .core.config import load_config
+        from .run.train import train
         config, overrides = _config_args(args)
-        from .preempt import SignalGuard
-        from .report import end_of_run
+        from .run.preempt import SignalGuard
+        from .use.report import end_of_run
         cfg = load_config(config, overrides)
         result = train(cfg, resume=args.resume, overwrite=args.overwrite)
         with SignalGuard() as guard:  # the run is saved: a signal now just stops the report
@@ -205,20 +205,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "data":
         if args.data_command == "check":
-            from .config import load_config
-            from .data_check import check_cli
+            from .core.config import load_config
+            from .data.check import check_cli
+            from .model.loading import load_tokenizer, resolve_path
             if args.out:
                 guard_output(args.out, args.force, directory=True)
-            return check_cli(load_config(*_config_args(args)), as_json=args.json, out=args.out,
+            cfg = load_config(*_config_args(args))
+            tokenizer = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code,
+                                       cfg.model.revision)
+            return check_cli(cfg, tokenizer, as_json=args.json, out=args.out,
                              processes=args.processes)
         build_parser().parse_args(["data", "--help"])
     if args.command == "merge":
-        from .merge import merge
+        from .use.merge import merge
         guard_output(args.out, args.force, directory=True, inputs=(args.source, args.base))
         merge(args.source, args.out, base=args.base, dtype=args.dtype)
         return 0
     if args.command in ("generate", "chat"):
-        from . import generate
+        from .use import generate
         sampling = dict(system=args.system, temperature=args.temperature, top_p=args.top_p,
                         max_new_tokens=args.max_new_tokens, seed=args.seed, base=args.base)
         if args.command == "chat":
@@ -228,24 +232,24 @@ def run(args: argparse.Namespace) -> int:
         return generate.generate_cli(args.source, prompt=args.prompt, prompts=args.prompts,
                                      out=args.out, stream=not args.no_stream, **sampling)
     if args.command == "eval":
-        from .report import evaluate_run
+        from .use.report import evaluate_run
         guard_output(args.out, args.force, directory=True)
         evaluate_run(args.run, data=args.data, out=args.out, samples=args.samples,
                      max_new_tokens=args.max_new_tokens)
         return 0
     if args.command == "export":
         if args.export_format == "gguf":
-            from .export_gguf import export_gguf
+            from .export.gguf import export_gguf
             export_gguf(args.source, args.out, outtype=args.outtype, force=args.force,
                         adapter_only=args.adapter_only, base=args.base)
             return 0
         build_parser().parse_args(["export", "--help"])
     if args.command == "adapter":
         if args.adapter_command == "check":
-            from .adapter_check import check_cli
+            from .export.adapter_check import check_cli
             return check_cli(args.adapter, base=args.base)
         if args.adapter_command == "convert":
-            from .adapter_convert import convert
+            from .export.adapter_convert import convert
             guard_output(args.out, args.force, directory=args.to == "peft")
             convert(args.source, args.out, to=args.to, r=args.r, lora_alpha=args.lora_alpha,
                     base=args.base, enable_lora=_enable_lora(args.enable_lora))
@@ -292,7 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .preempt import Interrupted
+    from .run.preempt import Interrupted
     try:
         return run(args)
     except PhiloraError as e:

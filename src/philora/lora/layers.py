@@ -16,7 +16,7 @@ Where loralib is wrong, these layers are right (each has a test):
 
 Written by hand because this is the product itself; only torch is imported. Dropout is
 ``nn.Dropout`` exactly as in loralib (same masks for the same seed); the training pipeline
-swaps in a cheaper CPU mask (philora/dropout.py) when it injects these layers.
+swaps in a cheaper CPU mask (philora/model/dropout.py) when it injects these layers.
 """
 
 import math

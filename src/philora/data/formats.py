@@ -1,0 +1,147 @@
+"""Chat data formats: map one record to a validated list of messages.
+
+Formats (``data.format``; ``auto`` decides per record from its keys):
+    messages           {"messages": [{"role", "content"}, ...]}  (or the same list under "conversations");
+                       roles system, user, assistant and tool (a tool's result). Tool calling: the
+                       system message may carry "tools" (a JSON string, or a list/object written out
+                       as JSON), which templates such as Phi-4-mini's render as
+                       ``<|system|>...<|tool|>{tools}<|/tool|><|end|>``; the assistant's calls are its
+                       content, in the model's own syntax (Phi-4-mini: ``<|tool_call|>[...]<|/tool_call|>``)
+    sharegpt           {"conversations": [{"from": system|human|gpt, "value"}, ...]}  (user/assistant accepted)
+    alpaca             {"instruction", "input"?, "output", "system"?}; input goes after the instruction and a
+                       blank line
+    prompt_completion  {"prompt", "completion"}, each a string (one user / one assistant message) or a list
+                       of messages, as in TRL's conversational prompt-completion. Assistant turns inside the
+                       prompt are context (marked "train": False), as TRL trains on the completion only.
+Turns after the last trained assistant turn (say a trailing user question) are dropped: they carry no labels
+and, the model being causal, cannot change the loss of earlier tokens, so TRL's result is unchanged and the
+tokens are saved. A record with no assistant turn is an error (it would train on nothing).
+
+Every mistake raises DataError with one line: "<where>: what is wrong", where is "file.jsonl:17" or
+"file.parquet record 3" (given by the caller, see philora.data.load_records).
+"""
+
+import json
+from typing import List
+
+from ..core.errors import PhiloraError
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+
+
+class DataError(PhiloraError):
+    """A mistake in the data; the message is one line naming the file and line (or record)."""
+
+
+def detect_format(record: dict, where: str = "record") -> str:
+    """Which of FORMATS a record is in, from its keys (null values count as absent: Arrow adds them)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    has = lambda key: record.get(key) is not None
+    if has("messages"):
+        return "messages"
+    if has("conversations"):
+        conv = record["conversations"]
+        first = conv[0] if isinstance(conv, list) and conv and isinstance(conv[0], dict) else {}
+        return "sharegpt" if "from" in first or "value" in first else "messages"
+    if has("prompt") and has("completion"):
+        return "prompt_completion"
+    if has("instruction") and has("output"):
+        return "alpaca"
+    raise DataError(f"{where}: cannot tell the format from keys {sorted(record)} (expected messages, "
+                    "conversations, prompt+completion or instruction+output)")
+
+
+def to_messages(record: dict, fmt: str = "auto", where: str = "record") -> List[dict]:
+    """The validated conversation of a record: [{"role", "content"}, ...], ending with an assistant turn."""
+    if fmt == "auto":
+        fmt = detect_format(record, where)
+    elif not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if fmt == "messages":
+        key = "messages" if record.get("messages") is not None else "conversations"
+        turns = _turn_list(record, key, where)
+        msgs = [_message(t, "role", "content", ROLES, f"message {i}", where) for i, t in enumerate(turns, 1)]
+    elif fmt == "sharegpt":
+        turns = _turn_list(record, "conversations", where)
+        msgs = [_message(t, "from", "value", SHAREGPT_ROLES, f"message {i}", where) for i, t in enumerate(turns, 1)]
+    elif fmt == "alpaca":
+        user = _text(record, "instruction", where)
+        extra = _text(record, "input", where, optional=True)
+        if extra:
+            user = f"{user}\n\n{extra}"
+        system = _text(record, "system", where, optional=True)
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": _text(record, "output", where)}]
+    elif fmt == "prompt_completion":
+        prompt = _part(record, "prompt", "user", where)
+        prompt = [dict(m, train=False) if m["role"] == "assistant" else m for m in prompt]
+        msgs = prompt + _part(record, "completion", "assistant", where)
+    else:
+        raise DataError(f"{where}: unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
+    trained = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and m.get("train", True)]
+    if not trained:
+        raise DataError(f"{where}: no assistant message to train on")
+    return msgs[:trained[-1] + 1]
+
+
+def _turn_list(record, key, where):
+    turns = record.get(key)
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: '{key}' must be a list of messages, got {type(turns).__name__}")
+    if not turns:
+        raise DataError(f"{where}: '{key}' is empty")
+    return turns
+
+
+def _message(turn, role_key, content_key, roles, name, where):
+    if not isinstance(turn, dict):
+        raise DataError(f"{where}: {name} must be an object, got {type(turn).__name__}")
+    if role_key not in turn:
+        raise DataError(f"{where}: {name} has no '{role_key}'")
+    role = turn[role_key]
+    if not isinstance(role, str) or role not in roles:
+        raise DataError(f"{where}: {name} has unknown role {role!r} (expected {', '.join(roles)})")
+    content = turn.get(content_key)
+    if not isinstance(content, str):
+        raise DataError(f"{where}: {name} '{content_key}' must be a string, got {type(content).__name__}")
+    if not content.strip():
+        raise DataError(f"{where}: {name} has empty content")
+    message = {"role": roles[role] if isinstance(roles, dict) else role, "content": content}
+    if turn.get("tools") is not None:
+        message["tools"] = tools_json(turn["tools"], message["role"], name, where)
+    return message
+
+
+def tools_json(tools, role: str, name: str, where: str) -> str:
+    """A system message's tool definitions as the JSON text templates splice in."""
+    if role != "system":
+        raise DataError(f"{where}: {name} has 'tools', which go on the system message (role {role!r})")
+    if isinstance(tools, (list, dict)):
+        return json.dumps(tools, ensure_ascii=False)
+    if not isinstance(tools, str) or not tools.strip():
+        raise DataError(f"{where}: {name} 'tools' must be a JSON string, list or object, got "
+                        f"{type(tools).__name__ if not isinstance(tools, str) else 'an empty string'}")
+    return tools
+
+
+def _text(record, key, where, optional=False):
+    value = record.get(key)
+    if value is None:
+        if optional:
+            return ""
+        raise DataError(f"{where}: '{key}' is missing")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+    if not value.strip() and not optional:
+        raise DataError(f"{where}: '{key}' is empty")
+    return value
+
+
+def _part(record, key, role, where):  # prompt or completion: a string or a list of messages
+    if isinstance(record.get(key), list):
+        turns = _turn_list(record, key, where)
+        return [_message(t, "role", "content", ROLES, f"{key} message {i}", where) for i, t in enumerate(turns, 1)]
+    return [{"role": role, "content": _text(record, key, where)}]

@@ -1,0 +1,1 @@
+"""Leaving philora: GGUF files (tensors, vocabulary, Ollama Modelfile), adapter check and convert."""

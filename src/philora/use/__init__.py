@@ -1,0 +1,1 @@
+"""Using a trained run: merge, generate and chat, the evaluation report."""
