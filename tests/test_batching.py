@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from philora.model.attention import NAME, register
-from philora.data.batching import best_fit_decreasing, collate, epoch_order
+from philora.data.batching import best_fit_decreasing, collate, conversation_starts, epoch_order
 from philora.model.loss import CausalLMLoss
 
 register()
@@ -37,6 +37,9 @@ def test_collate_packed_tensors():
     # the first token of each conversation is never a target (it would be predicted across)
     assert b["labels"].tolist() == [[-100, -100, 33, 34, -100], [-100, 12, 13, -100, 22]]
     assert b["num_tokens"].item() == 9 and b["num_label_tokens"].item() == 5
+    # the boundaries read back: each conversation's first token, and the padding's own segment
+    assert conversation_starts(b["position_ids"]).tolist() == [[1, 0, 0, 0, 1], [1, 0, 0, 1, 0]]
+    assert conversation_starts(torch.tensor([7, 8, 8, 9, 3])).tolist() == [1, 0, 1, 0, 1]  # any step
 
 
 def test_collate_padded_tensors():

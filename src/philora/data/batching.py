@@ -46,6 +46,16 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]
     return bins
 
 
+def conversation_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """True where a conversation begins in a row of ``position_ids``: the first token, and every
+    token whose position is not the previous one + 1 (the restarts :func:`collate` writes, read as
+    transformers reads them). The one definition of a packed row's boundaries: attention, LongRoPE
+    and NEFTune (model/) find each conversation through it. The last dimension is the row."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[..., 1:] = position_ids[..., 1:] - position_ids[..., :-1] != 1
+    return starts
+
+
 def collate(examples: Sequence[Dict[str, List[int]]], pad_id: int, packing: bool,
             max_length: int) -> Dict[str, torch.Tensor]:
     """Examples {"input_ids", "labels"} -> tensors (rows, L).

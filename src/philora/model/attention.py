@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import PhiloraError
+from ..data.batching import conversation_starts
 
 NAME = "philora_sdpa"
 SOFTCAP_NAME = "philora_softcap"  # no "sdpa" in it: transformers checks such names for SDPA support
@@ -41,12 +42,9 @@ SOFTCAP_NAME = "philora_softcap"  # no "sdpa" in it: transformers checks such na
 
 def segments(position_ids: torch.Tensor) -> List[List[Tuple[int, int]]]:
     """Per row, the (start, end) spans over which positions count up by one (as transformers)."""
-    pos = position_ids
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
-    length = pos.shape[1]
+    length = position_ids.shape[1]
     out = []
-    for row in starts.tolist():
+    for row in conversation_starts(position_ids).tolist():
         idx = [i for i, s in enumerate(row) if s] + [length]
         out.append(list(zip(idx[:-1], idx[1:])))
     return out

@@ -19,14 +19,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..data.batching import conversation_starts
+
 
 def sequence_lengths(position_ids: Optional[torch.Tensor] = None,
                      attention_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """(rows, L) tensor: at each position, the length of the conversation it belongs to."""
     if position_ids is not None and position_ids.dim() == 2:
-        starts = torch.ones_like(position_ids, dtype=torch.bool)
-        starts[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1  # a restart: a new conversation
-        segment = starts.flatten().cumsum(0) - 1
+        segment = conversation_starts(position_ids).flatten().cumsum(0) - 1  # numbered across rows
         return torch.bincount(segment)[segment].view(position_ids.shape)
     if attention_mask is not None and attention_mask.dim() == 2:
         return attention_mask.sum(-1, keepdim=True).clamp(min=1).expand_as(attention_mask)

@@ -8,10 +8,10 @@ position belongs to the longest conversation, so one long conversation would mov
 conversation in the forward to the long factors: rotary angles they never see at inference.
 
 :func:`install` wraps the model's rotary module so that each conversation (a run of positions
-counting up by one, as in attention.py) gets its own set. The wrapper calls the model's own rotary
-module, at most twice: once with the long conversations' positions zeroed (the largest position
-left is a short conversation's, so the short set is chosen) and once as given (the long set);
-each token takes the cos/sin of its conversation's set. A batch on one side of the switch is a
+counting up by one: ``data/batching.conversation_starts``) gets its own set. The wrapper calls the
+model's own rotary module, at most twice: once with the long conversations' positions zeroed (the
+largest position left is a short conversation's, so the short set is chosen) and once as given
+(the long set); each token takes the cos/sin of its conversation's set. A batch on one side of the switch is a
 single call, exactly as before. Nothing about the factors is re-implemented here.
 Hand-written: transformers has no per-sequence choice of rotary factors.
 """
@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..data.batching import conversation_starts
 from .families import longrope_switch
 
 
@@ -28,9 +29,7 @@ def span_ends(position_ids: torch.Tensor) -> torch.Tensor:
     """For each token, the last position id of its run (positions counting up by one) + 1: the
     length of its conversation in a packed row, or how far a decoding step has come."""
     pos = position_ids
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[..., 1:] = pos[..., 1:] - pos[..., :-1] != 1
-    run = starts.long().cumsum(-1) - 1  # run index of every token
+    run = conversation_starts(pos).long().cumsum(-1) - 1  # run index of every token
     last = torch.zeros_like(pos).scatter_reduce(-1, run, pos, reduce="amax", include_self=False)
     return last.gather(-1, run) + 1
 
