@@ -1,4 +1,5 @@
-"""philora.run.checkpoint: exact save/load of LoRA, optimizer, scheduler and RNG; atomic writes; rotation."""
+"""philora.run.checkpoint: exact save/load of LoRA, optimizer and RNG (the learning rate follows the
+step: schedule.get_lr); atomic writes; rotation."""
 
 import json
 import random
@@ -10,6 +11,7 @@ from transformers import Phi3Config, Phi3ForCausalLM
 
 from philora.core.config import PeftConfig
 from philora.run import checkpoint
+from philora.run.schedule import Schedule
 from philora.run.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from philora.core.errors import PhiloraError
 from philora.model.inject import inject_lora
@@ -27,24 +29,26 @@ def make(r=4, targets="all-linear", lora_seed=0):
     inject_lora(model, PeftConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=targets))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    return model, opt, sched
+    return model, opt, Schedule("cosine", (1e-2,), 2, 8)
 
 
-def train_steps(model, opt, sched, n, seed=1):
+def train_steps(model, opt, sched, n, seed=1, start=None):
+    """``n`` steps from step ``start`` (default: as many as ``opt`` has taken), at the schedule's rates."""
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(n):
+    first = start if start is not None else getattr(opt, "steps_taken", 0)
+    for step in range(first, first + n):
+        sched.apply(opt, step)
         ids = torch.randint(0, 64, (2, 7), generator=g)
         loss = model(ids, labels=ids).loss
         loss.backward()
         opt.step()
-        sched.step()
         opt.zero_grad()
+    opt.steps_taken = first + n
 
 
 def save(tmp_path, step, model, opt, sched, limit=0):
-    return save_checkpoint(tmp_path, step, model, opt, sched, {"step": step, "samples_seen": 4 * step},
+    return save_checkpoint(tmp_path, step, model, opt, sched.record(step), {"step": step, "samples_seen": 4 * step},
                            "training_config: {}\n", limit)
 
 
@@ -64,17 +68,17 @@ def test_round_trip_is_exact(tmp_path):
     torch.manual_seed(123)
     random.seed(123)
     fresh, fopt, fsched = make(lora_seed=9)  # different init: everything must come from the checkpoint
-    state = load_checkpoint(path, fresh, fopt, fsched)
+    state = load_checkpoint(path, fresh, fopt)
     assert state == {"step": 3, "samples_seen": 12}
     assert_close(torch.rand(5), expected_rand, rtol=0, atol=0)
     assert random.random() == expected_py
-    assert fsched.last_epoch == 3
-    train_steps(fresh, fopt, fsched, 2, seed=7)
+    assert torch.load(path / "scheduler.pt", weights_only=True)["lrs"] == sched.lrs(3)
+    train_steps(fresh, fopt, fsched, 2, seed=7, start=state["step"])  # the rate from the step
     got = lora_state_dict(fresh)
     assert got.keys() == expected.keys()
     for k in expected:
         assert torch.equal(got[k], expected[k]), k
-    assert fsched.get_last_lr() == sched.get_last_lr()
+    assert [g["lr"] for g in fopt.param_groups] == [g["lr"] for g in opt.param_groups]
 
 
 def test_rotation_keeps_the_newest(tmp_path):
@@ -114,7 +118,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]  # no partial dir, nothing rotated
     monkeypatch.undo()
     fresh, fopt, fsched = make(lora_seed=3)
-    assert load_checkpoint(tmp_path / "checkpoint-1", fresh, fopt, fsched)["step"] == 1
+    assert load_checkpoint(tmp_path / "checkpoint-1", fresh, fopt)["step"] == 1
     for k, v in lora_state_dict(fresh).items():
         assert torch.equal(v, before[k])
 
@@ -126,7 +130,7 @@ def test_resaving_a_step_replaces_it(tmp_path):
     save(tmp_path, 4, model, opt, sched)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
     fresh, fopt, fsched = make(lora_seed=3)
-    load_checkpoint(tmp_path / "checkpoint-4", fresh, fopt, fsched)
+    load_checkpoint(tmp_path / "checkpoint-4", fresh, fopt)
     for k, v in lora_state_dict(model).items():
         assert torch.equal(lora_state_dict(fresh)[k], v)
 
@@ -151,7 +155,7 @@ def test_checkpoint_of_another_lora_config_is_a_one_line_error(tmp_path, saved, 
     path = save(tmp_path, 1, model, opt, sched)
     fresh, fopt, fsched = make(**loading)
     with pytest.raises(PhiloraError) as e:
-        load_checkpoint(path, fresh, fopt, fsched)
+        load_checkpoint(path, fresh, fopt)
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg, msg
 
@@ -168,7 +172,7 @@ def test_trained_biases_are_checkpointed(tmp_path):
         torch.manual_seed(lora_seed)
         inject_lora(model, PeftConfig(r=2, lora_alpha=4, target_modules=["o_proj"], bias="all", lora_dropout=0.0))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        return model, opt, Schedule("constant", (1e-2,), 0, 8)
 
     model, opt, sched = biased()
     bias0 = model.model.layers[0].self_attn.o_proj.bias.detach().clone()
@@ -177,7 +181,7 @@ def test_trained_biases_are_checkpointed(tmp_path):
     assert not torch.equal(trained, bias0)
     path = save(tmp_path, 2, model, opt, sched)
     fresh, fopt, fsched = biased(lora_seed=1)
-    load_checkpoint(path, fresh, fopt, fsched)
+    load_checkpoint(path, fresh, fopt)
     assert torch.equal(fresh.model.layers[0].self_attn.o_proj.bias, trained)
     for k, v in lora_state_dict(model).items():
         assert torch.equal(lora_state_dict(fresh)[k], v)

@@ -52,7 +52,8 @@ def two_checkpoints(tmp_path):
     model, opt, sched = make()
     for s in (1, 2):
         step(model, opt, sched, s)
-        save_checkpoint(tmp_path, s, model, opt, sched, {"step": s, "samples_seen": 2 * s}, "training_config: {}\n")
+        # an older checkpoint's scheduler.pt (a LambdaLR state dict): verified, read, not needed
+        save_checkpoint(tmp_path, s, model, opt, sched.state_dict(), {"step": s, "samples_seen": 2 * s}, "training_config: {}\n")
     return tmp_path, {k: v.clone() for k, v in lora_state_dict(model).items()}
 
 
@@ -83,12 +84,12 @@ def test_damaged_file_is_named_and_the_previous_checkpoint_used(two_checkpoints,
     else:
         target.unlink()
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(out / "checkpoint-2", *make(lora_seed=5))
+        load_checkpoint(out / "checkpoint-2", *make(lora_seed=5)[:2])
     helpers.one_line_error(e, str(out / "checkpoint-2"), name)
     said = []
     assert find_resumable(out, log=said.append) == out / "checkpoint-1"
     assert len(said) == 1 and "\n" not in said[0] and name in said[0] and "checkpoint-1 instead" in said[0]
-    state = load_checkpoint(out / "checkpoint-1", *make(lora_seed=5))
+    state = load_checkpoint(out / "checkpoint-1", *make(lora_seed=5)[:2])
     assert state["step"] == 1
     # With no older checkpoint left: a one-line error, nothing loaded.
     shutil.rmtree(out / "checkpoint-1")
@@ -100,7 +101,7 @@ def test_damaged_file_is_named_and_the_previous_checkpoint_used(two_checkpoints,
 def test_an_intact_checkpoint_loads_exactly(two_checkpoints):
     out, expected = two_checkpoints
     model, opt, sched = make(lora_seed=5)
-    assert load_checkpoint(out / "checkpoint-2", model, opt, sched)["step"] == 2
+    assert load_checkpoint(out / "checkpoint-2", model, opt)["step"] == 2
     for k, v in lora_state_dict(model).items():
         assert torch.equal(v, expected[k]), k
     assert set(read_verified(out / "checkpoint-2")) == set(FILES) - {MANIFEST}
@@ -116,7 +117,7 @@ def test_a_pickle_that_is_not_plain_data_is_refused_even_with_a_forged_manifest(
     torch.save({"state": {}, "param_groups": [], "x": Payload()}, out / "checkpoint-2" / "optimizer.pt")
     forge_manifest(out / "checkpoint-2")
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(out / "checkpoint-2", *make())
+        load_checkpoint(out / "checkpoint-2", *make()[:2])
     helpers.one_line_error(e, "checkpoint-2", "cannot restore the training state")
     assert not marker.exists()  # never unpickled
 
@@ -133,7 +134,7 @@ def test_non_finite_tensors_are_refused_even_with_a_forged_manifest(two_checkpoi
     model, opt, sched = make(lora_seed=5)
     before = {k: v.clone() for k, v in lora_state_dict(model).items()}
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(out / "checkpoint-2", model, opt, sched)
+        load_checkpoint(out / "checkpoint-2", model, opt)
     helpers.one_line_error(e, "checkpoint-2", first, "NaN")
     for k, v in lora_state_dict(model).items():
         assert torch.equal(v, before[k])  # nothing was loaded
@@ -142,11 +143,11 @@ def test_non_finite_tensors_are_refused_even_with_a_forged_manifest(two_checkpoi
 def test_non_finite_state_is_never_written(tmp_path, helpers):
     model, opt, sched = make()
     step(model, opt, sched, 1)
-    save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, "")
+    save_checkpoint(tmp_path, 1, model, opt, sched.state_dict(), {"step": 1}, "")
     with torch.no_grad():
         next(p for p in model.parameters() if p.requires_grad)[0] = float("inf")
     with pytest.raises(CheckpointError) as e:
-        save_checkpoint(tmp_path, 2, model, opt, sched, {"step": 2}, "")
+        save_checkpoint(tmp_path, 2, model, opt, sched.state_dict(), {"step": 2}, "")
     helpers.one_line_error(e, "checkpoint-2", "NaN or infinite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
 

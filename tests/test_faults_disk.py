@@ -88,7 +88,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, helpers,
     model = helpers.lora_phi3()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, "")
+    save_checkpoint(tmp_path, 1, model, opt, sched.state_dict(), {"step": 1}, "")
     before = files(tmp_path)
     written = []
 
@@ -98,7 +98,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, helpers,
         return FailingFile(f, errno.ENOSPC, budget=1000) if len(written) == 3 else f  # the 3rd file
     monkeypatch.setattr(checkpoint, "open", nearly_full, raising=False)
     with pytest.raises(WriteError) as e:
-        save_checkpoint(tmp_path, 2, model, opt, sched, {"step": 2}, "", save_total_limit=1)
+        save_checkpoint(tmp_path, 2, model, opt, sched.state_dict(), {"step": 2}, "", save_total_limit=1)
     helpers.one_line_error(e, str(tmp_path / "checkpoint-2"), NO_SPACE, "the disk is full")
     assert files(tmp_path) == before and not leftovers(tmp_path)  # nothing rotated, no temp dir
     read_verified(tmp_path / "checkpoint-1")

@@ -17,15 +17,12 @@ import torch
 
 from ..core.config import Config, ModelConfig, load_config
 from ..core.errors import PhiloraError, first_line
-from . import attention, memory, rope
 from .adapter import CONFIG_NAME, AdapterError, read_adapter_config
 from .devices import pick_device, resolve_dtype
-from .fused import fuse_mlps
 from .inject import apply_adapter
+from .prepare import attention, patch_loaded
 from .quant import prepare_quantized, quantization_kwargs
 from .tiny import resolve_model
-
-_SAID: set = set()  # notes on the attention chosen, already printed
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -54,20 +51,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: Optiona
 
 def load_model_and_tokenizer(cfg: ModelConfig, device: Optional[torch.device] = None,
                              training: bool = True) -> Tuple[torch.nn.Module, object, str]:
-    """(model on ``device``, tokenizer, resolved path). The model's weights are frozen."""
+    """(model on ``device``, tokenizer, resolved path). The model's weights are frozen; it has
+    the changes every loaded model gets (prepare.py, steps 1-3: ``training`` for training's)."""
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
     path = resolve_path(cfg.name_or_path)
     dtype = resolve_dtype(cfg.dtype, device)
-    # Training with sdpa: the same attention run per packed conversation, without transformers'
-    # block-diagonal mask over the whole row (attention.py; plain sdpa whenever a mask is given);
-    # its explicit-scores form for models with softcapped attention (Gemma 2), said once.
-    attn, note = attention.choose(_model_config(path, cfg), cfg.attn_implementation, training)
-    if note and note not in _SAID:  # once per process (eval loads the base and the tuned model)
-        _SAID.add(note)
-        print(note)
-    kwargs = dict(dtype=dtype, attn_implementation=attn,
+    kwargs = dict(dtype=dtype, attn_implementation=attention(cfg, path, training),
                   trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.quantization:
         kwargs.update(quantization_kwargs(cfg, device, path))
@@ -83,23 +74,8 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: Optional[torch.device] = 
     else:
         model.to(device)
     model.requires_grad_(False)
-    rope.install(model)  # LongRoPE: each packed conversation gets its own factor set
-    if training:  # gated SiLU MLPs keep less for backward, same numbers (fused.py)
-        fuse_mlps(model)
-    model.config.use_cache = not training
-    if training and cfg.gradient_checkpointing is True:  # "auto": train() decides (memory.py)
-        memory.enable_checkpointing(model)
+    patch_loaded(model, cfg, training)
     return model, tokenizer, path
-
-
-def _model_config(path: str, cfg: ModelConfig):
-    """The model's config, or None where it cannot be read (from_pretrained then says why)."""
-    from transformers import AutoConfig
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
-                                          revision=cfg.revision)
-    except (OSError, ValueError):
-        return None
 
 
 def meta_model(name_or_path: str, local_only: bool = False) -> torch.nn.Module:

@@ -1,7 +1,8 @@
 """Training checkpoints: written atomically, verified before use, read without pickle, rotated.
 
 ``output_dir/checkpoint-STEP/`` holds ``lora.safetensors`` (philora's own LoRA tensors, exact),
-``optimizer.pt`` and ``scheduler.pt`` (state dicts), ``rng.pt`` (torch/CUDA/Python RNG states),
+``optimizer.pt`` (a state dict), ``scheduler.pt`` (the learning-rate schedule's settings at that step,
+a record: the rate is a function of the step, schedule.py), ``rng.pt`` (torch/CUDA/Python RNG states),
 ``trainer_state.json`` (step, samples seen, ...), ``config.yaml`` and ``manifest.json`` (the
 sha256 and size of each other file). A checkpoint is built in a temporary directory and renamed
 into place, so a kill during a save leaves the previous one intact, and nothing non-finite is
@@ -99,7 +100,7 @@ def _torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, trainer_state: dict,
+def save_checkpoint(output_dir, step: int, model, optimizer, schedule: dict, trainer_state: dict,
                     config_yaml: str, save_total_limit: int = 0) -> Path:
     """Write ``checkpoint-STEP`` atomically; keep at most ``save_total_limit`` (0: all).
 
@@ -114,7 +115,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, trainer_
         raise CheckpointError(f"step {step}: '{bad}' holds NaN or infinite values; {final.name} was "
                               f"not written (the earlier checkpoints are kept)")
     files = {"lora.safetensors": save_safetensors(tensors), "optimizer.pt": _torch_bytes(opt_state),
-             "scheduler.pt": _torch_bytes(scheduler.state_dict()), "rng.pt": _torch_bytes(rng_state()),
+             "scheduler.pt": _torch_bytes(schedule), "rng.pt": _torch_bytes(rng_state()),
              "config.yaml": config_yaml.encode("utf-8"),
              "trainer_state.json": json.dumps(trainer_state, indent=2).encode("utf-8")}
     manifest = {"files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
@@ -248,8 +249,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def load_checkpoint(path, model, optimizer, scheduler) -> dict:
-    """Restore LoRA tensors, optimizer, scheduler and RNG from ``path``; returns trainer_state.
+def load_checkpoint(path, model, optimizer) -> dict:
+    """Restore LoRA tensors, optimizer and RNG from ``path``; returns trainer_state (its step sets
+    the learning rate; scheduler.pt, older checkpoints' LambdaLR state included, is verified and
+    read, not needed).
 
     Every file is verified against the manifest before anything is deserialised. The checkpoint
     must hold exactly this model's trainable tensors, with the same shapes (same peft_config),
@@ -274,7 +277,7 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
                                   f"{tuple(expected[k].shape)} in this model; {hint}")
     try:
         opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True)
-        sched = torch.load(io.BytesIO(files["scheduler.pt"]), weights_only=True)
+        torch.load(io.BytesIO(files["scheduler.pt"]), weights_only=True)
         rng = torch.load(io.BytesIO(files["rng.pt"]), weights_only=True)
         state = json.loads(files["trainer_state.json"].decode("utf-8"))
     except Exception as e:  # noqa: BLE001 (incl. pickle.UnpicklingError for a non-weights pickle)
@@ -285,7 +288,6 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     model.load_state_dict(tensors, strict=False)  # through the layers' own load hooks
     try:
         optimizer.load_state_dict(opt)
-        scheduler.load_state_dict(sched)
         set_rng_state(rng)
     except (ValueError, RuntimeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: cannot restore the training state: {first_line(e)}") from None

@@ -1,0 +1,87 @@
+"""Every change philora makes to a model transformers loaded, in order, in one place.
+
+Hand-written because each change is philora's own (transformers and PEFT have none of them);
+listed here so a reader sees what the trained model is and in which order it was made. The order
+matters where noted.
+
+Every loaded model (``loading.load_model_and_tokenizer``, training and inference alike):
+
+1. attention (:func:`attention`): philora's per-conversation SDPA for training, its explicit-score
+   form for models with softcapped attention (Gemma 2, inference too), said when it differs from
+   what the config asked. Chosen before the weights load: it is ``from_pretrained``'s argument.
+2. LongRoPE per conversation (``rope.install``): each packed conversation gets its own factor set.
+3. training only: gated SiLU MLPs keep less for backward, same numbers (``fused.fuse_mlps``);
+   no KV cache; ``model.gradient_checkpointing: true`` recomputes each decoder layer in backward.
+
+Training (:func:`prepare`, after the model loaded):
+
+4. LoRA layers (``inject.inject_lora``): after 3, so the fused MLP forward calls the LoRA layers.
+5. NEFTune noise on the input embeddings (``training_config.neftune_noise_alpha``), hooks taken
+   off when the run closes.
+6. ``model.gradient_checkpointing: auto``: measured on the model as it will train (4 and 5 in
+   place, through the loss object), every rank deciding alike.
+7. the distributed wrapper (DDP or FSDP) around the loss object: last, it must see the final
+   modules and parameters.
+"""
+
+import contextlib
+from typing import Callable, Optional
+
+import torch.nn as nn
+
+from ..core.config import Config, ModelConfig
+from . import attention as attention_impl
+from . import memory, rope
+from .fused import fuse_mlps
+from .inject import count_parameters, inject_lora
+from .neftune import NEFTune
+
+
+def attention(cfg: ModelConfig, path: str, training: bool, say: Callable = print) -> str:
+    """Step 1: the attention implementation to load the model at ``path`` with."""
+    impl, note = attention_impl.choose(model_config(path, cfg), cfg.attn_implementation, training)
+    if note:
+        say(note)
+    return impl
+
+
+def patch_loaded(model: nn.Module, cfg: ModelConfig, training: bool) -> None:
+    """Steps 2-3 on a model just loaded (weights frozen)."""
+    rope.install(model)
+    if training:
+        fuse_mlps(model)
+    model.config.use_cache = not training
+    if training and cfg.gradient_checkpointing is True:  # "auto": prepare() decides
+        memory.enable_checkpointing(model)
+
+
+def prepare(model: nn.Module, loss_fn: nn.Module, cfg: Config, examples, pad_id: int, device,
+            held: contextlib.ExitStack, autocast: Callable = contextlib.nullcontext,
+            agree: Callable[[bool], bool] = bool, wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+            log: Callable = print) -> nn.Module:
+    """Steps 4-7 on a loaded model (steps 1-3 done) and the loss object over it (its forward
+    takes a batch and returns (loss sum, label tokens)); returns the loss object to train with.
+    ``agree(on)``: whether any rank voted on; ``wrap``: the distributed wrapper (none: as is)."""
+    tc = cfg.training_config
+    inject_lora(model, cfg.peft_config)  # 4
+    trainable, total = count_parameters(model)
+    log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
+    if tc.neftune_noise_alpha:  # 5: noise in training mode only; off when the run closes
+        held.callback(NEFTune(model, tc.neftune_noise_alpha).remove)
+    loss_fn.train()
+    if cfg.model.gradient_checkpointing == "auto":  # 6: on where the longest micro-batch would not fit
+        on, line = memory.plan(loss_fn, examples, tc.per_device_train_batch_size, pad_id, device, autocast)
+        if agree(on):
+            memory.enable_checkpointing(model)
+        log(line)
+    return wrap(loss_fn)  # 7
+
+
+def model_config(path: str, cfg: ModelConfig) -> Optional[object]:
+    """The model's config, or None where it cannot be read (from_pretrained then says why)."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+                                          revision=cfg.revision)
+    except (OSError, ValueError):
+        return None
