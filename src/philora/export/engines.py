@@ -1,0 +1,185 @@
+"""Greedy decoding of token prompts in each serving engine, for ``philora verify`` (verify.py).
+
+Each engine returns, per prompt, ``{"tokens": [...], "stopped": bool}`` in one shape: the
+generated ids with the token it stopped on included (so a reply that runs past the end of turn
+shows as a longer list), and, where the engine renders prompts itself, ``"prompt"``: the ids its
+own chat template and tokenizer make of the messages. Tokens go in (the reference's prompt ids),
+so a difference in the replies is the model's, and the prompt check says whether the engine would
+have built the same prompt from the conversation.
+
+* transformers (the reference, the base, peft, a merged model): a plain greedy loop with the KV
+  cache, keeping each step's top-1 minus top-2 logit (the margin a rounding must overcome to flip
+  the token), stopping on the ids it is given.
+* llama.cpp (llama-cpp-python): the file as llama.cpp reads it: its own end-of-generation tokens
+  (``llama_vocab_is_eog``, from the file's metadata), its chat template through llama-cpp-python's
+  own Jinja2 formatter, its tokenizer.
+* vLLM: another python (vLLM pins its own torch and transformers) runs ``VLLM_SCRIPT`` on a JSON
+  request on stdin and prints one JSON line; vLLM stops as it would when serving (the model's
+  generation config and tokenizer eos).
+
+Hand-written: no library compares engines token by token.
+"""
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..core.errors import PhiloraError, first_line
+
+
+class NotInstalled(PhiloraError):
+    """The engine is not installed here: verify skips it with one line."""
+
+
+@torch.no_grad()
+def hf_greedy(model, ids: Sequence[int], stops: Sequence[int], max_new_tokens: int) -> dict:
+    """Greedy reply of a transformers model to ``ids`` (batch of one, no padding), with the
+    top-1 minus top-2 logit margin at each step."""
+    device = next(model.parameters()).device
+    out: List[int] = []
+    margins: List[float] = []
+    past, step = None, torch.tensor([list(ids)], device=device)
+    for _ in range(max_new_tokens):
+        res = model(input_ids=step, past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = res.past_key_values
+        top = res.logits[0, -1].float().topk(2)
+        out.append(int(top.indices[0]))
+        margins.append(float(top.values[0] - top.values[1]))
+        if out[-1] in stops:
+            break
+        step = torch.tensor([[out[-1]]], device=device)
+    return {"tokens": out, "stopped": bool(out) and out[-1] in stops, "margins": margins}
+
+
+# -----------------------------------------------------------------------------
+# llama.cpp
+
+def llama_cpp_module():
+    """llama_cpp, or PhiloraError saying it is not installed (the engine is then skipped)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise NotInstalled("llama-cpp-python is not installed (pip install llama-cpp-python)") from None
+    return llama_cpp
+
+
+def _llama_prompt(llama_cpp, llm, vocab, messages: List[dict]) -> Optional[List[int]]:
+    """The ids llama-cpp-python's chat handler makes of ``messages`` from the file's own chat
+    template (as ``create_chat_completion`` does); None when the file has no template."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    text = lambda i: llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", errors="replace")  # noqa: E731
+    eos, bos = llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_bos(vocab)
+    formatter = Jinja2ChatFormatter(template=template, eos_token=text(eos) if eos >= 0 else "",
+                                    bos_token=text(bos) if bos >= 0 else "", add_generation_prompt=True)
+    tools = next((m["tools"] for m in messages if m.get("tools")), None)
+    chat = [{k: m[k] for k in ("role", "content", "tool_calls") if k in m} for m in messages]
+    try:
+        rendered = formatter(messages=chat, tools=tools) if tools else formatter(messages=chat)
+    except Exception as e:  # noqa: BLE001 (a template llama.cpp's Jinja cannot run is a finding, not a crash)
+        raise PhiloraError(f"the file's chat template fails in llama-cpp-python: {first_line(e)}") from None
+    return llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+
+
+def llama_cpp_greedy(path: Path, prompts: List[dict], max_new_tokens: int, n_ctx: int,
+                     threads: int) -> List[dict]:
+    """Greedy replies of the GGUF file ``path`` in llama.cpp to each prompt (``{"ids", "messages"}``),
+    stopping on the tokens llama.cpp reads as end of generation."""
+    import numpy as np
+    llama_cpp = llama_cpp_module()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    results = []
+    for p in prompts:
+        try:
+            own = _llama_prompt(llama_cpp, llm, vocab, p["messages"])
+        except PhiloraError as e:
+            own = str(e)
+        llm.reset()
+        llm.eval(p["ids"])
+        out: List[int] = []
+        for _ in range(max_new_tokens):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            if llama_cpp.llama_vocab_is_eog(vocab, out[-1]):
+                break
+            llm.eval(out[-1:])
+        stopped = bool(out) and bool(llama_cpp.llama_vocab_is_eog(vocab, out[-1]))
+        results.append({"tokens": out, "stopped": stopped, "prompt": own})
+    llm.close()
+    return results
+
+
+# -----------------------------------------------------------------------------
+# vLLM, in its own python
+
+VLLM_SCRIPT = r'''
+import json, sys
+req = json.load(sys.stdin)
+try:
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+except ImportError as e:
+    print(json.dumps({"not_installed": "vllm is not importable: %s" % e}))
+    sys.exit(3)
+kw = dict(model=req["model"], tokenizer=req["tokenizer"], max_model_len=req["max_model_len"],
+          dtype=req["dtype"], enforce_eager=True, seed=0)
+if req["lora"]:
+    kw.update(enable_lora=True, max_lora_rank=req["max_lora_rank"])
+llm = LLM(**kw)
+lora = LoRARequest("run", 1, req["lora"]) if req["lora"] else None
+params = SamplingParams(temperature=0.0, max_tokens=req["max_tokens"])
+outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, lora_request=lora)
+print(json.dumps({"vllm": vllm.__version__, "outputs": [
+    {"token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason,
+     "stop_reason": o.outputs[0].stop_reason} for o in outs]}))
+'''
+
+
+def vllm_request(model: str, tokenizer: str, lora: Optional[str], max_lora_rank: int, prompts: List[List[int]],
+                 max_tokens: int, max_model_len: int, dtype: str = "float32") -> dict:
+    """The JSON ``VLLM_SCRIPT`` reads on stdin (the contract a fake vLLM python imitates in the tests)."""
+    return {"model": model, "tokenizer": tokenizer, "lora": lora, "max_lora_rank": max_lora_rank,
+            "prompts": prompts, "max_tokens": max_tokens, "max_model_len": max_model_len, "dtype": dtype}
+
+
+def vllm_greedy(python: str, request: dict, timeout: float = 1800) -> List[dict]:
+    """Greedy replies from vLLM run by ``python``. Not installed (no such python, no vllm in it):
+    PhiloraError; vLLM's own failure: PhiloraError with its last line."""
+    if not Path(python).is_file():
+        raise NotInstalled(f"--vllm-python {python}: no such file")
+    with tempfile.NamedTemporaryFile("w", suffix="_philora_vllm.py", delete=False) as f:
+        f.write(VLLM_SCRIPT)
+    try:
+        proc = subprocess.run([python, f.name], input=json.dumps(request), capture_output=True, text=True,
+                              timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise PhiloraError(f"--vllm-python {python}: {first_line(e)}") from None
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    last = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
+    reply = json.loads(last) if last else {}
+    if "not_installed" in reply:
+        raise NotInstalled(f"{reply['not_installed']} (in {python})")
+    if proc.returncode != 0 or "outputs" not in reply:
+        tail = [x for x in (proc.stderr or proc.stdout).splitlines() if x.strip()]
+        raise PhiloraError(f"vLLM failed (exit {proc.returncode}): {(tail or ['no output'])[-1][:300]}")
+    return [_vllm_reply(o) for o in reply["outputs"]]
+
+
+def _vllm_reply(o: dict) -> dict:
+    """vLLM's output as the common shape: it keeps an eos token in token_ids, but a stop_token_ids
+    hit only as stop_reason, so that one is put back."""
+    tokens = [int(t) for t in o["token_ids"]]
+    stopped = o.get("finish_reason") == "stop"
+    if stopped and isinstance(o.get("stop_reason"), int) and (not tokens or tokens[-1] != o["stop_reason"]):
+        tokens.append(int(o["stop_reason"]))
+    return {"tokens": tokens, "stopped": stopped}

@@ -1,0 +1,294 @@
+"""``philora verify``: the tuned model gives the same greedy replies wherever it is served.
+
+A run's held-out prompts (the eval split, as ``philora eval``'s report takes them, or a file) are
+decoded greedily by the reference, philora's own base + adapter in transformers, and by each
+engine a user serves with: the adapter through ``peft`` itself, the merged model (``philora
+merge``), each GGUF export (``philora export gguf``) in llama.cpp, vLLM in its own python, and any
+exported file or model directory given. Token ids are compared with the reference's; per engine:
+prompts with identical tokens, the first divergence and the reference's top-1 minus top-2 logit
+there (below the engine's threshold a rounding may flip the token: a near-tie, not a failure),
+replies that end on the chat template's end-of-turn token, whether the engine's own template and
+tokenizer build the same prompt, and the time taken. Real disagreements fail (exit 1): a
+divergence above the threshold, a reply that runs past the reference's stop (a stop token lost in
+export) or stops early, a prompt the engine renders differently, an engine whose replies are the
+base model's (it ignores the adapter), an engine that fails. An engine that is not installed is
+one line and skipped. The table goes to ``verify.md`` (beside the run's report.md), with
+``verify.json``. Hand-written: no tool compares serving engines token by token against training.
+"""
+
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Union
+
+from ..core.diskio import write_text
+from ..core.errors import PhiloraError, first_line
+from ..data.build import build_datasets
+from ..data.formats import to_messages
+from ..data.records import load_records
+from ..model.adapter import read_adapter
+from ..model.decoding import chat_ids
+from ..model.families import end_of_turn_ids, stop_token_ids
+from ..model.loading import load_model_and_tokenizer, load_source, load_tokenizer, resolve_path, resolve_source
+from ..run.evalgen import held_out
+from ..use.merge import merge
+from ..use.report import last_user_turn, lora_disabled
+from .adapter_check import VLLM_MAX_LORA_RANKS
+from .engines import NotInstalled, hf_greedy, llama_cpp_greedy, llama_cpp_module, vllm_greedy, vllm_request
+from .agreement import compare_engine, markdown
+from .gguf import export_gguf
+
+ENGINES = ("peft", "merged", "gguf-f32", "gguf-q8_0")  # the default; "vllm" joins with --vllm-python
+# The reference's top-1 minus top-2 logit below which another engine may flip a token by rounding:
+# q8_0 moves logits by up to ~0.2-0.6 on small models, 4/5/6-bit k-quants by ~1-2 (llama.cpp tests)
+MARGINS = {"gguf-q8_0": 1.0, "gguf-q4_k_m": 3.0, "gguf-q5_k_m": 3.0, "gguf-q6_k": 2.0, "gguf-q4_0": 3.0}
+DEFAULT_MARGIN = 0.5
+SAMPLES = 8
+MAX_NEW_TOKENS = 128
+
+
+# -----------------------------------------------------------------------------
+# prompts
+
+def _file_prompts(path: str) -> List[tuple]:
+    """(where, messages) from a prompts file (any training format): a record's conversation up to its
+    last assistant turn, or a "messages" list that ends on a user turn, as the prompt."""
+    out = []
+    for where, record in load_records(path):
+        msgs = record.get("messages") if isinstance(record, dict) else None
+        if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") != "assistant":
+            out.append((where, [{k: m[k] for k in ("role", "content", "tools") if k in m} for m in msgs]))
+        else:
+            out.append((where, held_out(to_messages(record, "auto", where))[0]))
+    return out
+
+
+def held_out_prompts(src, tokenizer, prompts: Union[int, str, None]) -> List[tuple]:
+    """(where, messages) of the prompts to verify: the first N of the run's eval split, as the report
+    takes them (data.build_datasets from the run's config.yaml), or those of a file."""
+    if isinstance(prompts, str) and not prompts.isdigit():
+        if not Path(prompts).is_file():
+            raise PhiloraError(f"--prompts {prompts}: no such file (give a number or a JSONL/JSON file)")
+        return _file_prompts(prompts)
+    n = SAMPLES if prompts is None else int(prompts)
+    cfg = src.run_cfg
+    if cfg is None:
+        raise PhiloraError(f"{src.adapter_dir}: no config.yaml (not a philora run), so no eval split: "
+                           f"pass --prompts FILE")
+    quiet = lambda *a, **k: None  # noqa: E731 (training already logged the data counts)
+    _, examples, _ = build_datasets(cfg.data, tokenizer, cfg.training_config.seed, log=quiet)
+    return [(f"eval #{i}", held_out(examples[i]["messages"])[0]) for i in range(min(n, len(examples)))]
+
+
+def fit_context(prompts: List[dict], context: int, max_new_tokens: int, say: Callable) -> List[dict]:
+    """The prompts whose tokens and reply fit the model's context; one line for each that does not."""
+    kept = []
+    for p in prompts:
+        if len(p["ids"]) + max_new_tokens > context:
+            say(f"verify: prompt {p['n']} ({p['where']}): {len(p['ids'])} tokens + {max_new_tokens} new exceed "
+                f"the model's context of {context} tokens; skipped")
+        else:
+            kept.append(p)
+    return kept
+
+
+# -----------------------------------------------------------------------------
+# engines: each returns one {"tokens", "stopped"[, "prompt"]} per prompt
+
+def _reference(run: str, prompts_arg, max_new_tokens: int, say: Callable):
+    """philora's own base + adapter (the reference, with margins) and the base (adapter off)."""
+    model, tokenizer, src = load_source(run)
+    pairs = held_out_prompts(src, tokenizer, prompts_arg)
+    if not pairs:
+        raise PhiloraError(f"{prompts_arg or run}: no prompts to verify")
+    prompts = [{"n": i, "where": w, "messages": m, "ids": chat_ids(tokenizer, m)} for i, (w, m) in enumerate(pairs, 1)]
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    prompts = fit_context(prompts, context, max_new_tokens, say)
+    if not prompts:
+        raise PhiloraError("no prompt fits the model's context; nothing to verify")
+    stops = stop_token_ids(model, tokenizer)
+    t0 = time.perf_counter()
+    ref = [hf_greedy(model, p["ids"], stops, max_new_tokens) for p in prompts]
+    seconds = time.perf_counter() - t0
+    with lora_disabled(model):
+        base = [hf_greedy(model, p["ids"], stops, max_new_tokens) for p in prompts]
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return src, tokenizer, prompts, stops, ref, base, seconds, dtype, context
+
+
+def _peft(src, prompts, stops, max_new_tokens):
+    """The adapter through peft's own LoRA layers on the base as philora loads it."""
+    from peft import PeftModel
+    base, _, _ = load_model_and_tokenizer(src.model_cfg, training=False)
+    model = PeftModel.from_pretrained(base, str(src.adapter_dir)).eval()
+    return [hf_greedy(model, p["ids"], stops, max_new_tokens) for p in prompts]
+
+
+def _hf_model_dir(path: Path, prompts, max_new_tokens):
+    """A model directory as transformers serves it: its own generation config's eos ids and its own
+    tokenizer's chat template (checked against the reference's prompt ids)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").eval()
+    tok = load_tokenizer(str(path))
+    eos = model.generation_config.eos_token_id
+    stops = sorted({int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None})
+    out = []
+    for p in prompts:
+        out.append({**hf_greedy(model, p["ids"], stops, max_new_tokens), "prompt": chat_ids(tok, p["messages"])})
+    return out
+
+
+def _merged(run, prompts, max_new_tokens, tmp):
+    return _hf_model_dir(merge(run, Path(tmp) / "merged"), prompts, max_new_tokens)
+
+
+def _gguf(path: Path, prompts, max_new_tokens, context):
+    import torch
+    n_ctx = min(context, max(len(p["ids"]) for p in prompts) + max_new_tokens + 8)
+    return llama_cpp_greedy(path, prompts, max_new_tokens, n_ctx, torch.get_num_threads())
+
+
+def _export(run, outtype, prompts, max_new_tokens, context, tmp):
+    llama_cpp_module()  # not installed: skipped before the export's minutes
+    path = export_gguf(run, Path(tmp) / f"gguf-{outtype}" / f"model-{outtype}.gguf", outtype=outtype)
+    return _gguf(path, prompts, max_new_tokens, context)
+
+
+def _vllm(python, src, prompts, max_new_tokens, dtype):
+    adapter = read_adapter(src.adapter_dir)
+    rank = max(A.shape[0] for A, _, _ in adapter.modules.values())
+    base = resolve_path(src.model_cfg.name_or_path)
+    request = vllm_request(base, str(src.tokenizer_path or base), str(src.adapter_dir),
+                           next(r for r in VLLM_MAX_LORA_RANKS if r >= rank), [p["ids"] for p in prompts],
+                           max_new_tokens, max(len(p["ids"]) for p in prompts) + max_new_tokens, dtype)
+    return vllm_greedy(python, request)
+
+
+def _engine_plan(run, engines, models, vllm_python, ref: dict):
+    """[(name, thunk)] in the order given; each thunk gets a temporary directory."""
+    src, prompts, stops, max_new_tokens, dtype, context = (
+        ref[k] for k in ("src", "prompts", "stops", "max_new_tokens", "dtype", "context"))
+    names = list(engines) if engines else list(ENGINES) + (["vllm"] if vllm_python else [])
+    plan = []
+    for name in names:
+        if name == "peft":
+            plan.append((name, lambda tmp: _peft(src, prompts, stops, max_new_tokens)))
+        elif name == "merged":
+            plan.append((name, lambda tmp: _merged(run, prompts, max_new_tokens, tmp)))
+        elif name.startswith("gguf-") and len(name) > 5:
+            plan.append((name, lambda tmp, t=name[5:]: _export(run, t, prompts, max_new_tokens, context, tmp)))
+        elif name == "vllm":
+            if not vllm_python:
+                raise PhiloraError("--engines vllm needs --vllm-python PATH (a python with vllm installed)")
+            plan.append((name, lambda tmp: _vllm(vllm_python, src, prompts, max_new_tokens, dtype)))
+        else:
+            raise PhiloraError(f"--engines: unknown engine {name!r} (peft, merged, gguf-f32, gguf-f16, gguf-bf16, "
+                               f"gguf-q8_0, gguf-q4_k_m, ..., vllm)")
+    for m in models or []:
+        path = Path(m)
+        if path.suffix == ".gguf" and path.is_file():
+            plan.append((f"gguf:{path.name}", lambda tmp, p=path: _gguf(p, prompts, max_new_tokens, context)))
+        elif (path / "config.json").is_file():
+            plan.append((f"model:{path.name}", lambda tmp, p=path: _hf_model_dir(p, prompts, max_new_tokens)))
+        else:
+            raise PhiloraError(f"--model {m}: not a .gguf file or a model directory (no config.json)")
+    return plan
+
+
+# -----------------------------------------------------------------------------
+# verify
+
+def _run_engine(name, thunk, say) -> dict:
+    """One engine's replies, or why there are none (skipped: not installed; error: it failed)."""
+    t0 = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="philora-verify-") as tmp:
+            replies = thunk(tmp)
+    except NotInstalled as e:
+        say(f"verify: {name}: skipped: {e}")
+        return {"engine": name, "status": "skipped", "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 (an engine that cannot serve the run is a finding; the others go on)
+        reason = str(e) if isinstance(e, PhiloraError) else f"{type(e).__name__}: {first_line(e)}"
+        say(f"verify: {name}: failed: {reason}")
+        return {"engine": name, "status": "error", "reason": reason, "seconds": time.perf_counter() - t0}
+    return {"engine": name, "replies": replies, "seconds": time.perf_counter() - t0}
+
+
+def verify(run, engines: Optional[Sequence[str]] = None, prompts: Union[int, str, None] = None,
+           out=None, margin: Optional[float] = None, max_new_tokens: int = MAX_NEW_TOKENS,
+           models: Sequence[str] = (), vllm_python: Optional[str] = None, say: Callable = None) -> dict:
+    """Verify the run (or PEFT adapter directory) ``run`` in ``engines`` (default ``ENGINES``, plus
+    vLLM with ``vllm_python``) and in the exported files / model directories ``models``, on the first
+    ``prompts`` held-out prompts (or those of a file). Writes verify.md / verify.json to ``out`` (the
+    run directory by default); returns the result, whose "exit_code" is 1 on a real disagreement."""
+    say = say or (lambda line: print(line, file=sys.stderr))
+    run = str(run)
+    if resolve_source(run).adapter_dir is None:
+        raise PhiloraError(f"{run}: no adapter to verify (no adapter_config.json); verify takes a run or adapter directory")
+    src, tok, plist, stops, ref, base, seconds, dtype, context = _reference(run, prompts, max_new_tokens, say)
+    eot = (end_of_turn_ids(tok) or [None])[0]
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    result = {"run": run, "max_new_tokens": max_new_tokens, "dtype": dtype,
+              "end_of_turn": {"id": eot, "token": decode([eot]) if eot is not None else None},
+              "prompts": [{"n": p["n"], "where": p["where"], "last_user_turn": last_user_turn(p["messages"]),
+                           "prompt_tokens": len(p["ids"])} for p in plist],
+              "reference": {"engine": "reference", "seconds": seconds, "replies": ref,
+                            "stops_on_eot": sum(r["stopped"] and r["tokens"][-1] == eot for r in ref)},
+              "adapter_changes": sum(r["tokens"] != b["tokens"] for r, b in zip(ref, base)), "engines": []}
+    if not result["adapter_changes"]:
+        say("verify: warning: the adapter changes none of the reference's greedy replies, so an engine "
+            "that ignores it cannot be told apart")
+    for name, thunk in _engine_plan(run, engines, models, vllm_python, dict(
+            src=src, prompts=plist, stops=stops, max_new_tokens=max_new_tokens, dtype=dtype, context=context)):
+        say(f"verify: {name} ...")
+        res = _run_engine(name, thunk, say)
+        if "replies" in res:
+            threshold = margin if margin is not None else MARGINS.get(name, DEFAULT_MARGIN)
+            res.update(compare_engine(name, plist, ref, base, res.pop("replies"), eot, threshold, decode))
+            for line in res["failures"]:
+                say(f"verify: FAIL {line}")
+        result["engines"].append(res)
+    result["base"] = compare_engine("base (adapter off)", plist, ref, base, base, eot, 0.0, decode)
+    result["ok"] = all(e["status"] in ("ok", "skipped") for e in result["engines"])
+    result["exit_code"] = 0 if result["ok"] else 1
+    out_dir = Path(out) if out is not None else Path(run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "verify.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    write_text(out_dir / "verify.md", markdown(result))
+    return result
+
+
+# -----------------------------------------------------------------------------
+# the command (cli.py adds the sub-parser with add_arguments and calls verify_cli)
+
+def add_arguments(p) -> None:
+    p.add_argument("run", help="a philora run directory (or PEFT adapter directory)")
+    p.add_argument("--engines", default=None,
+                   help=f"comma-separated (default {','.join(ENGINES)}, plus vllm with --vllm-python); "
+                        f"also gguf-f16, gguf-bf16, gguf-q4_k_m, ...")
+    p.add_argument("--prompts", default=None,
+                   help=f"N held-out prompts of the run's eval split (default {SAMPLES}), or a JSONL/JSON file")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    p.add_argument("--margin", type=float, default=None,
+                   help=f"top-2 logit margin below which a divergence is a near-tie (default {DEFAULT_MARGIN}; "
+                        f"q8_0 {MARGINS['gguf-q8_0']}, 4-bit 3.0)")
+    p.add_argument("--model", action="append", default=[], metavar="PATH",
+                   help="an exported .gguf file or a merged model directory to verify too (repeatable)")
+    p.add_argument("--vllm-python", default=None, metavar="PATH", help="a python with vllm installed")
+    p.add_argument("--json", action="store_true", help="the result as one JSON object on stdout")
+    p.add_argument("--out", default=None, help="directory for verify.md / verify.json (default: the run)")
+
+
+def verify_cli(args) -> int:
+    """``philora verify``: the table (or --json) on stdout; exit 1 on a real disagreement."""
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()] if args.engines else None
+    say = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = verify(args.run, engines, args.prompts, args.out, args.margin, args.max_new_tokens,
+                        args.model, args.vllm_python, say)
+    print(json.dumps(result, ensure_ascii=False) if args.json else markdown(result))
+    return result["exit_code"]
+
