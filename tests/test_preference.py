@@ -1,0 +1,246 @@
+"""philora's preference objectives against TRL 1.16 itself: DPOTrainer (sigmoid, ipo), ORPOTrainer and
+CPOTrainer(loss_type="simpo"), step-0 loss, metrics and LoRA gradients within 1e-5 relative.
+
+How the comparison is made exact: TRL's collators are fed philora's own token ids (DPO's
+DataCollatorForPreference takes prompt_ids / chosen_ids / rejected_ids; ORPO/CPO's
+DPODataCollatorWithPadding takes chosen_/rejected_ input_ids, attention_mask and labels), and
+``trainer.compute_loss`` runs on that batch; so both sides score the same sequences (philora's
+tokenization cuts what follows the end-of-turn token, which TRL 1.16's DPO would keep, and does
+not add ORPO/CPO's extra BOS/EOS: the test says nothing about tokenization, test_preference_data
+does). The model: a tiny random Llama, LoRA r=4 on all seven projections with lora_B random (so
+the policy differs from the reference); TRL wraps the base with PEFT (base + peft_config: its
+reference is the adapter disabled = the base); philora loads the same adapter into its own
+LoRA layers (model.inject.apply_adapter) and takes its reference from the base.
+"""
+
+import copy
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from philora.data.preference import collate_pairs, encode_pair, to_pair
+from philora.model.inject import apply_adapter
+from philora.model.preference import PreferenceLoss, reference_logps
+
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+RTOL = 1e-5
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAIRS = [
+    {"prompt": [{"role": "user", "content": "Sky color?"}],
+     "chosen": [{"role": "assistant", "content": "Blue."}],
+     "rejected": [{"role": "assistant", "content": "It is green, I think."}]},
+    {"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"}],
+     "chosen": [{"role": "assistant", "content": "6"}],
+     "rejected": [{"role": "assistant", "content": "six, obviously"}]},
+    {"prompt": "Say hi", "chosen": "Hi there!", "rejected": "No."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """Byte-level BPE with no merges (a byte a token) and ChatML's special tokens: no hub needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHATML)
+
+
+def base_model(tok, attn="eager"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).float().eval()
+    model.config._attn_implementation = attn
+    return model
+
+
+@pytest.fixture(scope="module")
+def encoded(tok):
+    pairs = []
+    for r in PAIRS:
+        status, p = encode_pair(*to_pair(r), tok, max_length=1024)
+        assert status == 0
+        for side in ("chosen", "rejected"):  # labels: one run from the prompt's end to the last token
+            assert p[f"{side}_mask"].tolist() == [0] * p["prompt_length"] + [1] * (len(p[side]) - p["prompt_length"])
+        pairs.append(p)
+    return pairs
+
+
+def trl_trainer(kind, tok, base, tmp_path, **options):
+    from datasets import Dataset
+    from peft import LoraConfig
+    common = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                  per_device_train_batch_size=3, max_steps=1, max_grad_norm=0.0, save_strategy="no",
+                  disable_tqdm=True, dataloader_num_workers=0, max_length=1024)
+    peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    data = Dataset.from_list([r for r in PAIRS if not isinstance(r["prompt"], str)])
+    if kind == "dpo":
+        from trl import DPOConfig, DPOTrainer
+        return DPOTrainer(model=base, args=DPOConfig(**common, **options), train_dataset=data, processing_class=tok,
+                          peft_config=peft)
+    if kind == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        return ORPOTrainer(model=base, args=ORPOConfig(**common, **options), train_dataset=data,
+                           processing_class=tok, peft_config=peft)
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    return CPOTrainer(model=base, args=CPOConfig(loss_type="simpo", **common, **options), train_dataset=data,
+                      processing_class=tok, peft_config=peft)
+
+
+def trl_batch(kind, trainer, pairs):
+    """TRL's own collator on philora's ids."""
+    rows = []
+    for p in pairs:
+        n = p["prompt_length"]
+        if kind == "dpo":
+            rows.append({"prompt_ids": p["chosen"][:n].tolist(), "chosen_ids": p["chosen"][n:].tolist(),
+                         "rejected_ids": p["rejected"][n:].tolist()})
+            continue
+        row = {}
+        for side in ("chosen", "rejected"):
+            ids = p[side].tolist()
+            row.update({f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
+                        f"{side}_labels": [-100] * n + ids[n:]})
+        rows.append(row)
+    return trainer.data_collator(rows)
+
+
+def trl_metrics(kind, trainer):
+    store = trainer._metrics["train"] if kind == "dpo" else trainer._stored_metrics["train"]
+    return {k: float(v[-1]) for k, v in store.items()}
+
+
+def lora_grads_peft(model):
+    out = {}
+    for n, p in model.named_parameters():
+        if "lora_" in n and ".default." in n:
+            module = n.split("base_model.model.", 1)[1].split(".lora_")[0]
+            out[(module, "A" if ".lora_A." in n else "B")] = p.grad.detach().clone()
+    return out
+
+
+def lora_grads_philora(model):
+    return {(n.rsplit(".", 1)[0], n[-1]): p.grad.detach().clone() for n, p in model.named_parameters()
+            if n.endswith(("lora_A", "lora_B"))}
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def randomize_b(model):
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B.default." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def philora_side(kind, tok, pristine, trainer, pairs, tmp_path, packing, **options):
+    """(loss, grads, metrics, model) of philora's PreferenceLoss on the adapter TRL trains."""
+    trainer.model.save_pretrained(str(tmp_path / "adapter"))
+    model = copy.deepcopy(pristine)
+    model.requires_grad_(False)
+    apply_adapter(model, tmp_path / "adapter")
+    batch = collate_pairs(pairs, tok.pad_token_id, packing, 1024)
+    if kind == "dpo":
+        batch["ref_logps"] = reference_logps(pristine, batch)  # the base: TRL's adapter-disabled reference
+    loss_fn = PreferenceLoss(model, kind, **options)
+    loss_sum, n = loss_fn(batch)
+    loss = loss_sum / n
+    loss.backward()
+    sums = loss_fn.take_metrics()
+    metrics = {k: (v / sums["pairs"]).item() for k, v in sums.items() if k != "pairs"}
+    return loss.item(), lora_grads_philora(model), metrics, model
+
+
+CASES = [
+    ("dpo", dict(beta=0.1, loss_type=["sigmoid"]), dict(beta=0.1, loss_type="sigmoid")),
+    ("dpo", dict(beta=0.1, loss_type=["ipo"]), dict(beta=0.1, loss_type="ipo")),
+    ("orpo", dict(beta=0.1), dict(beta=0.1)),
+    ("simpo", dict(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.0), dict(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.0)),
+    ("simpo", dict(beta=2.0, simpo_gamma=0.5, cpo_alpha=1.0, label_smoothing=0.1),
+     dict(beta=2.0, simpo_gamma=0.5, cpo_alpha=1.0, label_smoothing=0.1)),
+]
+
+
+@pytest.mark.parametrize("kind, trl_options, options", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_step0_equals_trl(kind, trl_options, options, tok, encoded, tmp_path):
+    base = base_model(tok)
+    pristine = copy.deepcopy(base)
+    trainer = trl_trainer(kind, tok, base, tmp_path, **trl_options)
+    randomize_b(trainer.model)
+    trainer.model.train()
+    trl_loss = trainer.compute_loss(trainer.model, trl_batch(kind, trainer, encoded))
+    trl_loss.backward()
+    want = lora_grads_peft(trainer.model)
+    got_m = trl_metrics(kind, trainer)
+    loss, grads, metrics, _ = philora_side(kind, tok, pristine, trainer, encoded, tmp_path, packing=True, **options)
+    assert abs(loss - trl_loss.item()) <= RTOL * abs(trl_loss.item()), (loss, trl_loss.item())
+    assert set(grads) == set(want) and len(want) == 2 * 7 * 2
+    worst = max(rel(grads[k], want[k]) for k in want)
+    print(f"\n{kind} {options}: trl {trl_loss.item():.8f} philora {loss:.8f} worst grad rel {worst:.1e}")
+    assert worst < RTOL, worst
+    for k, v in metrics.items():  # TRL's names, TRL's values
+        assert abs(v - got_m[k]) <= 1e-5 * max(1.0, abs(got_m[k])), (k, v, got_m[k])
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(metrics)
+
+
+@pytest.mark.parametrize("kind, options", [("dpo", dict(beta=0.1)), ("orpo", dict(beta=0.1)),
+                                           ("simpo", dict(beta=2.0, cpo_alpha=1.0))])
+def test_packed_equals_unpacked(kind, options, tok, encoded):
+    from philora.core.config import PeftConfig
+    from philora.model.inject import inject_lora
+    results = []
+    for packing in (True, False):
+        model = base_model(tok, attn="sdpa")
+        model.requires_grad_(False)
+        inject_lora(model, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        batch = collate_pairs(encoded, tok.pad_token_id, packing, 64)
+        assert (batch["input_ids"].shape[0] < 6) == packing
+        batch["ref_logps"] = torch.tensor([[-50.0, -60.0]] * 3, dtype=torch.float64)
+        loss_sum, n = PreferenceLoss(model, kind, **options)(batch)
+        loss_sum.backward()
+        results.append((loss_sum.item(), lora_grads_philora(model)))
+    (a, ga), (b, gb) = results
+    assert abs(a - b) <= RTOL * abs(b)
+    assert max(rel(ga[k], gb[k]) for k in gb) < RTOL
+
+
+def test_dpo_step0_is_ln2_with_the_adapter_at_zero(tok, encoded):
+    """The reference is the step-0 model: a fresh adapter (B = 0), or any starting adapter."""
+    from philora.core.config import PeftConfig
+    from philora.model.inject import inject_lora
+    model = base_model(tok, attn="sdpa")
+    model.requires_grad_(False)
+    inject_lora(model, PeftConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS))
+    batch = collate_pairs(encoded, tok.pad_token_id, True, 1024)
+    model.eval()
+    batch["ref_logps"] = reference_logps(model, batch)
+    model.train()  # dropout on LoRA's input changes nothing while B is zero
+    loss_fn = PreferenceLoss(model, "dpo", beta=0.1)
+    loss_sum, n = loss_fn(batch)
+    assert abs(loss_sum.item() / n.item() - math.log(2)) < 1e-6
+    m = loss_fn.take_metrics()
+    assert m["rewards/accuracies"].item() == 0 and abs(m["rewards/margins"].item()) < 1e-6
+    loss_sum.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n_, p in model.named_parameters() if "lora_" in n_)
+    assert np.isfinite(batch["ref_logps"].numpy()).all() and (batch["ref_logps"] < 0).all()
