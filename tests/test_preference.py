@@ -244,3 +244,49 @@ def test_dpo_step0_is_ln2_with_the_adapter_at_zero(tok, encoded):
     loss_sum.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n_, p in model.named_parameters() if "lora_" in n_)
     assert np.isfinite(batch["ref_logps"].numpy()).all() and (batch["ref_logps"] < 0).all()
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["training_config.objective=dpo", "training_config.beta=0"], ["'training_config.beta' must be > 0", "0.0"]),
+    (["training_config.objective=orpo", "training_config.beta=-1"], ["'training_config.beta' must be > 0"]),
+    (["training_config.objective=kto"], ["'training_config.objective' must be one of", "'dpo'"]),
+    (["training_config.objective=orpo", "training_config.loss_type=ipo"],
+     ["'training_config.loss_type' applies to training_config.objective dpo only", "orpo"]),
+    (["training_config.objective=dpo", "training_config.label_smoothing=0.1"],
+     ["'training_config.label_smoothing' applies to training_config.objective simpo only"]),
+    (["training_config.objective=simpo", "training_config.label_smoothing=0.5"],
+     ["'training_config.label_smoothing' must be in [0, 0.5)"]),
+    (["training_config.objective=simpo", "training_config.cpo_alpha=-1"], ["'training_config.cpo_alpha' must be >= 0"]),
+    (["training_config.objective=dpo", "training_config.dpo_beta=0.1"], ["unknown key 'training_config.dpo_beta'"]),
+])
+def test_bad_config_is_one_line(overrides, needles):
+    from conftest import one_line_error
+    from philora.core.config import ConfigError, load_config
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    one_line_error(e, *needles)
+
+
+def test_config_keys_and_init_adapter_checks(tmp_path):
+    from conftest import one_line_error
+    from philora.core.config import load_config
+    from philora.core.errors import PhiloraError
+    from philora.model.preference import check_start
+    cfg = load_config(None, ["training_config.objective=simpo", "training_config.beta=2.5", "training_config.cpo_alpha=0",
+                             "training_config.simpo_gamma=1.2", "training_config.label_smoothing=0.1"])
+    tc = cfg.training_config
+    assert (tc.objective, tc.beta, tc.cpo_alpha, tc.simpo_gamma, tc.label_smoothing) == ("simpo", 2.5, 0.0, 1.2, 0.1)
+    assert check_start(cfg) is None
+    missing = load_config(None, ["training_config.objective=dpo", f"peft_config.init_adapter={tmp_path / 'nope'}"])
+    with pytest.raises(PhiloraError) as e:
+        check_start(missing)
+    one_line_error(e, "peft_config.init_adapter", "no such directory", "DPO's reference is the step-0 model")
+    (tmp_path / "run" / "checkpoint-10").mkdir(parents=True)
+    unfinished = load_config(None, ["training_config.objective=dpo", f"peft_config.init_adapter={tmp_path / 'run'}"])
+    with pytest.raises(PhiloraError) as e:
+        check_start(unfinished)
+    one_line_error(e, "has not saved its adapter yet", "--resume")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PhiloraError) as e:
+        check_start(load_config(None, [f"peft_config.init_adapter={tmp_path / 'empty'}"]))
+    one_line_error(e, "no adapter_config.json", "training starts from it")

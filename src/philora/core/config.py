@@ -96,6 +96,13 @@ class TrainingConfig:
     # A step whose loss or gradient norm is NaN/inf is skipped (no update) with a warning; this
     # many in a row stop the run with an error (1: stop at the first).
     max_bad_steps: int = 5
+    # Preference tuning (data: {prompt, chosen, rejected} pairs); the other keys as TRL names them.
+    objective: str = "sft"  # sft | dpo | orpo | simpo
+    beta: float = 0.1  # DPO's beta; ORPO's lambda; SimPO's beta (the paper uses 2 to 10)
+    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo
+    label_smoothing: float = 0.0  # simpo only (TRL 1.16's DPO sigmoid and ipo ignore it)
+    simpo_gamma: float = 0.5  # SimPO's target margin
+    cpo_alpha: float = 1.0  # simpo: weight of the NLL on chosen completions (0: the paper's SimPO)
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class PeftConfig:
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     use_dora: bool = False  # DoRA: a trained magnitude per output row (dora.py)
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: lora_B's learning rate = ratio x lora_A's
+    init_adapter: Optional[str] = None  # a PEFT adapter or finished philora run directory: the LoRA starts from it
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,8 @@ CHOICES = {
     "data.truncation": ("truncate", "drop"),
     "training_config.lr_scheduler_type": ("cosine", "linear", "constant"),
     "peft_config.bias": ("none", "all", "lora_only"),
+    "training_config.objective": ("sft", "dpo", "orpo", "simpo"),
+    "training_config.loss_type": ("sigmoid", "ipo"),
 }
 
 
@@ -167,7 +177,13 @@ RANGES = {
     "training_config.report_to": (lambda v: all(t in REPORT_TO for t in ([v] if isinstance(v, str) else v)),
                                   f"one or a list of {', '.join(REPORT_TO)}"),
     "training_config.max_bad_steps": (lambda v: v >= 1, ">= 1"),
+    "training_config.beta": (lambda v: v > 0, "> 0"),
+    "training_config.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "training_config.simpo_gamma": (lambda v: v >= 0, ">= 0"),
+    "training_config.cpo_alpha": (lambda v: v >= 0, ">= 0"),
 }
+# Keys that apply to one objective only: set otherwise (not their default), they are an error.
+OBJECTIVE_ONLY = {"training_config.loss_type": ("dpo", "sigmoid"), "training_config.label_smoothing": ("simpo", 0.0)}
 
 # Keys a --resume may change: they do not change the weights a run trains (the split of the
 # global batch into processes x batch x accumulation is checked on its own: the product must
@@ -194,6 +210,12 @@ def check_values(cfg: "Config", where: str = "config") -> None:
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             raise ConfigError(f"{where}: '{key}' must be {what}, got {value!r}")
+    objective = cfg.training_config.objective
+    for key, (only, default) in OBJECTIVE_ONLY.items():
+        value = getattr(cfg.training_config, key.split(".")[1])
+        if value != default and objective != only:
+            raise ConfigError(f"{where}: '{key}' applies to training_config.objective {only} only, "
+                              f"got {value!r} with objective {objective}")
     targets = cfg.peft_config.target_modules
     if isinstance(targets, str) and targets != "all-linear":  # a regex, as in PEFT
         try:

@@ -32,13 +32,17 @@ logits (ORPO/SimPO) where philora packs and never builds them.
 """
 
 import math
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.config import Config
+from ..core.errors import PhiloraError
 from ..data.encoding import IGNORE_INDEX
+from .adapter import AdapterError, read_adapter
 from .families import final_logit_softcap
 from .loss import CHUNK, lm_head_loss
 
@@ -175,3 +179,25 @@ def reference_logps(model: nn.Module, batch: Dict[str, torch.Tensor], chunk: int
     the model as it is (the caller puts it in eval mode at step 0)."""
     logps, _, _ = sequence_logps(model, batch, None, chunk)
     return logps.view(-1, 2).double().cpu()
+
+
+def check_start(cfg: Config) -> Optional[Path]:
+    """Before the model loads: the adapter training starts from (``peft_config.init_adapter``,
+    read and checked), None for a fresh one; a one-line PhiloraError when it cannot be read, as
+    DPO's reference (the step-0 model) could not be formed from it."""
+    path = cfg.peft_config.init_adapter
+    if path is None:
+        return None
+    why = "DPO's reference is the step-0 model" if cfg.training_config.objective in NEEDS_REFERENCE else \
+        "training starts from it"
+    p = Path(path)
+    if not p.is_dir():
+        raise PhiloraError(f"peft_config.init_adapter: {path}: no such directory ({why})")
+    if not (p / "adapter_config.json").is_file() and any(p.glob("checkpoint-*")):
+        raise PhiloraError(f"peft_config.init_adapter: {path} is a run that has not saved its adapter yet (it "
+                           f"did not finish): finish it with --resume first ({why})")
+    try:
+        read_adapter(p, dora=True)
+    except AdapterError as e:
+        raise PhiloraError(f"peft_config.init_adapter: {e} ({why})") from None
+    return p
