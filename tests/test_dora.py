@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from philora.model import dora
+from philora.lora import LoRALinear
 from philora.model.adapter import read_adapter, save_adapter
 from philora.export.adapter_check import check_cli
 from philora.core.config import Config, ModelConfig, PeftConfig, save_config
@@ -61,11 +61,13 @@ def test_starts_as_the_base_and_switches_off_to_it(base_dir, helpers):
     model = helpers.load_model(base_dir)
     inject_lora(model, PeftConfig(**DORA, fused_slices={"qkv_proj": ["q", "v"]}))
     layer = model.model.layers[0].self_attn.o_proj
-    assert isinstance(layer, dora.Linear) and layer.lora_magnitude_vector.requires_grad
+    assert isinstance(layer, LoRALinear) and layer.use_dora and layer.enable_lora is None
+    assert layer.lora_magnitude_vector.requires_grad
     assert_close(layer.lora_magnitude_vector, torch.linalg.norm(base.model.layers[0].self_attn.o_proj.weight, dim=1),
                  rtol=0, atol=0)
     qkv = model.model.layers[0].self_attn.qkv_proj  # q and v rows only: 64 + 32 of 128
-    assert isinstance(qkv, dora.MergedLinear) and qkv.lora_magnitude_vector.shape == (96,)
+    assert isinstance(qkv, LoRALinear) and qkv.use_dora and qkv.enable_lora is not None
+    assert qkv.lora_magnitude_vector.shape == (96,)
     assert torch.equal(helpers.logits(model, ids), want)  # B = 0 and m = ||W||: exactly the base
     model = philora_dora(helpers, base_dir, fused_slices={"qkv_proj": ["q", "v"]})
     assert (helpers.logits(model, ids) - want).abs().max() > 1e-2
@@ -233,7 +235,7 @@ def test_4bit_dora_layer_is_the_formula(small_model_dir, helpers):
     inject_lora(model, PeftConfig(**DORA, target_modules=["o_proj"], fused_slices={"qkv_proj": ["q", "v"]}))
     g = torch.Generator().manual_seed(0)
     for layer in (model.model.layers[0].self_attn.qkv_proj, model.model.layers[0].self_attn.o_proj):
-        assert isinstance(layer, (dora.Linear4bit, dora.MergedLinear4bit))
+        assert isinstance(layer, LoRALinear) and layer.use_dora and layer.base_layer is not None
         with torch.no_grad():
             layer.lora_A.normal_(0, 0.3, generator=g)
             layer.lora_B.normal_(0, 0.3, generator=g)
@@ -243,7 +245,7 @@ def test_4bit_dora_layer_is_the_formula(small_model_dir, helpers):
         x = torch.randn(2, 5, W.shape[1], generator=g)
         m = layer.lora_magnitude_vector.detach().clone().requires_grad_()
         A, B = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
-        fused = isinstance(layer, dora.MergedLinear4bit)
+        fused = layer.enable_lora is not None
         V = W + (_per_slice(layer, A, B) if fused else B @ A) * layer.scaling
         rows = layer.lora_ind if fused else torch.ones(W.shape[0], dtype=torch.bool)
         norm = torch.linalg.norm(V, dim=1).detach()  # a constant in backward, as in the paper and peft

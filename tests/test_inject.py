@@ -166,7 +166,7 @@ def test_per_slice_qkv_matches_hand_computed_reference(ids):
         t = targets[f"model.layers.{i}.self_attn.qkv_proj"]
         assert t.slices == ("q", "v") and t.split_sizes == QKV_SIZES
         layer = model.model.layers[i].self_attn.qkv_proj
-        assert isinstance(layer, lora.MergedLinear)
+        assert isinstance(layer, lora.LoRALinear) and layer.enable_lora is not None
         assert layer.enable_lora == [True, False, True] and list(layer.split_sizes) == list(QKV_SIZES)
         assert layer.lora_A.shape == (2 * r, HIDDEN) and layer.lora_B.shape == (QKV_SIZES[0] + QKV_SIZES[2], r)
         # one layer on its own: base + slice-wise B A x * scaling, k rows untouched
@@ -204,12 +204,12 @@ def test_cookbook_names_map_to_slices(target_modules, fused_slices, expected):
     got = {}
     for name, layer in lora_layers(model).items():
         short = name.rsplit(".", 1)[-1]
-        got[short] = layer.enable_lora if isinstance(layer, lora.MergedLinear) else None
+        got[short] = layer.enable_lora
         assert targets[name].name == name
     assert got == expected
     assert set(targets) == {n for n in LINEARS if n.rsplit(".", 1)[-1] in expected}
     for name, layer in lora_layers(model).items():
-        if name.endswith("gate_up_proj") and isinstance(layer, lora.MergedLinear):
+        if name.endswith("gate_up_proj") and layer.enable_lora is not None:
             assert list(layer.split_sizes) == [INTER, INTER]
 
 

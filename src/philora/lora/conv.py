@@ -66,7 +66,7 @@ class ConvLoRA(LoRALayer, nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._has_lora() or self.merged:
+        if not self.has_lora() or self.merged:
             return self.conv(x)
         delta = self.delta_weight().to(self.conv.weight.dtype)
         if isinstance(self.lora_dropout, nn.Identity):

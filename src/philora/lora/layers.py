@@ -1,11 +1,28 @@
-"""LoRA layers: a drop-in for microsoft/LoRA's ``loralib.layers`` (0.1.2).
+"""LoRA layers: a drop-in for microsoft/LoRA's ``loralib.layers`` (0.1.2), and the one LoRA linear layer.
 
-Same class names, constructor signatures, defaults, parameter names, shapes and state-dict keys
-as loralib, so checkpoints move between the two with ``load_state_dict(..., strict=False)``.
-Same merge contract: with ``merge_weights=True`` the low-rank update is added into the frozen
-weight on ``eval()`` and taken out again on ``train()``.
+:class:`LoRALinear` is every LoRA linear layer philora has; what varies is an option of the one
+class (torchtune's LoRALinear and DoRALinear, in one):
 
-Where loralib is wrong, these layers are right (each has a test):
+* the base: a plain linear layer's weight and bias become the layer's own ``weight`` / ``bias``
+  (loralib's keys; not copied), or, with ``dequantize``, a quantized module (bitsandbytes 4-bit)
+  stays whole as ``base_layer``: its forward runs, its packed weight is never written (no
+  in-place merge), and ``dequantize(base_layer.weight)`` gives DoRA the plain weight;
+* ``enable_lora`` / ``split_sizes``: LoRA on some slices of a fused output (q/k/v, gate/up);
+* ``use_rslora``: scaling ``alpha / sqrt(r)`` instead of ``alpha / r``;
+* ``use_dora``: DoRA (arXiv 2402.09353) as PEFT computes it: ``W' = m * (W + s B A) / ||W + s B A||``
+  per output row, ``m`` trained (``lora_magnitude_vector``, PEFT's name, starting at ``||W||``),
+  the norm a constant in backward (the paper's section 4.3) and kept until A, B or W change; on
+  slices only the enabled rows get a magnitude;
+* ``fast_path``: a training forward that saves less for backward (philora/model/fused.py sets
+  it, so this module stays pure torch), tried before the plain path.
+
+:class:`Linear` and :class:`MergedLinear` are loralib's constructors onto it: the same signatures,
+defaults, parameter names, shapes, state-dict keys and random draws as loralib, so checkpoints move
+between the two with ``load_state_dict(..., strict=False)``. Same merge contract: with
+``merge_weights=True`` the update is added into the frozen weight on ``eval()`` and taken out
+again on ``train()``.
+
+Where loralib is wrong, philora.lora is right (each has a test):
 
 * dropout with p=0 is ``nn.Identity`` (loralib's lambda makes modules unpicklable);
 * ``MergedLinear`` takes unequal slices (``split_sizes``, for grouped-query q/k/v), works with
@@ -20,12 +37,14 @@ swaps in a cheaper CPU mask (philora/model/dropout.py) when it injects these lay
 """
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude: PEFT's parameter name and adapter-file key
+Block = Tuple[int, int, slice, slice]  # (output start, output size, rows of lora_A, rows of lora_B)
 
 
 class LoRALayer:
@@ -47,7 +66,8 @@ class LoRALayer:
             self.register_load_state_dict_post_hook(_remerge_after_load)
 
     # -- shared merge bookkeeping -----------------------------------------------------------
-    def _has_lora(self) -> bool:
+    def has_lora(self) -> bool:
+        """Whether the layer has LoRA factors (r > 0 and, for slices, one enabled)."""
         return self.r > 0 and hasattr(self, "lora_A")
 
     def _merge_delta(self, sign: float) -> None:
@@ -60,11 +80,11 @@ class LoRALayer:
 
     def _set_merged(self, want: bool) -> None:
         if want and not self.merged:
-            if self._has_lora():
+            if self.has_lora():
                 self._merge_delta(+1.0)
             self.merged = True
         elif not want and self.merged:
-            if self._has_lora():
+            if self.has_lora():
                 self._merge_delta(-1.0)
             self.merged = False
 
@@ -88,219 +108,276 @@ def _remerge_after_load(module, incompatible_keys) -> None:
     module._remerge = False
 
 
-def _lora_branch(x: torch.Tensor, dropout: nn.Module, A: torch.Tensor) -> torch.Tensor:
-    """``dropout(x) @ A.T`` in the LoRA dtype: (..., in) -> (..., r)."""
-    return F.linear(dropout(x.to(A.dtype)), A)
+class LoRALinear(LoRALayer, nn.Module):
+    """A frozen linear base plus a low-rank update, on its whole output or on some slices of it:
+    ``base(x) + (dropout(x) A.T B_i.T) * scaling`` on the rows of each enabled slice i.
 
-
-class Embedding(LoRALayer, nn.Embedding):
-    """``nn.Embedding`` plus a low-rank update: ``E[x] + (A.T[x] @ B.T) * scaling``.
-
-    Shapes: ``weight`` (num_embeddings, embedding_dim), ``lora_A`` (r, num_embeddings),
-    ``lora_B`` (embedding_dim, r). Init as loralib: A zero, B normal (so the delta starts at 0).
+    Shapes: own ``weight`` (out, in), or (in, out) with ``fan_in_fan_out`` (GPT-2's Conv1D
+    layout); ``lora_A`` (r*k, in) and ``lora_B`` (rows of the k enabled slices, r), k = 1 on the
+    whole output; rows [i*r, (i+1)*r) of ``lora_A`` pair with the i-th enabled slice of
+    ``lora_B``. Init as loralib: A kaiming-uniform, B zero. Input (..., in) -> output (..., out).
+    On a quantized base (``dequantize`` given) ``weight`` and ``bias`` are ``base_layer``'s.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: int = 1,
-                 merge_weights: bool = True, **kwargs):
-        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0, merge_weights=merge_weights)
-        if r > 0:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r, num_embeddings)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((embedding_dim, r)))
-            self.scaling = self.lora_alpha / self.r
-            self.weight.requires_grad = False
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        nn.Embedding.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            nn.init.zeros_(self.lora_A)
-            nn.init.normal_(self.lora_B)
-
-    def _frozen_weight(self) -> torch.Tensor:
-        return self.weight
-
-    def delta_weight(self) -> torch.Tensor:
-        """The update added to ``weight``: (num_embeddings, embedding_dim)."""
-        return (self.lora_B @ self.lora_A).transpose(0, 1) * self.scaling
-
-    def train(self, mode: bool = True):
-        nn.Embedding.train(self, mode)
-        self._lora_train(mode)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (...) integer ids -> (..., embedding_dim)."""
-        result = nn.Embedding.forward(self, x)
-        if self._has_lora() and not self.merged:
-            # max_norm=None: F.embedding renormalises its weight *in place*; doing that to
-            # lora_A (loralib) silently rewrites the adapter on every forward.
-            after_A = F.embedding(x, self.lora_A.transpose(0, 1), self.padding_idx, None,
-                                  self.norm_type, self.scale_grad_by_freq, self.sparse)
-            result = result + (F.linear(after_A, self.lora_B) * self.scaling).to(result.dtype)
-        return result
-
-
-class Linear(LoRALayer, nn.Linear):
-    """``nn.Linear`` plus a low-rank update: ``x W.T + b + (dropout(x) A.T B.T) * scaling``.
-
-    Shapes: ``weight`` (out, in), or (in, out) when ``fan_in_fan_out`` (GPT-2's Conv1D layout);
-    ``lora_A`` (r, in), ``lora_B`` (out, r). Init as loralib: A kaiming-uniform, B zero.
-    Input (..., in) -> output (..., out).
-    """
-
-    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
-                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
-                 merge_weights: bool = True, **kwargs):
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                           merge_weights=merge_weights)
-        self.fan_in_fan_out = fan_in_fan_out
-        if r > 0:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
-            self.scaling = self.lora_alpha / self.r
-            self.weight.requires_grad = False
-        self.reset_parameters()
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.transpose(0, 1)
-
-    def reset_parameters(self):
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
-
-    def _T(self, w: torch.Tensor) -> torch.Tensor:
-        return w.transpose(0, 1) if self.fan_in_fan_out else w
-
-    def _frozen_weight(self) -> torch.Tensor:
-        return self.weight
-
-    def delta_weight(self) -> torch.Tensor:
-        """The update added to ``weight``, in ``weight``'s layout: (out, in) or (in, out)."""
-        return self._T(self.lora_B @ self.lora_A) * self.scaling
-
-    def train(self, mode: bool = True):
-        nn.Linear.train(self, mode)
-        self._lora_train(mode)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self._T(self.weight), bias=self.bias)
-        if self._has_lora() and not self.merged:
-            result = result + self.lora_forward(x).to(result.dtype)
-        return result
-
-    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The LoRA branch alone, in the LoRA dtype: (..., in) -> (..., out)."""
-        # (x A.T) B.T: O(tokens * r * (in + out)); scaling applied on the r-wide tensor.
-        return self._lora_out(_lora_branch(x, self.lora_dropout, self.lora_A) * self.scaling)
-
-    def _lora_out(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., r), already scaled -> (..., out): the B half of the LoRA branch."""
-        return F.linear(h, self.lora_B)
-
-
-class MergedLinear(LoRALayer, nn.Linear):
-    """A fused projection (e.g. q/k/v or gate/up) with LoRA on some of its output slices.
-
-    The output is split into ``len(enable_lora)`` slices: equal, as in loralib, or of
-    ``split_sizes`` rows (unequal slices: q/k/v with grouped-query attention). Slice ``i`` gets
-    its own rank-r update when ``enable_lora[i]``.
-
-    Shapes (k = number of enabled slices): ``lora_A`` (r*k, in), ``lora_B`` (rows of the
-    enabled slices, r); rows of ``lora_A`` [i*r:(i+1)*r] pair with the i-th enabled slice of
-    ``lora_B``. Input (..., in) -> output (..., out).
-    """
-
-    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
-                 lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
+    def __init__(self, base_layer: nn.Module, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                  fan_in_fan_out: bool = False, merge_weights: bool = True,
-                 split_sizes: Optional[Sequence[int]] = None, **kwargs):
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+                 enable_lora: Optional[Sequence[bool]] = None, split_sizes: Optional[Sequence[int]] = None,
+                 use_rslora: bool = False, use_dora: bool = False,
+                 dequantize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 lora_dtype: Optional[torch.dtype] = None):
+        nn.Module.__init__(self)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights)
-        enable_lora = [bool(e) for e in enable_lora]
-        if split_sizes is None:
-            if out_features % len(enable_lora) != 0:
-                raise ValueError("The length of enable_lora must divide out_features")
-            split_sizes = [out_features // len(enable_lora)] * len(enable_lora)
-        split_sizes = [int(s) for s in split_sizes]
-        if len(split_sizes) != len(enable_lora) or sum(split_sizes) != out_features:
-            raise ValueError(f"split_sizes {split_sizes} must have one entry per enable_lora "
-                             f"entry ({len(enable_lora)}) and sum to out_features ({out_features})")
-        self.enable_lora = enable_lora
-        self.split_sizes = split_sizes
-        self.fan_in_fan_out = fan_in_fan_out
-        if r > 0 and any(enable_lora):
-            k = sum(enable_lora)
-            rows = sum(s for s, e in zip(split_sizes, enable_lora) if e)
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r * k, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((rows, r)))
-            self.scaling = self.lora_alpha / self.r
-            self.weight.requires_grad = False
-            # Non-persistent: loralib keeps this as a plain attribute, so it is no state-dict key.
-            ind = torch.cat([torch.full((s,), e, dtype=torch.bool)
-                             for s, e in zip(split_sizes, enable_lora)])
-            self.register_buffer("lora_ind", ind.to(self.weight.device), persistent=False)
-        self.reset_parameters()
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.transpose(0, 1)
+        self.fan_in_fan_out, self.use_rslora, self.use_dora = fan_in_fan_out, use_rslora, use_dora
+        self.dequantize = dequantize
+        self.fast_path: Optional[Callable[["LoRALinear", torch.Tensor], Optional[torch.Tensor]]] = None
+        if dequantize is None:  # registered first: loralib's key order (weight, bias, lora_A, lora_B)
+            self.base_layer = None
+            self.weight = base_layer.weight
+            self.register_parameter("bias", base_layer.bias)
+            rows, cols = self.weight.shape
+            self.in_features, self.out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
+        else:
+            self.base_layer = base_layer
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.enable_lora, self.split_sizes = _slices(self.out_features, enable_lora, split_sizes)
+        if r > 0 and (self.enable_lora is None or any(self.enable_lora)):
+            self._add_factors(lora_dtype)
 
-    def reset_parameters(self):
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+    def _add_factors(self, lora_dtype: Optional[torch.dtype]) -> None:
+        """lora_A, lora_B (in ``lora_dtype``, default the base weight's; float32 on a packed one),
+        scaling, the rows carrying LoRA, and with DoRA the magnitude."""
+        weight, whole = self.weight, self.enable_lora is None
+        dtype = lora_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+        k = 1 if whole else sum(self.enable_lora)
+        rows = self.out_features if whole else sum(s for s, e in zip(self.split_sizes, self.enable_lora) if e)
+        self.lora_A = nn.Parameter(torch.zeros((self.r * k, self.in_features), dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros((rows, self.r), dtype=dtype, device=weight.device))
+        self.scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        if self.base_layer is None:
+            self.weight.requires_grad = False
+        if not whole:  # non-persistent: loralib keeps this as a plain attribute, no state-dict key
+            ind = torch.cat([torch.full((s,), e, dtype=torch.bool)
+                             for s, e in zip(self.split_sizes, self.enable_lora)])
+            self.register_buffer("lora_ind", ind.to(weight.device), persistent=False)
+        self.reset_lora_parameters()
+        if self.use_dora:  # after the factors, scaling and rows it is computed from
+            self.init_magnitude()
+
+    def reset_lora_parameters(self) -> None:
+        """A kaiming-uniform, B zero (loralib's and PEFT's init): the update starts at zero."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def __getattr__(self, name: str):
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            # A quantized base's weight and bias are base_layer's, as PEFT's layers answer.
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name not in ("weight", "bias"):
+                raise
+            return getattr(base, name)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
 
     def _T(self, w: torch.Tensor) -> torch.Tensor:
         return w.transpose(0, 1) if self.fan_in_fan_out else w
 
     def _frozen_weight(self) -> torch.Tensor:
+        if self.use_dora:
+            raise ValueError("a DoRA layer cannot take its update into the weight in place; "
+                             "merge with `philora merge`")
+        if self.base_layer is not None:
+            raise ValueError("cannot merge LoRA into a quantized base layer in place; merge with "
+                             "`philora merge` (it dequantises the base first)")
         return self.weight
 
-    def _slices(self):
-        """Yield (out_start, out_size, a_rows, b_rows) for each enabled slice."""
-        out0, b0, i = 0, 0, 0
+    def dense_weight(self) -> torch.Tensor:
+        """The frozen weight as a plain (out, in) tensor: dequantised on a quantized base."""
+        if self.base_layer is not None:
+            return self.dequantize(self.base_layer.weight)
+        return self._T(self.weight)
+
+    def blocks(self) -> List[Block]:
+        """The LoRA blocks: one on the whole output, or one per enabled slice."""
+        if self.enable_lora is None:
+            return [(0, self.out_features, slice(0, self.lora_A.shape[0]), slice(0, self.out_features))]
+        out, out0, b0, i = [], 0, 0, 0
         for size, on in zip(self.split_sizes, self.enable_lora):
             if on:
-                yield out0, size, slice(i * self.r, (i + 1) * self.r), slice(b0, b0 + size)
+                out.append((out0, size, slice(i * self.r, (i + 1) * self.r), slice(b0, b0 + size)))
                 b0 += size
                 i += 1
             out0 += size
+        return out
 
     def delta_weight(self) -> torch.Tensor:
         """The update added to ``weight`` (zero rows for disabled slices), in its layout."""
+        if self.enable_lora is None:
+            return self._T(self.lora_B @ self.lora_A) * self.scaling
         delta = self.lora_B.new_zeros((self.out_features, self.in_features))
-        for out0, size, a, b in self._slices():
+        for out0, size, a, b in self.blocks():
             delta[out0:out0 + size] = self.lora_B[b] @ self.lora_A[a]
         return self._T(delta) * self.scaling
 
     def train(self, mode: bool = True):
-        nn.Linear.train(self, mode)
+        nn.Module.train(self, mode)
         self._lora_train(mode)
         return self
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen base alone: (..., in) -> (..., out)."""
+        if self.base_layer is not None:
+            return self.base_layer(x)
+        return F.linear(x, self._T(self.weight), bias=self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self._T(self.weight), bias=self.bias)
-        if not self._has_lora() or self.merged:
-            return result
-        return result + self.lora_forward(x).to(result.dtype)
+        if self.use_dora:
+            return self.dora_forward(x)
+        if self.fast_path is not None:
+            y = self.fast_path(self, x)  # None outside training: then the plain path below
+            if y is not None:
+                return y
+        result = self.base_forward(x)
+        if self.has_lora() and not self.merged:
+            result = result + self.lora_forward(x).to(result.dtype)
+        return result
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The LoRA branch alone, in the LoRA dtype: (..., in) -> (..., out), zero on disabled slices."""
-        # One matmul for all of A, then each slice's (tokens, r) @ (r, size): never the
-        # out x in delta that loralib builds on every call (loralib#109).
-        return self._lora_out(_lora_branch(x, self.lora_dropout, self.lora_A) * self.scaling)
+        # (x A.T) B.T: O(tokens * r * (in + out)); scaling applied on the r-wide tensor.
+        h = F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A)
+        return self._lora_out(h * self.scaling)
 
     def _lora_out(self, h: torch.Tensor) -> torch.Tensor:
         """(..., r*k), already scaled -> (..., out): each enabled slice's B, zeros elsewhere."""
-        parts = [(out0, size, F.linear(h[..., a], self.lora_B[b]))
-                 for out0, size, a, b in self._slices()]
+        if self.enable_lora is None:
+            return F.linear(h, self.lora_B)
+        # Each slice's (tokens, r) @ (r, size): never the out x in delta that loralib builds
+        # on every call (loralib#109).
+        parts = [(out0, size, F.linear(h[..., a], self.lora_B[b])) for out0, size, a, b in self.blocks()]
         if all(self.enable_lora):
             return torch.cat([p for _, _, p in parts], dim=-1)
         delta = h.new_zeros((*h.shape[:-1], self.out_features))
         for out0, size, p in parts:
             delta[..., out0:out0 + size] = p
         return delta
+
+
+    # -- DoRA (use_dora) ---------------------------------------------------------------------
+    def init_magnitude(self) -> None:
+        """m = ||W + s B A|| per output row (= ||W|| with B at zero): the layer starts as plain LoRA."""
+        ind = getattr(self, "lora_ind", None)
+        rows = None if ind is None or bool(ind.all()) else ind.nonzero()[:, 0]
+        full = self.full_weight_norm()
+        # Buffers (not saved): they follow the layer to its device. The rows with a magnitude
+        # (None: all), and ||W|| of the others, which PEFT's file needs (never recomputed from a
+        # weight that FSDP may have sharded by then).
+        self.register_buffer("dora_rows", rows, persistent=False)
+        self.register_buffer("base_norm", None if rows is None else full, persistent=False)
+        m = full if rows is None else full[rows]
+        self.register_parameter(MAGNITUDE, nn.Parameter(m.to(self.lora_A.dtype)))
+
+    @torch.no_grad()
+    def full_weight_norm(self) -> torch.Tensor:
+        """||W + s B A|| per output row, float32, (out,): zero update on rows without LoRA.
+        In float32 whatever autocast says; one (out, in) float32 buffer at a time."""
+        weight = self.dense_weight()
+        with torch.autocast(weight.device.type, enabled=False):
+            summed = self._T(self.delta_weight()).float()
+            summed += weight
+            return torch.linalg.norm(summed, dim=1)
+
+    def weight_norm(self) -> torch.Tensor:
+        """The norm for the rows that have a magnitude (a constant: no gradient). Recomputed only
+        when A, B or W changed (their in-place version counters, or new storage): once per
+        optimizer step, not per micro-batch, checkpointed recomputation or generated token."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.lora_A, self.lora_B, self.weight)) + (self.scaling,)
+        if getattr(self, "_norm_key", None) != key:
+            norm = self.full_weight_norm()
+            self._norm = norm if self.dora_rows is None else norm[self.dora_rows]
+            self._norm_key = key
+        return self._norm
+
+    def peft_magnitude(self) -> torch.Tensor:
+        """The (out,) vector PEFT stores for this layer: m, and ||W|| on rows without LoRA."""
+        m = self.lora_magnitude_vector.detach().float()
+        if self.dora_rows is None:
+            return m.clone()
+        full = self.base_norm.clone()
+        full[self.dora_rows] = m
+        return full
+
+    def dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA: base(x) + (g - 1) W x + g s B A x, g = m / ||W + s B A|| (1 on rows
+        without LoRA). A scaling of 0 is the base model, magnitude included."""
+        result = self.base_forward(x)
+        if not self.has_lora() or self.merged or not self.scaling:
+            return result
+        g = self.lora_magnitude_vector / self.weight_norm()
+        if self.dora_rows is not None:
+            g = g.new_ones(self.out_features).index_put((self.dora_rows,), g)
+        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+            x = self.lora_dropout(x)  # PEFT: W and the LoRA branch both see the dropped-out input
+            base = F.linear(x, self.dense_weight().to(x.dtype))
+        else:
+            base = result if self.bias is None else result - self.bias
+        lora_out = self._lora_out(F.linear(x.to(self.lora_A.dtype), self.lora_A) * self.scaling)
+        return result + ((g - 1) * base.to(g.dtype) + g * lora_out).to(result.dtype)
+
+def _slices(out_features: int, enable_lora: Optional[Sequence[bool]],
+            split_sizes: Optional[Sequence[int]]) -> Tuple[Optional[List[bool]], Optional[List[int]]]:
+    """(enable_lora, split_sizes) as lists, checked; (None, None) for LoRA on the whole output.
+    Without split_sizes the slices are equal, as in loralib."""
+    if enable_lora is None:
+        return None, None
+    enable_lora = [bool(e) for e in enable_lora]
+    if split_sizes is None:
+        if out_features % len(enable_lora) != 0:
+            raise ValueError("The length of enable_lora must divide out_features")
+        split_sizes = [out_features // len(enable_lora)] * len(enable_lora)
+    split_sizes = [int(s) for s in split_sizes]
+    if len(split_sizes) != len(enable_lora) or sum(split_sizes) != out_features:
+        raise ValueError(f"split_sizes {split_sizes} must have one entry per enable_lora "
+                         f"entry ({len(enable_lora)}) and sum to out_features ({out_features})")
+    return enable_lora, split_sizes
+
+
+def _loralib_base(in_features: int, out_features: int, fan_in_fan_out: bool, kwargs) -> nn.Linear:
+    """loralib's frozen ``nn.Linear`` (kwargs: bias, device, dtype)."""
+    base = nn.Linear(in_features, out_features, **kwargs)
+    # loralib initialises it twice (nn.Linear.__init__, then its own reset_parameters before
+    # lora_A): the same draws, so the same seed gives loralib's weights and factors.
+    base.reset_parameters()
+    if fan_in_fan_out:  # stored (in, out), as loralib does for GPT-2's Conv1D weights
+        base.weight.data = base.weight.data.transpose(0, 1)
+    return base
+
+
+class Linear(LoRALinear):
+    """loralib's ``Linear``: an ``nn.Linear`` (``**kwargs``: bias, device, dtype) with LoRA on
+    its whole output. Only a constructor: the layer is :class:`LoRALinear`."""
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
+                 merge_weights: bool = True, **kwargs):
+        super().__init__(_loralib_base(in_features, out_features, fan_in_fan_out, kwargs), r=r,
+                         lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights)
+
+
+class MergedLinear(LoRALinear):
+    """loralib's ``MergedLinear``: a fused projection (q/k/v, gate/up) with LoRA on the slices
+    ``enable_lora`` marks: ``len(enable_lora)`` equal slices as in loralib, or slices of
+    ``split_sizes`` rows (grouped-query q/k/v). Only a constructor: the layer is :class:`LoRALinear`."""
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
+                 lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
+                 fan_in_fan_out: bool = False, merge_weights: bool = True,
+                 split_sizes: Optional[Sequence[int]] = None, **kwargs):
+        super().__init__(_loralib_base(in_features, out_features, fan_in_fan_out, kwargs), r=r,
+                         lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights,
+                         enable_lora=enable_lora, split_sizes=split_sizes)

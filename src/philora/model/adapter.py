@@ -34,11 +34,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import lora
+from ..lora import MAGNITUDE  # DoRA's magnitude, PEFT's key
 from ..core.config import PeftConfig
 from ..core.errors import PhiloraError, first_line
 
 PREFIX = "base_model.model."
-MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude, PEFT's key
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -79,7 +79,7 @@ def block_diagonal(B: torch.Tensor, split_sizes: List[int], enabled: List[bool],
 def _peft_factors(layer) -> Tuple[torch.Tensor, torch.Tensor]:
     """(lora_A (R, in), lora_B (out, R)) of a layer as one plain LoRA of rank R."""
     A, B = layer.lora_A.detach(), layer.lora_B.detach()
-    if not isinstance(layer, lora.MergedLinear):
+    if getattr(layer, "enable_lora", None) is None:  # LoRA on the whole output (or not linear)
         return A.contiguous(), B.contiguous()
     return A.contiguous(), block_diagonal(B, layer.split_sizes, layer.enable_lora, layer.r)
 
@@ -95,7 +95,7 @@ def adapter_state(model) -> Tuple[Dict[str, torch.Tensor], Dict[str, int], Dict[
         A, B = _peft_factors(layer)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B
-        if hasattr(layer, "peft_magnitude"):  # DoRA (dora.py): (out,), ||W|| on rows without LoRA
+        if hasattr(layer, MAGNITUDE):  # DoRA: (out,), ||W|| on rows without LoRA
             tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = layer.peft_magnitude()
         k = A.shape[0] // layer.r
         ranks[name] = A.shape[0]

@@ -1,4 +1,4 @@
-"""The training pipeline's LoRA layers: base + dropout + A + B as one autograd function.
+"""The training pipeline's LoRA forward: base + dropout + A + B as one autograd function.
 
 Why hand-written: autograd through ``lora.Linear``'s forward records six ops per adapted layer
 (base matmul, dropout, A, scaling, B, add) and keeps the dropped copy of the input alive for
@@ -18,16 +18,16 @@ six ops). ``torch.compile`` is not used: compiling the decoder MLPs around
 this function measured 4% slower per step on CPU (the numpy mask is a graph break) after ~27 s
 of compilation.
 
-:class:`Linear` and :class:`MergedLinear` are ``philora.lora``'s layers (same parameters,
-state-dict keys, merge contract) whose forward takes this path in training with gradients on;
-in eval mode, under ``no_grad``, merged, or with a trainable base weight, they are exactly the
-plain layers. ``inject.lora_layer`` builds them; 4-bit layers (quant.py) use
-:func:`lora_linear` with the base output bitsandbytes computed. Exact against the plain path
+:func:`forward` is what a ``lora.LoRALinear`` runs first when its ``fast_path`` is set (as
+``inject.lora_layer`` sets it, :func:`fast`): in training with gradients on it takes this path;
+in eval mode, under ``no_grad``, merged, or with a trainable base weight it returns None and the
+layer runs its plain path. On a 4-bit base (``base_layer``) the base output is bitsandbytes' and
+this function adds the LoRA half. Exact against the plain path
 up to float rounding order (tests/test_fused.py); the dropout mask is ``dropout.keep_mask``'s
 (on CPU) or ``nn.Dropout``'s own (elsewhere), the same distribution as ``nn.Dropout``.
 """
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -37,15 +37,6 @@ from .. import lora
 from . import dropout
 from .families import GATED_MLPS
 
-Block = Tuple[int, int, slice, slice]  # (output start, output size, rows of A, rows of B)
-
-
-def blocks(layer: nn.Module) -> List[Block]:
-    """The LoRA blocks of ``layer``: one for a Linear, one per enabled slice of a MergedLinear."""
-    if isinstance(layer, lora.MergedLinear):
-        return list(layer._slices())
-    return [(0, layer.out_features, slice(0, layer.lora_A.shape[0]), slice(0, layer.out_features))]
-
 
 def compute_dtype(layer: nn.Module, x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype of the LoRA matmuls on the fused path, or None when the plain path must run.
@@ -54,7 +45,7 @@ def compute_dtype(layer: nn.Module, x: torch.Tensor) -> Optional[torch.dtype]:
     Under autocast: its dtype, provided input and base weight already have it (a bf16 model
     under bf16 autocast, as ``train`` runs it); any other autocast mix takes the plain path."""
     d = layer.lora_dropout
-    if (not layer.training or not torch.is_grad_enabled() or layer.merged or not layer._has_lora()
+    if (not layer.training or not torch.is_grad_enabled() or layer.merged or not layer.has_lora()
             or layer.weight.requires_grad or not isinstance(d, (nn.Identity, nn.Dropout))
             or getattr(d, "inplace", False) or x.shape[-1] != layer.in_features):
         return None
@@ -139,38 +130,35 @@ class _LoRALinear(torch.autograd.Function):
                 gA.to(A.dtype), gB.to(B.dtype), None, None, None, None, None)
 
 
-def lora_linear(layer: nn.Module, x: torch.Tensor, base_out: Optional[torch.Tensor] = None,
-                cdt: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``layer(x)`` (a LoRA Linear / MergedLinear) on the fused path; ``base_out``: the base's
-    output when the base is not a plain weight (4-bit). Call only where :func:`compute_dtype`
-    is not None (pass it as ``cdt``)."""
-    cdt = cdt or compute_dtype(layer, x)
+def forward(layer: lora.LoRALinear, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``layer(x)`` through :class:`_LoRALinear` in training, or None where the plain path must
+    run (:func:`compute_dtype`). A ``LoRALinear.fast_path``: x (..., in) -> (..., out)."""
+    cdt = compute_dtype(layer, x)
+    if cdt is None:
+        return None
     p = layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
-    weight = None if base_out is not None else layer.weight
-    bias = None if base_out is not None else layer.bias
+    if layer.base_layer is None:  # a plain weight: the base matmul runs inside the function too
+        base_out, weight, bias = None, layer.weight, layer.bias
+    else:  # 4-bit: bitsandbytes computes the base output, the function adds the LoRA half
+        base_out, weight, bias = layer.base_layer(x), None, None
     return _LoRALinear.apply(x, base_out, weight, bias, layer.lora_A, layer.lora_B, layer.scaling,
-                             p, layer.fan_in_fan_out, blocks(layer), cdt)
+                             p, layer.fan_in_fan_out, layer.blocks(), cdt)
 
 
-class Linear(lora.Linear):
-    """``lora.Linear`` that trains through :class:`_LoRALinear` (same parameters and keys)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cdt = compute_dtype(self, x)
-        return super().forward(x) if cdt is None else lora_linear(self, x, cdt=cdt)
+def fast(layer: lora.LoRALinear) -> lora.LoRALinear:
+    """``layer``, training through :func:`forward` from now on (same parameters and keys)."""
+    layer.fast_path = forward
+    return layer
 
 
-class MergedLinear(lora.MergedLinear):
-    """``lora.MergedLinear`` that trains through :class:`_LoRALinear` (same parameters and keys)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cdt = compute_dtype(self, x)
-        return super().forward(x) if cdt is None else lora_linear(self, x, cdt=cdt)
+def Linear(*args, **kwargs) -> lora.LoRALinear:
+    """``lora.Linear(...)`` on the fused path (same signature)."""
+    return fast(lora.Linear(*args, **kwargs))
 
 
-def fast_class(cls: type) -> type:
-    """The fused version of ``lora.Linear`` / ``lora.MergedLinear`` (what ``inject`` builds)."""
-    return {lora.Linear: Linear, lora.MergedLinear: MergedLinear}[cls]
+def MergedLinear(*args, **kwargs) -> lora.LoRALinear:
+    """``lora.MergedLinear(...)`` on the fused path (same signature)."""
+    return fast(lora.MergedLinear(*args, **kwargs))
 
 
 class _SiluMul(torch.autograd.Function):

@@ -7,10 +7,10 @@ whole name; ``"all-linear"`` is every linear layer but the output embedding (lm_
 
 Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` are targets like any other (one LoRA on the whole
 fused output), or per slice (``fused_slices: {qkv_proj: [q, v]}``, or the cookbook's
-``q_proj``/``v_proj`` names) through ``lora.MergedLinear`` with the config's ``split_sizes``.
+``q_proj``/``v_proj`` names) through ``lora.LoRALinear``'s ``enable_lora`` and the config's
+``split_sizes``.
 """
 
-import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +22,7 @@ import torch.nn as nn
 from .. import lora
 from ..core.config import PeftConfig
 from ..core.errors import PhiloraError
-from . import dora, fused, quant
+from . import fused, quant
 from .adapter import Adapter, AdapterError, read_adapter
 from .dropout import Dropout
 from .families import fused_slices as model_fused_slices
@@ -110,48 +110,28 @@ def find_targets(model: nn.Module, target_modules: Union[str, List[str]],
     return dict(sorted(targets.items()))
 
 
-def lora_layer(base: nn.Module, target: Target, pc: PeftConfig) -> nn.Module:
+def lora_layer(base: nn.Module, target: Target, pc: PeftConfig) -> lora.LoRALinear:
     """The LoRA layer that replaces ``base``: rank ``pc.r`` on the whole output or on the
-    target's slices, around ``base``'s own weight and bias tensors (not copied).
+    target's slices, around ``base``'s own weight and bias tensors (not copied), or around the
+    whole bitsandbytes module on a 4-bit base (QLoRA).
 
     The one place that decides how a LoRA layer starts: factors in LORA_DTYPE on the base's
     device, A kaiming-uniform and B zero (as loralib and PEFT), scaling alpha/r or, with
-    rsLoRA, alpha/sqrt(r), the slice mask, the dropout, and with DoRA (``pc.use_dora``) the
-    layer class of dora.py and its magnitude ||W|| per output row.
+    rsLoRA, alpha/sqrt(r), the slice mask, the dropout, with DoRA (``pc.use_dora``) its
+    magnitude ||W|| per output row, and without it fused.py's training path.
     """
     enable = None if target.slices is None else [s in target.slices for s in target.slice_names]
-    if is_4bit(base):  # QLoRA: the bitsandbytes layer stays whole as base_layer
-        cls = quant.Linear4bitLoRA if enable is None else quant.MergedLinear4bitLoRA
-        cls = dora.dora_class(cls) if pc.use_dora else cls
-        new = cls(base, pc.r, pc.lora_alpha) if enable is None else \
-            cls(base, pc.r, pc.lora_alpha, enable, target.split_sizes)
-    else:
-        fan_in_fan_out = is_conv1d(base)  # weight stored (in, out): kept so, not transposed
-        in_f, out_f = linear_shape(base)
-        common = dict(r=pc.r, lora_alpha=pc.lora_alpha, fan_in_fan_out=fan_in_fan_out,
-                      merge_weights=False, bias=base.bias is not None, device="meta")
-        cls = lora.Linear if enable is None else lora.MergedLinear
-        # Training runs through fused.py's one autograd function per layer (same parameters).
-        cls = dora.dora_class(cls) if pc.use_dora else fused.fast_class(cls)
-        new = cls(in_f, out_f, **common) if enable is None else \
-            cls(in_f, out_f, enable_lora=enable, split_sizes=target.split_sizes, **common)
-        new.weight = base.weight
-        new.bias = base.bias
-        new.weight.requires_grad = False
-    device = base.weight.device
-    new.lora_A = nn.Parameter(torch.empty(new.lora_A.shape, device=device, dtype=LORA_DTYPE))
-    new.lora_B = nn.Parameter(torch.empty(new.lora_B.shape, device=device, dtype=LORA_DTYPE))
-    nn.init.kaiming_uniform_(new.lora_A, a=math.sqrt(5))
-    nn.init.zeros_(new.lora_B)
-    new.scaling = pc.lora_alpha / (math.sqrt(pc.r) if pc.use_rslora else pc.r)
-    new.use_rslora = pc.use_rslora
-    if enable is not None:  # rows of the fused output that carry LoRA
-        new.lora_ind = torch.tensor([e for s, e in zip(target.split_sizes, enable) for _ in range(s)],
-                                    dtype=torch.bool, device=device)
+    quantized = is_4bit(base)
+    if quantized:
+        quant.no_cpu_repacking(base)
+    new = lora.LoRALinear(base, r=pc.r, lora_alpha=pc.lora_alpha, fan_in_fan_out=is_conv1d(base),
+                          merge_weights=False, enable_lora=enable, split_sizes=target.split_sizes,
+                          use_rslora=pc.use_rslora, use_dora=pc.use_dora, lora_dtype=LORA_DTYPE,
+                          dequantize=quant.dequantize_weight if quantized else None)
     # The same distribution as nn.Dropout with a ~2.5x cheaper mask on CPU (dropout.py).
     new.lora_dropout = Dropout(p=pc.lora_dropout) if pc.lora_dropout > 0 else nn.Identity()
-    if pc.use_dora:  # after the factors, scaling and slice mask it is computed from
-        new.init_magnitude()
+    if not pc.use_dora:  # training runs through fused.py's one autograd function per layer
+        fused.fast(new)
     new.train(base.training)
     return new
 

@@ -2,26 +2,24 @@
 
 ``model.quantization: nf4 | fp4`` loads the base through transformers' ``BitsAndBytesConfig``:
 every ``nn.Linear`` but the LM head becomes a ``bnb.nn.Linear4bit`` whose matmuls run in
-``compute_dtype``. LoRA targets on those layers become :class:`Linear4bitLoRA` /
-:class:`MergedLinear4bitLoRA`: they keep the bitsandbytes module whole (``base_layer``) and add
-the LoRA branch exactly as ``philora.lora.Linear`` / ``MergedLinear`` do, with the same
-``lora_A`` / ``lora_B`` names and shapes, so checkpoints and PEFT adapters are unchanged.
+``compute_dtype``. LoRA targets on those layers become ``lora.LoRALinear`` layers that keep the
+bitsandbytes module whole (``base_layer``, its forward used) and add the LoRA branch as on any
+base, with the same ``lora_A`` / ``lora_B`` names and shapes, so checkpoints and PEFT adapters
+are unchanged; DoRA's norms see the weight through :func:`dequantize_weight`, which
+``inject.lora_layer`` hands the layer (``philora.lora`` never imports bitsandbytes).
 
 A 4-bit weight cannot take a LoRA delta in place, so merging goes through
 the dequantised base (``merge.load_dequantized_base``, with :func:`dequantize_weight`).
 Hand-written around bitsandbytes (not PEFT's bnb layers) because the LoRA layers are philora's.
 """
 
-import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from .. import lora
 from ..core.config import ModelConfig
 from ..core.errors import PhiloraError
-from . import fused
 from .devices import resolve_dtype
 from .families import is_4bit
 
@@ -86,7 +84,7 @@ def quantization_kwargs(cfg: ModelConfig, device: torch.device, path: Optional[s
     return {"quantization_config": q, "device_map": {"": str(device)}}
 
 
-def _no_cpu_repacking(m: nn.Module) -> None:
+def no_cpu_repacking(m: nn.Module) -> None:
     # bitsandbytes repacks a CPU Linear4bit's weight in place for AVX512-BF16 the first time it
     # runs in eval mode without grad, and from then on multiplies through a kernel with no
     # autograd: training after an eval would silently lose the base layer's input gradient.
@@ -102,74 +100,11 @@ def prepare_quantized(model: nn.Module) -> nn.Module:
         raise PhiloraError(f"model.quantization: no layer of model type '{model_type}' was "
                            f"quantised to 4 bits; set model.quantization: null")
     for m in layers:
-        _no_cpu_repacking(m)
+        no_cpu_repacking(m)
     return model
 
 
-# -- LoRA on a quantized base ------------------------------------------------------------------
-
-class _QuantBase:
-    """Mixin: the frozen base is a bitsandbytes module kept whole as ``base_layer``. The LoRA
-    factors are made here with their shapes only (on the meta device): ``inject.lora_layer``
-    gives them their device, dtype, init and scaling, as for every other LoRA layer."""
-
-    weight = property(lambda self: self.base_layer.weight)
-    bias = property(lambda self: self.base_layer.bias)
-
-    def _setup(self, base: nn.Module, shape_A: tuple, shape_B: tuple) -> None:
-        self.base_layer = base
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.fan_in_fan_out = False
-        self.lora_A = nn.Parameter(torch.empty(shape_A, device="meta"))
-        self.lora_B = nn.Parameter(torch.empty(shape_B, device="meta"))
-        self.scaling = self.lora_alpha / self.r
-        _no_cpu_repacking(base)
-        self.train(base.training)
-
-    def reset_parameters(self):  # only the LoRA factors: the 4-bit base is data, not init
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
-    def _frozen_weight(self):
-        raise PhiloraError("cannot merge LoRA into a 4-bit base layer in place; merge with "
-                           "`philora merge` (it dequantises the base first)")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The 4-bit base runs as bitsandbytes' module; the LoRA branch is lora.Linear's /
-        # lora.MergedLinear's own (the other base of each class below).
-        result = self.base_layer(x)
-        cdt = fused.compute_dtype(self, x)
-        if cdt is not None:  # training: the LoRA half of fused.py's one autograd function
-            return fused.lora_linear(self, x, result, cdt)
-        return result + self.lora_forward(x).to(result.dtype)
-
-
-class Linear4bitLoRA(_QuantBase, lora.Linear):
-    """``base_layer(x) + (dropout(x) A.T B.T) * scaling``; lora_A (r, in), lora_B (out, r)."""
-
-    def __init__(self, base: nn.Module, r: int, lora_alpha: float):
-        nn.Module.__init__(self)
-        lora.LoRALayer.__init__(self, r, lora_alpha, 0.0, merge_weights=False)
-        self._setup(base, (r, base.in_features), (base.out_features, r))
-
-
-class MergedLinear4bitLoRA(_QuantBase, lora.MergedLinear):
-    """A fused 4-bit projection with LoRA on some slices; factors as ``lora.MergedLinear``."""
-
-    def __init__(self, base: nn.Module, r: int, lora_alpha: float, enable_lora: Sequence[bool],
-                 split_sizes: Sequence[int]):
-        nn.Module.__init__(self)
-        lora.LoRALayer.__init__(self, r, lora_alpha, 0.0, merge_weights=False)
-        self.enable_lora = [bool(e) for e in enable_lora]
-        self.split_sizes = [int(s) for s in split_sizes]
-        if sum(self.split_sizes) != base.out_features or not any(self.enable_lora):
-            raise ValueError(f"split_sizes {self.split_sizes} must sum to {base.out_features} "
-                             f"with at least one slice enabled")
-        rows = sum(s for s, e in zip(self.split_sizes, self.enable_lora) if e)
-        self._setup(base, (r * sum(self.enable_lora), base.in_features), (rows, r))
-
-
-# -- merging: dequantise the base first --------------------------------------------------------
+# -- the plain weight: merging, and DoRA's norms ------------------------------------------------
 
 def dequantize_weight(weight) -> torch.Tensor:
     """A ``Params4bit`` weight as a plain (out, in) tensor in its original dtype."""
