@@ -290,3 +290,62 @@ def test_config_keys_and_init_adapter_checks(tmp_path):
     with pytest.raises(PhiloraError) as e:
         check_start(load_config(None, [f"peft_config.init_adapter={tmp_path / 'empty'}"]))
     one_line_error(e, "no adapter_config.json", "training starts from it")
+
+
+def test_reference_table_is_stored_and_checked(tok, encoded, tmp_path):
+    """Reference log-probs computed once (eval mode, batched and packed) equal the model's own per-pair
+    values, survive the run directory, and a resume on other pairs is refused in one line."""
+    from conftest import one_line_error
+    from philora.core.errors import PhiloraError
+    from philora.model.preference_ref import load_reference, reference_table, save_reference, with_reference
+    model = base_model(tok, attn="sdpa")
+    table = reference_table(model, encoded, tok.pad_token_id, True, 64, 2, torch.device("cpu"))
+    for k, p in enumerate(encoded):  # one pair at a time, unpacked
+        one = reference_logps(model, collate_pairs([p], tok.pad_token_id, False, 64))
+        assert torch.allclose(table[k], one[0], rtol=1e-6)
+    half = reference_table(model, encoded, tok.pad_token_id, True, 64, 2, torch.device("cpu"), indices=[1])
+    assert half[0].abs().sum() == 0 and torch.equal(half[1], table[1])
+    assert load_reference(tmp_path, {"train": encoded}) is None
+    save_reference(tmp_path, {"train": table, "eval": table[:1]}, {"train": encoded, "eval": encoded[:1]})
+    back = load_reference(tmp_path, {"train": encoded, "eval": encoded[:1]})
+    assert torch.equal(back["train"], table) and torch.equal(back["eval"], table[:1])
+    with pytest.raises(PhiloraError) as e:
+        load_reference(tmp_path, {"train": encoded[::-1]})
+    one_line_error(e, "reference_logps.safetensors", "other train pairs")
+    batch = collate_pairs(with_reference(encoded, table), tok.pad_token_id, True, 64)
+    assert torch.equal(batch["ref_logps"], table)
+
+
+def test_sft_then_dpo_on_one_adapter(tok, encoded, tmp_path):
+    """init_adapter: the LoRA starts from a saved adapter (its own ranks), the reference is that
+    model, so step-0 DPO is ln 2 as with TRL's pre-wrapped PeftModel (its frozen "ref" copy); the
+    run's adapter saves and peft loads it back with the trained values."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from philora.core.config import PeftConfig
+    from philora.model.adapter import save_adapter
+    from philora.model.preference_ref import reference_table, start_adapter, with_reference
+    sft = get_peft_model(base_model(tok), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    randomize_b(sft)
+    sft.save_pretrained(str(tmp_path / "sft"))
+    model = base_model(tok, attn="sdpa")
+    model.requires_grad_(False)
+    start_adapter(model, tmp_path / "sft", lora_dropout=0.1)
+    assert all(isinstance(m.lora_dropout, torch.nn.Dropout) for m in model.modules() if hasattr(m, "lora_A"))
+    ids = torch.tensor([encoded[0]["chosen"].tolist()])
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids).logits, sft.eval()(ids).logits, atol=1e-5)
+    table = reference_table(model, encoded, tok.pad_token_id, True, 1024, 8, torch.device("cpu"))
+    batch = collate_pairs(with_reference(encoded, table), tok.pad_token_id, True, 1024)
+    model.eval()  # TRL disables dropout; here: eval mode for the exact step-0 value
+    loss_sum, n = PreferenceLoss(model, "dpo", beta=0.1)(batch)
+    assert abs(loss_sum.item() / n.item() - math.log(2)) < 1e-6
+    loss_sum.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+    save_adapter(model, tmp_path / "dpo", "unused", PeftConfig(r=16, lora_alpha=32))
+    back = PeftModel.from_pretrained(base_model(tok), str(tmp_path / "dpo")).eval()
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, model(ids).logits, atol=1e-5)
+        assert not torch.allclose(back(ids).logits, sft(ids).logits, atol=1e-4)

@@ -197,7 +197,11 @@ def check_start(cfg: Config) -> Optional[Path]:
         raise PhiloraError(f"peft_config.init_adapter: {path} is a run that has not saved its adapter yet (it "
                            f"did not finish): finish it with --resume first ({why})")
     try:
-        read_adapter(p, dora=True)
+        adapter = read_adapter(p, dora=True)
     except AdapterError as e:
         raise PhiloraError(f"peft_config.init_adapter: {e} ({why})") from None
+    for key in ("use_dora", "use_rslora"):  # how its tensors scale: the run saves them with peft_config's
+        if bool(adapter.config.get(key, False)) != getattr(cfg.peft_config, key):
+            raise PhiloraError(f"peft_config.init_adapter: {path} was trained with {key}: "
+                               f"{str(bool(adapter.config.get(key))).lower()}; set peft_config.{key} to match")
     return p
