@@ -185,6 +185,13 @@ def test_generate_out_needs_force(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(generate, "generate_reply", lambda *a, **k: "ok")
     assert main(["generate", "tiny", "--prompts", str(prompts), "--out", str(out), "--force"]) == 0
     assert '"response": "ok"' in out.read_text()
+    # a directory where a file is wanted: refused before any work, --force or not
+    assert main(["generate", "tiny", "--prompts", str(prompts), "--out", str(tmp_path), "--force"]) == 2
+    assert capsys.readouterr().err.strip() == f"philora: error: --out '{tmp_path}' is a directory; give a file name"
+    # prompts are read as training data is: a BOM is dropped, bad bytes are a line-numbered error
+    prompts.write_bytes(b'\xef\xbb\xbf{"prompt": "hi"}\n\n{"prompt": "caf\xe9"}\n')
+    assert main(["generate", "tiny", "--prompts", str(prompts), "--out", str(out), "--force"]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"philora: error: {prompts}:3: not UTF-8 text")
 
 
 def test_bench_options_pass_through(tmp_path, monkeypatch, capsys):

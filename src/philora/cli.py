@@ -2,7 +2,7 @@
 
 Each sub-command parses its arguments and calls one function; user mistakes (PhiloraError)
 print one line, ``philora: error: ...``, and exit 2 with no traceback. Outputs are checked here,
-once for every command (:func:`guard_output`): an existing one is replaced only with --force.
+once for every command (``core/diskio.guard_output``): an existing one is replaced only with --force.
 """
 
 import argparse
@@ -12,30 +12,14 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from .core.diskio import HINTS, guard_output
 from .core.errors import PhiloraError
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"  # in a source checkout
 
 
-def guard_output(out: str, force: bool, directory: bool, inputs=()) -> None:
-    """Refuse to write over an existing output (a non-empty directory, or a file) without
-    --force, a file where a directory is wanted, and an output that is one of the inputs."""
-    path = Path(out)
-    for p in inputs:
-        if p and Path(p).exists() and path.exists() and path.resolve() == Path(p).resolve():
-            raise PhiloraError(f"--out '{out}' is an input of this command; choose another directory")
-    if directory and path.exists() and not path.is_dir():
-        raise PhiloraError(f"--out '{out}' exists and is not a directory")
-    if force:
-        return
-    if (directory and path.is_dir() and any(path.iterdir())) or (not directory and path.exists()):
-        raise PhiloraError(f"--out '{out}' already exists{' and is not empty' if directory else ''}; "
-                           f"pass --force to overwrite it")
-
-
 def describe_os_error(e: OSError) -> str:
     """'FILE: reason' for an OSError that reached the top (a write, or a read of a user's file)."""
-    from .core.diskio import HINTS
     text = str(e).strip()
     reason = e.strerror or (text.splitlines()[0] if text else type(e).__name__)
     if e.errno in HINTS:

@@ -7,6 +7,7 @@ file atomically" call, and the libraries that write for us report a full disk op
 ``[enforce fail at inline_container.cc]``, safetensors: a Rust ``IoError``). So philora's own
 files are serialised to bytes in memory and written here (:func:`write_bytes`), and files that a
 library writes (``save_pretrained``) go to a staging directory first (:func:`staged`).
+Before any of that, :func:`guard_output` decides whether an output may be written at all.
 Every temporary name starts with :data:`TEMP_PREFIX`, so a run can clean up what a kill left.
 """
 
@@ -46,6 +47,25 @@ def _disk_full(path: Path) -> bool:
             except OSError:
                 return False
     return False
+
+
+def guard_output(out, force: bool, directory: bool, inputs=(), name: str = "--out") -> Path:
+    """Check an output before any work: refuse an output that is one of ``inputs``, a file where a
+    directory is wanted (or a directory where a file is), and, without ``force``, an existing
+    file or non-empty directory. ``name`` is how the message names it. The one output policy:
+    the CLI calls it for every command, merge and GGUF export for what only they know."""
+    path = Path(out)
+    for p in inputs:
+        if p and Path(p).exists() and path.exists() and path.resolve() == Path(p).resolve():
+            raise PhiloraError(f"{name} '{out}' is an input of this command; choose another directory")
+    if directory and path.exists() and not path.is_dir():
+        raise PhiloraError(f"{name} '{out}' exists and is not a directory")
+    if not directory and path.is_dir():
+        raise PhiloraError(f"{name} '{out}' is a directory; give a file name")
+    if not force and ((directory and path.is_dir() and any(path.iterdir())) or (not directory and path.exists())):
+        raise PhiloraError(f"{name} '{out}' already exists{' and is not empty' if directory else ''}; "
+                           f"pass --force to overwrite it")
+    return path
 
 
 def write_error(path, e: BaseException) -> WriteError:

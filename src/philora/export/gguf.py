@@ -24,11 +24,13 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..core.diskio import guard_output
 from ..core.errors import PhiloraError
 from ..model.adapter import read_adapter
+from ..model.families import head_dim, kv_heads
 from ..model.loading import load_tokenizer, resolve_path, resolve_source
 from ..use.merge import merge
-from .ollama import write_modelfile
+from .ollama import modelfile_path, write_modelfile
 from .vocab import add_vocab, build_vocab, end_of_turn
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -78,10 +80,6 @@ def _rope(hf) -> dict:
     return rp
 
 
-def _head_dim(hf) -> int:
-    return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-
-
 def _hparams(w, arch: str, hf, raw: dict) -> Dict[str, np.ndarray]:
     """Write the architecture's keys; returns extra tensors (RoPE factors) it needs."""
     gguf, rp, extra = _gguf(), _rope(hf), {}
@@ -90,12 +88,12 @@ def _hparams(w, arch: str, hf, raw: dict) -> Dict[str, np.ndarray]:
     w.add_feed_forward_length(hf.intermediate_size)
     w.add_block_count(hf.num_hidden_layers)
     w.add_head_count(hf.num_attention_heads)
-    w.add_head_count_kv(getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads)
+    w.add_head_count_kv(kv_heads(hf))
     w.add_layer_norm_rms_eps(hf.rms_norm_eps)
     w.add_rope_freq_base(rp["rope_theta"])
     rope_type = str(rp.get("rope_type") or rp.get("type") or "default").lower()
     if arch == "PHI3":
-        rope_dims = int(rp["partial_rotary_factor"] * _head_dim(hf))
+        rope_dims = int(rp["partial_rotary_factor"] * head_dim(hf))
         w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
         w.add_rope_dimension_count(rope_dims)
         w.add_sliding_window(getattr(hf, "sliding_window", None) or 0)  # 0: none (Phi-4)
@@ -114,7 +112,7 @@ def _hparams(w, arch: str, hf, raw: dict) -> Dict[str, np.ndarray]:
     else:
         if arch == "LLAMA":
             w.add_vocab_size(hf.vocab_size)
-            w.add_rope_dimension_count(_head_dim(hf))
+            w.add_rope_dimension_count(head_dim(hf))
         if "head_dim" in raw:
             w.add_key_length(raw["head_dim"])
             w.add_value_length(raw["head_dim"])
@@ -131,7 +129,7 @@ def _hparams(w, arch: str, hf, raw: dict) -> Dict[str, np.ndarray]:
 
 def _llama3_factors(hf, rp) -> np.ndarray:
     """Llama 3.1's per-frequency RoPE scaling, as llama.cpp's rope_freqs tensor."""
-    dim = _head_dim(hf)
+    dim = head_dim(hf)
     freqs = 1.0 / (rp["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
     factor, low, high = rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
     old = rp.get("original_max_position_embeddings", 8192)
@@ -240,7 +238,7 @@ def write_model(model_dir: Path, out: Path, outtype: str, name_from: Path):
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
     extra = _hparams(w, arch, hf, raw)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], hf.num_hidden_layers)
-    n_head, n_kv = hf.num_attention_heads, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    n_head, n_kv = hf.num_attention_heads, kv_heads(hf)
     items = [(n, a.shape, (lambda a=a: torch.from_numpy(a))) for n, a in extra.items()]
     for hf_name, shape, load in _model_tensors(model_dir):
         if hf_name.endswith("rotary_emb.inv_freq") or (hf_name == "lm_head.weight" and hf.tie_word_embeddings):
@@ -274,7 +272,7 @@ def write_adapter(adapter, base_dir: Path, out: Path, outtype: str) -> None:
                            f"export the merged model instead (without --adapter-only)")
     _, want = _types(outtype)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], hf.num_hidden_layers)
-    n_head, n_kv = hf.num_attention_heads, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    n_head, n_kv = hf.num_attention_heads, kv_heads(hf)
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
     items = []
     for module, (A, B, _) in sorted(adapter.modules.items()):
@@ -320,13 +318,10 @@ def _quantize(llama_cpp, ftype, src: Path, out: Path, outtype: str) -> None:
 # -----------------------------------------------------------------------------
 # the command
 
-def _check_out(out: Path, force: bool) -> Path:
-    out = Path(out)
-    if out.is_dir():
-        raise PhiloraError(f"--out '{out}' is a directory; give a file name such as model.gguf")
-    for f in (out, out.parent / "Modelfile"):
-        if f.exists() and not force:
-            raise PhiloraError(f"'{f}' already exists; pass --force to overwrite")
+def _check_out(out, force: bool) -> Path:
+    """The GGUF file and the Modelfile written beside it, checked as every output is."""
+    out = guard_output(out, force, directory=False)
+    guard_output(modelfile_path(out), force, directory=False, name="Modelfile")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
 

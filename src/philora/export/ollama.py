@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..model.families import stop_token_ids
 
+TURN_ROLES = ("system", "user", "assistant")  # the turns a Modelfile TEMPLATE renders (no tool turns)
+
 
 @dataclass(frozen=True)
 class ChatFormat:
@@ -29,7 +31,7 @@ class ChatFormat:
     bos: bool = False  # the template starts with the tokenizer's BOS text (added by llama.cpp instead)
 
 
-def _same(before: str, after: str, roles=("system", "user", "assistant")) -> Dict[str, Tuple[str, str]]:
+def _same(before: str, after: str, roles=TURN_ROLES) -> Dict[str, Tuple[str, str]]:
     return {r: (before.format(role=r), after) for r in roles}
 
 
@@ -98,7 +100,7 @@ def go_template(fmt: ChatFormat) -> str:
         lines.append('{{- if ne (index .Messages 0).Role "system" }}' + _lit(before + fmt.default_system + after)
                      + "{{ end }}")
     lines += ["{{- range $i, $_ := .Messages }}", "{{- $last := eq (len (slice $.Messages $i)) 1 }}"]
-    for k, role in enumerate(("system", "user", "assistant")):
+    for k, role in enumerate(TURN_ROLES):
         before, after = fmt.turn[role]
         body = _lit(before) + "{{ .Content }}"
         body += ("{{ if not $last }}" + _lit(after) + "{{ end }}") if role == "assistant" else _lit(after)
@@ -136,13 +138,18 @@ def modelfile_text(from_line: str, tok, stops: Sequence[str], adapter: Optional[
     return "\n".join(lines) + "\n", fmt is not None
 
 
+def modelfile_path(out) -> Path:
+    """Where the Modelfile of the GGUF file ``out`` goes: beside it (Ollama's FROM ./name)."""
+    return Path(out).parent / "Modelfile"
+
+
 def write_modelfile(out: Path, model_dir: Path, tok, eot: Optional[str], base_from: Optional[str] = None) -> Path:
     """Write ``Modelfile`` next to the GGUF ``out``: FROM it (or, for an adapter, FROM the base
     ``base_from`` with ADAPTER it)."""
     name = f"./{out.name}"
     from_line, adapter = (base_from, name) if base_from else (name, None)
     text, templated = modelfile_text(from_line, tok, stop_strings(model_dir, tok, eot), adapter)
-    path = out.parent / "Modelfile"
+    path = modelfile_path(out)
     path.write_text(text, encoding="utf-8")
     if not templated:
         print(f"export: the chat template is not one philora knows (Phi-3/3.5, Phi-4-mini, Phi-4, ChatML, "

@@ -14,7 +14,7 @@ or merges (byte-level BPE), the special ids and a few flags. Three layouts cover
 
 Flags are read from the tokenizer's behaviour, not assumed: whether it adds BOS / EOS, whether text
 after a special token starts with "▁" (llama.cpp's ``add_space_prefix``); the end-of-turn token is
-the special token the chat template writes right after an assistant reply (Phi-3: ``<|end|>``).
+the one training labels after each assistant reply (Phi-3: ``<|end|>``).
 Hand-written because llama.cpp's converter is a script, not a library, and misses those flags.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..core.errors import PhiloraError
+from ..model.families import end_of_turn_ids
 from ..model.loading import load_tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # gguf.TokenType
@@ -143,18 +144,10 @@ def _flags(tok, vocab: Vocab) -> Dict[str, bool]:
 
 
 def end_of_turn(tok) -> Optional[str]:
-    """The special token the chat template writes right after an assistant reply, if any."""
-    if not tok.chat_template:
-        return None
-    marker = "PHILORA_REPLY_END"
-    try:
-        text = tok.apply_chat_template([{"role": "user", "content": "hi"},
-                                        {"role": "assistant", "content": marker}], tokenize=False)
-    except Exception:  # noqa: BLE001 (any template error: no end-of-turn token known)
-        return None
-    rest = text.split(marker, 1)[-1] if marker in text else ""
-    specials = sorted((t.content for t in tok.added_tokens_decoder.values() if t.special), key=len, reverse=True)
-    return next((s for s in specials if rest.startswith(s)), None)
+    """The token the chat template writes right after an assistant reply, as training labels it
+    (``families.end_of_turn_ids``): the GGUF's eot and the Modelfile's stop. None if there is none."""
+    ids = end_of_turn_ids(tok)
+    return tok.convert_ids_to_tokens(ids[0]) if ids else None
 
 
 def build_vocab(model_dir: Path, n_vocab: int, tok=None) -> Vocab:

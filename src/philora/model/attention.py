@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..core.errors import PhiloraError
 from ..data.batching import conversation_starts
+from .families import text_config
 
 NAME = "philora_sdpa"
 SOFTCAP_NAME = "philora_softcap"  # no "sdpa" in it: transformers checks such names for SDPA support
@@ -175,8 +176,7 @@ def register() -> str:
 
 def attention_softcap(config) -> Optional[float]:
     """The attention-logit softcap of a model config (Gemma 2: 50.0), or None."""
-    text = getattr(config, "text_config", None) or config
-    return getattr(text, "attn_logit_softcapping", None)
+    return getattr(text_config(config), "attn_logit_softcapping", None)
 
 
 def choose(config, requested: str, training: bool) -> Tuple[str, Optional[str]]:

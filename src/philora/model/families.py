@@ -21,13 +21,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch.nn as nn
 
 
-def _head_dim(c) -> int:
+def head_dim(c) -> int:
+    """The attention head size of a model config (its ``head_dim``, else hidden / heads)."""
     return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
+def kv_heads(c) -> int:
+    """The key/value head count of a model config (fewer than the query heads under GQA)."""
+    return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+
+
 def _qkv_sizes(c) -> List[int]:
-    hd = _head_dim(c)
-    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    hd, kv = head_dim(c), kv_heads(c)
     return [c.num_attention_heads * hd, kv * hd, kv * hd]
 
 
@@ -125,7 +130,8 @@ def stop_token_ids(model, tokenizer) -> List[int]:
 
 # -- rotary factors and logits ---------------------------------------------------------------------
 
-def _text_config(config):
+def text_config(config):
+    """The language model's config: a multimodal config's ``text_config``, else the config itself."""
     return getattr(config, "text_config", None) or config
 
 
@@ -134,7 +140,7 @@ def longrope_switch(config) -> Optional[int]:
     Phi-4-mini): conversations longer than this use the long factors. None for other models."""
     if config is None:
         return None
-    config = _text_config(config)
+    config = text_config(config)
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if not isinstance(params, dict) or params.get("rope_type", params.get("type")) != "longrope":
         return None
@@ -163,7 +169,7 @@ def longrope_advice(switch: int, short: int, long: int) -> str:
 
 def final_logit_softcap(config) -> Optional[float]:
     """The cap of ``cap * tanh(logits / cap)`` some models apply to their logits (Gemma 2: 30)."""
-    return getattr(_text_config(config), "final_logit_softcapping", None) if config is not None else None
+    return getattr(text_config(config), "final_logit_softcapping", None) if config is not None else None
 
 
 # -- kinds of linear layer -----------------------------------------------------------------------

@@ -12,15 +12,13 @@ files and the chat loop.
 
 import json
 import sys
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..core.errors import PhiloraError
-from ..data.formats import tools_json
+from ..data.formats import ROLES, tools_json
+from ..data.records import json_lines, parse_json
 from ..model.decoding import chat_ids, generate_ids, generate_reply
 from ..model.loading import load_source
-
-ROLES = ("system", "user", "assistant", "tool")
 
 
 # -----------------------------------------------------------------------------
@@ -43,18 +41,13 @@ def read_prompts(path: str) -> List[dict]:
     """Records of a JSONL prompts file: {"prompt": str} or {"messages": [...]}. A conversation
     ending with an assistant turn is a held-out example: that turn becomes the reference."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
+        lines = list(json_lines(path))  # read as training data is: lines named from 1, a BOM dropped
     except (FileNotFoundError, IsADirectoryError):
         raise PhiloraError(f"{path}: no such file") from None
     records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for n, line in lines:
         where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PhiloraError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        rec = parse_json(line, where)
         if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
             records.append({"prompt": rec["prompt"], "messages": [{"role": "user", "content": rec["prompt"]}]})
         elif isinstance(rec, dict) and "messages" in rec:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..core.config import ModelConfig
-from ..core.diskio import staged
+from ..core.diskio import guard_output, staged
 from ..core.errors import PhiloraError, first_line
 from ..model.adapter import Adapter, AdapterError, read_adapter
 from ..model.devices import DTYPES
@@ -139,12 +139,8 @@ def merge(source, out, base: Optional[str] = None, dtype: Optional[str] = None,
         raise PhiloraError(f"{source}: nothing to merge: not a run or adapter directory (no adapter_config.json)")
     adapter = read_adapter(src.adapter_dir, dora=True)  # a bad adapter fails before the base loads
     path = resolve_path(src.model_cfg.name_or_path)
-    out_dir = Path(out)
-    for p in (src.adapter_dir, path):
-        if Path(p).exists() and out_dir.exists() and out_dir.resolve() == Path(p).resolve():
-            raise PhiloraError(f"--out '{out}' is an input of this command; choose another directory")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PhiloraError(f"--out '{out}' exists and is not a directory")
+    # force: what exists is written over (the CLI asked); the base path is known only here
+    out_dir = guard_output(out, force=True, directory=True, inputs=(src.adapter_dir, path))
     out_dtype = DTYPES[dtype] if dtype in DTYPES else stored_dtype(path, src.model_cfg)
     model = load_base(src.model_cfg, path, out_dtype)
     n = merge_adapter(model, adapter, out_dtype)
