@@ -19,6 +19,7 @@ from ..core.config import Config, ModelConfig, load_config
 from ..core.errors import PhiloraError, first_line
 from .adapter import CONFIG_NAME, AdapterError, read_adapter_config
 from .devices import pick_device, resolve_dtype
+from .gguf import resolve_gguf
 from .inject import apply_adapter
 from .prepare import attention, patch_loaded
 from .quant import prepare_quantized, quantization_kwargs
@@ -26,8 +27,9 @@ from .tiny import resolve_model
 
 
 def resolve_path(name_or_path: str) -> str:
-    """A local directory for ``tiny`` (built on first use); anything else as given."""
-    return resolve_model(name_or_path)
+    """A local directory for ``tiny`` (built on first use) and for a ``.gguf`` file (converted once,
+    gguf.py); ``pkg:PACKAGE/FILE`` is that file of an installed package; anything else as given."""
+    return resolve_model(resolve_gguf(name_or_path))
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: Optional[str] = None,
