@@ -80,7 +80,7 @@ def held_out_prompts(src, tokenizer, prompts: Union[int, str, None]) -> List[tup
                            f"pass --prompts FILE")
     quiet = lambda *a, **k: None  # noqa: E731 (training already logged the data counts)
     _, examples, _ = build_datasets(cfg.data, tokenizer, cfg.training_config.seed, log=quiet)
-    return [(f"eval #{i}", held_out(examples[i]["messages"])[0]) for i in range(min(n, len(examples)))]
+    return [(f"eval #{i + 1}", held_out(examples[i]["messages"])[0]) for i in range(min(n, len(examples)))]
 
 
 def fit_context(prompts: List[dict], context: int, max_new_tokens: int, say: Callable) -> List[dict]:
@@ -171,7 +171,7 @@ def _engine_plan(run, engines, models, vllm_python, ref: dict):
     """[(name, thunk)] in the order given; each thunk gets a temporary directory."""
     src, prompts, stops, max_new_tokens, dtype, context = (
         ref[k] for k in ("src", "prompts", "stops", "max_new_tokens", "dtype", "context"))
-    names = list(engines) if engines else list(ENGINES) + (["vllm"] if vllm_python else [])
+    names = list(engines) if engines is not None else list(ENGINES) + (["vllm"] if vllm_python else [])
     plan = []
     for name in names:
         if name == "peft":
@@ -224,7 +224,7 @@ def verify(run, engines: Optional[Sequence[str]] = None, prompts: Union[int, str
     vLLM with ``vllm_python``) and in the exported files / model directories ``models``, on the first
     ``prompts`` held-out prompts (or those of a file). Writes verify.md / verify.json to ``out`` (the
     run directory by default); returns the result, whose "exit_code" is 1 on a real disagreement."""
-    say = say or (lambda line: print(line, file=sys.stderr))
+    say = say if say is not None else (lambda line: print(line, file=sys.stderr))
     run = str(run)
     if resolve_source(run).adapter_dir is None:
         raise PhiloraError(f"{run}: no adapter to verify (no adapter_config.json); verify takes a run or adapter directory")

@@ -1,0 +1,320 @@
+"""philora verify (export/verify.py, engines.py, agreement.py): a short run of the default config (the
+tiny model on the sample data) verifies in peft, the merged model and GGUF f32 / q8_0 in llama.cpp;
+deliberately broken serving copies fail naming the engine and the prompt (an adapter zeroed on the
+way, a stop token lost from the generation config or the GGUF, a wrong chat template in the GGUF,
+a vLLM that drops the LoRA); a missing engine is one line and the others run; bad input is one line.
+
+The reference's replies are checked against transformers' own ``generate`` (philora.model.decoding);
+vLLM is imitated by a fake python that keeps the script's stdin/stdout contract and decodes with
+transformers + peft (vLLM is not installed here).
+"""
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from philora.core.config import load_config
+from philora.core.errors import PhiloraError
+from philora.data.build import build_datasets
+from philora.export.agreement import compare_reply
+from philora.export.verify import add_arguments, verify, verify_cli
+from philora.model.decoding import chat_ids, generate_ids
+from philora.model.loading import load_source
+from philora.run.evalgen import held_out
+from philora.run.train import train
+from philora.use.merge import merge
+
+HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+N, NEW = 3, 24  # prompts, new tokens
+RUN = ["training_config.max_steps=20", "training_config.learning_rate=5e-3", "training_config.warmup_steps=1",
+       "training_config.eval_steps=0", "training_config.save_steps=0", "training_config.report_samples=0",
+       "training_config.progress_bar=false", "training_config.logging_steps=10", "peft_config.lora_dropout=0.0",
+       "data.max_length=256"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """configs/tiny.yaml (the tiny model, the sample data) for 20 steps: replies end on <|end|>."""
+    out = tmp_path_factory.mktemp("verify") / "tiny"
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"training_config.output_dir={out}", *RUN])
+    train(cfg, overwrite=True)
+    return out
+
+
+class Lines(list):
+    def __call__(self, line):
+        assert "\n" not in line
+        self.append(line)
+
+
+@pytest.fixture(scope="module")
+def verified(tiny_run, tmp_path_factory):
+    lines = Lines()
+    out = tmp_path_factory.mktemp("verify-out")
+    return verify(tiny_run, prompts=N, max_new_tokens=NEW, out=out, say=lines), out, lines
+
+
+def _engine(result, name):
+    return next(e for e in result["engines"] if e["engine"] == name)
+
+
+def test_default_run_verifies(verified, tiny_run):
+    """exit 0: peft and the merged model give the reference's tokens on every prompt, GGUF f32 and
+    q8_0 too or within near-ties; the reference is transformers' generate, and not the base."""
+    result, out, lines = verified
+    assert result["exit_code"] == 0 and result["ok"], result
+    names = [e["engine"] for e in result["engines"]]
+    assert names == ["peft", "merged", "gguf-f32", "gguf-q8_0"]
+    for name in ("peft", "merged"):
+        e = _engine(result, name)
+        assert e["status"] == "ok" and e["identical"] == N and not e["failures"], e
+    assert _engine(result, "merged")["prompts_same"] == N  # the merged tokenizer builds the trained prompt
+    for name in ("gguf-f32", "gguf-q8_0"):
+        e = _engine(result, name)
+        assert e["status"] == ("ok" if HAVE_LLAMA_CPP else "skipped"), e
+        if HAVE_LLAMA_CPP:  # llama.cpp's own template + tokenizer build the prompt transformers does
+            assert e["prompts_same"] == e["prompts_checked"] == N
+            assert e["identical"] + e["near_ties"] == N and e["stops_on_eot"] >= 1, e
+    assert result["adapter_changes"] >= 1
+    # the reference against an independent decoder: transformers' generate on base + adapter
+    model, tok, src = load_source(str(tiny_run))
+    _, examples, _ = build_datasets(
+        src.run_cfg.data, tok, src.run_cfg.training_config.seed, log=lambda *a, **k: None)
+    ids = [chat_ids(tok, held_out(examples[i]["messages"])[0]) for i in range(N)]
+    want = [generate_ids(model, tok, [i], max_new_tokens=NEW)[0] for i in ids]
+    ref = result["reference"]["replies"]
+    assert [r["tokens"][:-1] if r["stopped"] else r["tokens"] for r in ref] == want
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert result["end_of_turn"] == {"id": end, "token": "<|end|>"}
+    assert result["reference"]["stops_on_eot"] == sum(r["stopped"] and r["tokens"][-1] == end for r in ref) >= 1
+    md = (out / "verify.md").read_text()
+    assert f"| peft | {N}/{N} |" in md and f"| merged | {N}/{N} |" in md and "**OK**" in md
+    assert json.loads((out / "verify.json").read_text())["exit_code"] == 0
+
+
+def _zeroed_copy(run: Path, out: Path) -> Path:
+    """The run with every lora_B zero: an export path that lost the adapter."""
+    shutil.copytree(run, out)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()},
+              str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_zeroed_adapter_is_caught(tiny_run, tmp_path):
+    """A merged model without the adapter's update: exit 1, 'ignores the adapter', naming the engine."""
+    lines = Lines()
+    merged = merge(str(_zeroed_copy(tiny_run, tmp_path / "zeroed")), tmp_path / "zeroed-merged")
+    result = verify(tiny_run, engines=[], models=[merged], prompts=N, max_new_tokens=NEW, out=tmp_path, say=lines)
+    assert result["exit_code"] == 1
+    e = _engine(result, "model:zeroed-merged")
+    assert e["failures"][0].startswith("model:zeroed-merged: ignores the adapter: its replies are the base model's")
+    assert any(line.startswith("verify: FAIL model:zeroed-merged: ignores the adapter") for line in lines)
+
+
+def test_lost_stop_token_is_caught(tiny_run, tmp_path):
+    """A merged model whose generation config lost <|end|> runs on past the end of turn: exit 1,
+    'does not stop on <|end|>' for each prompt the reference ends there."""
+    merged = merge(str(tiny_run), tmp_path / "nostop")
+    cfg_file = merged / "generation_config.json"
+    gen = json.loads(cfg_file.read_text())
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(merged)
+    gen["eos_token_id"] = [tok.eos_token_id]  # <|endoftext|> only: the template's <|end|> is lost
+    cfg_file.write_text(json.dumps(gen))
+    result = verify(tiny_run, engines=[], models=[merged], prompts=N, max_new_tokens=NEW, out=tmp_path, say=Lines())
+    e = _engine(result, "model:nostop")
+    ended = [i + 1 for i, r in enumerate(result["reference"]["replies"]) if r["tokens"][-1:] == [tok.convert_tokens_to_ids("<|end|>")]]
+    assert ended and result["exit_code"] == 1 and e["stops_on_eot"] == 0
+    assert [f.split(": ")[1] for f in e["failures"]] == [f"prompt {n} (eval #{n})" for n in ended]
+    assert all("does not stop on '<|end|>' as the reference does" in f for f in e["failures"])
+
+
+# -----------------------------------------------------------------------------
+# GGUF files broken on the way (llama.cpp)
+
+def _rewrite_gguf(src: Path, dst: Path, new: dict, drop=()) -> Path:
+    """A copy of a GGUF file with metadata ``new`` ({key: (GGUFValueType, value, sub_type)}) set and
+    keys ``drop`` removed (gguf's own gguf_new_metadata)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), arch=reader.fields["general.architecture"].contents(),
+                             endianess=reader.endianess)
+    copy_with_new_metadata(reader, writer, {k: MetadataDetails(*v) for k, v in new.items()}, list(drop))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def gguf_f32(tiny_run, tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama_cpp is not importable (scripts/setup.sh --tests)")
+    from philora.export.gguf import export_gguf
+    return export_gguf(tiny_run, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", outtype="f32")
+
+
+def test_gguf_with_a_wrong_chat_template_fails(tiny_run, gguf_f32, tmp_path):
+    """A GGUF whose chat template is ChatML's: llama.cpp builds other prompt tokens: exit 1 naming
+    the file and every prompt (the tokens-in replies still agree)."""
+    import gguf
+    chatml = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}"
+              "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
+    bad = _rewrite_gguf(gguf_f32, tmp_path / "chatml.gguf",
+                        {"tokenizer.chat_template": (gguf.GGUFValueType.STRING, chatml, None)})
+    result = verify(tiny_run, engines=[], models=[bad], prompts=N, max_new_tokens=NEW, out=tmp_path, say=Lines())
+    e = _engine(result, "gguf:chatml.gguf")
+    assert result["exit_code"] == 1 and e["prompts_same"] == 0 and e["identical"] + e["near_ties"] == N
+    assert [f.split(": its own chat template")[0] for f in e["failures"]] == \
+        [f"gguf:chatml.gguf: prompt {n} (eval #{n})" for n in range(1, N + 1)]
+
+
+def test_gguf_that_lost_its_end_of_turn_fails(tiny_run, gguf_f32, tmp_path):
+    """A GGUF whose end-of-turn token is not marked (no eot_token_id, a name llama.cpp does not know
+    by heart): llama.cpp generates it and goes on: 'does not stop', exit 1."""
+    import gguf
+    fields = gguf.GGUFReader(str(gguf_f32)).fields
+    end = fields["tokenizer.ggml.eot_token_id"].contents()
+    tokens = list(fields["tokenizer.ggml.tokens"].contents())
+    assert tokens[end] == "<|end|>"
+    tokens[end] = "<|turn_end|>"
+    template = fields["tokenizer.chat_template"].contents().replace("<|end|>", "<|turn_end|>")
+    bad = _rewrite_gguf(gguf_f32, tmp_path / "noeot.gguf", {
+        "tokenizer.ggml.tokens": (gguf.GGUFValueType.ARRAY, tokens, gguf.GGUFValueType.STRING),
+        "tokenizer.chat_template": (gguf.GGUFValueType.STRING, template, None)}, drop=["tokenizer.ggml.eot_token_id"])
+    result = verify(tiny_run, engines=[], models=[bad], prompts=N, max_new_tokens=NEW, out=tmp_path, say=Lines())
+    e = _engine(result, "gguf:noeot.gguf")
+    assert result["exit_code"] == 1 and e["stops_on_eot"] == 0 and e["prompts_same"] == N
+    assert e["failures"] and all("does not stop on '<|end|>'" in f for f in e["failures"])
+
+
+def test_gguf_of_a_zeroed_adapter_ignores_it(tiny_run, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama_cpp is not importable (scripts/setup.sh --tests)")
+    from philora.export.gguf import export_gguf
+    path = export_gguf(_zeroed_copy(tiny_run, tmp_path / "zeroed"), tmp_path / "out" / "zeroed.gguf", outtype="f32")
+    result = verify(tiny_run, engines=[], models=[path], prompts=N, max_new_tokens=NEW, out=tmp_path, say=Lines())
+    assert result["exit_code"] == 1
+    assert _engine(result, "gguf:zeroed.gguf")["failures"][0].startswith("gguf:zeroed.gguf: ignores the adapter")
+
+
+# -----------------------------------------------------------------------------
+# vLLM through another python (a fake that keeps the contract), engines not installed, bad input
+
+FAKE_VLLM = '''
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+assert open(sys.argv[1]).read().count("LLM(") == 1  # it was handed the vLLM script
+req = json.load(sys.stdin)
+model = AutoModelForCausalLM.from_pretrained(req["model"], dtype=getattr(torch, req["dtype"])).eval()
+if req["lora"] and not IGNORE_LORA:
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, req["lora"]).eval()
+tok = AutoTokenizer.from_pretrained(req["tokenizer"])
+eos = model.generation_config.eos_token_id  # vLLM: the generation config's eos ids and the tokenizer's
+eos = sorted(set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id})
+outs = []
+for ids in req["prompts"]:
+    new = model.generate(torch.tensor([ids]), max_new_tokens=req["max_tokens"], do_sample=False,
+                         eos_token_id=eos, pad_token_id=eos[0])[0, len(ids):].tolist()
+    stop = bool(new) and new[-1] in eos
+    outs.append({"token_ids": new, "finish_reason": "stop" if stop else "length", "stop_reason": None})
+print("INFO some log line")
+print(json.dumps({"vllm": "fake", "outputs": outs}))
+'''
+
+
+def _fake_python(tmp_path: Path, ignore_lora: bool) -> Path:
+    script = tmp_path / f"fake_vllm_{ignore_lora}.py"
+    script.write_text(f"IGNORE_LORA = {ignore_lora}\n" + FAKE_VLLM)
+    python = tmp_path / f"python-{ignore_lora}"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    python.chmod(0o755)
+    return python
+
+
+@pytest.mark.parametrize("ignore_lora", [False, True])
+def test_vllm_through_another_python(tiny_run, tmp_path, ignore_lora):
+    """The vLLM engine's request/reply contract: a vLLM that serves the LoRA agrees token for token;
+    one that drops it 'ignores the adapter' (exit 1)."""
+    python = _fake_python(tmp_path, ignore_lora)
+    result = verify(tiny_run, engines=["vllm"], vllm_python=str(python), prompts=N, max_new_tokens=NEW,
+                    out=tmp_path, say=Lines())
+    e = _engine(result, "vllm")
+    if ignore_lora:
+        assert result["exit_code"] == 1 and e["failures"][0].startswith("vllm: ignores the adapter")
+    else:
+        assert result["exit_code"] == 0 and e["identical"] == N and e["stops_on_eot"] == result["reference"]["stops_on_eot"]
+
+
+def test_engines_not_installed_are_one_line_each(tiny_run, tmp_path, monkeypatch, capsys):
+    """No llama_cpp, a --vllm-python without vllm, one that does not exist: a line each, skipped; the
+    merged model still runs; exit 0. Through the command's own argument parser, --json on stdout."""
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([str(tiny_run), "--engines", "gguf-q8_0,merged,vllm", "--prompts", "2", "--max-new-tokens",
+                         "8", "--vllm-python", sys.executable, "--json", "--out", str(tmp_path)])
+    capsys.readouterr()
+    assert verify_cli(args) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert [(e["engine"], e["status"]) for e in result["engines"]] == [
+        ("gguf-q8_0", "skipped"), ("merged", "ok"), ("vllm", "skipped")]
+    skipped = [x for x in captured.err.splitlines() if ": skipped: " in x]
+    assert skipped == ["verify: gguf-q8_0: skipped: llama-cpp-python is not installed (pip install llama-cpp-python)",
+                       f"verify: vllm: skipped: vllm is not importable: No module named 'vllm' (in {sys.executable})"]
+    lines = Lines()
+    result = verify(tiny_run, engines=["vllm"], vllm_python=str(tmp_path / "nope"), prompts=1, max_new_tokens=4,
+                    out=tmp_path, say=lines)
+    assert result["exit_code"] == 0 and lines[-1] == f"verify: vllm: skipped: --vllm-python {tmp_path / 'nope'}: no such file"
+
+
+def test_bad_input_is_one_line(tiny_run, tiny_model_dir, tmp_path, helpers):
+    """A directory without an adapter, an unknown engine, a prompts file that is not there: one-line
+    errors; a prompt longer than the model's context: one line, and the other prompts are verified."""
+    with pytest.raises(PhiloraError) as e:
+        verify(tiny_model_dir, prompts=1)
+    helpers.one_line_error(e, "no adapter to verify")
+    with pytest.raises(PhiloraError) as e:
+        verify(tiny_run, engines=["ollama"], prompts=1, max_new_tokens=4, out=tmp_path, say=Lines())
+    helpers.one_line_error(e, "unknown engine 'ollama'")
+    with pytest.raises(PhiloraError) as e:
+        verify(tiny_run, prompts=str(tmp_path / "missing.jsonl"))
+    helpers.one_line_error(e, "missing.jsonl: no such file")
+    prompts = tmp_path / "prompts.jsonl"
+    long = " ".join(f"word{i}" for i in range(3000))  # > the tiny model's 2048 positions
+    prompts.write_text("\n".join(json.dumps({"messages": m}) for m in [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": long}, {"role": "assistant", "content": "ok"}]]) + "\n")
+    lines = Lines()
+    result = verify(tiny_run, engines=[], prompts=str(prompts), max_new_tokens=4, out=tmp_path, say=lines)
+    assert [p["where"] for p in result["prompts"]] == [f"{prompts}:1"] and result["exit_code"] == 0
+    (line,) = [x for x in lines if "context" in x]
+    assert line.startswith(f"verify: prompt 2 ({prompts}:2): ") and "exceed the model's context of 2048 tokens; skipped" in line
+    with pytest.raises(PhiloraError) as e:
+        prompts.write_text(json.dumps({"messages": [{"role": "user", "content": long}]}) + "\n")
+        verify(tiny_run, engines=[], prompts=str(prompts), max_new_tokens=4, out=tmp_path, say=Lines())
+    helpers.one_line_error(e, "no prompt fits the model's context")
+
+
+def test_compare_reply_kinds():
+    """The verdicts on hand-made replies (tokens include the stop token 9)."""
+    ref = {"tokens": [5, 6, 7, 9], "stopped": True, "margins": [3.0, 0.2, 2.0, 1.0]}
+    base = {"tokens": [4, 4], "stopped": False}
+    def kind(tokens, stopped, threshold=0.5):
+        return compare_reply(ref, {"tokens": tokens, "stopped": stopped}, base, threshold)
+    assert kind([5, 6, 7, 9], True) == {"kind": "identical", "at": None, "margin": None, "as_base": False}
+    assert kind([5, 8, 1], False) == {"kind": "near-tie", "at": 1, "margin": 0.2, "as_base": False}
+    assert kind([5, 8, 1], False, threshold=0.1)["kind"] == "diverges"
+    assert kind([5, 6, 8], True) == {"kind": "diverges", "at": 2, "margin": 2.0, "as_base": False}
+    assert kind([5, 6, 7, 9, 3, 3], False)["kind"] == "missing stop"
+    assert kind([5, 6], True)["kind"] == "early stop"
+    assert kind([4, 4], False) == {"kind": "diverges", "at": 0, "margin": 3.0, "as_base": True}
+    assert compare_reply({"tokens": [1, 2], "stopped": False, "margins": [1, 1]},
+                         {"tokens": [1, 2, 3], "stopped": False}, base, 0.5)["kind"] == "length"
