@@ -10,7 +10,8 @@ philora.lora's layers) come through the ``helpers`` fixture: ``helpers.load_mode
 Fixtures on one topic live in plugin modules beside this file, registered below (never imported by
 test files): model_matrix.py (``families``: a tiny model of each family), gguf_models.py (tiny
 Phi-3 / Llama models and runs for the GGUF export tests: ``phi3_base``, ``phi3_run``, ``phi3_merged``,
-``gguf_models``).
+``gguf_models``), skip_policy.py (a run in which a test skipped fails, but for a short allow-list of
+GPU-dependent skips: ``scripts/setup.sh --tests`` installs everything the tests need).
 """
 
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest_plugins = ["model_matrix", "gguf_models"]
+pytest_plugins = ["model_matrix", "gguf_models", "skip_policy"]
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -274,9 +275,9 @@ class Recorder:
 
 
 def install_recorder(mp) -> Recorder:
-    from philora.run import train as train_mod
+    from philora.model import prepare  # train() injects LoRA through prepare(), which holds every model patch
     rec = Recorder()
-    real_inject = train_mod.inject_lora
+    real_inject = prepare.inject_lora
 
     def inject(model, *args, **kwargs):
         rec.models.append(model)
@@ -290,7 +291,7 @@ def install_recorder(mp) -> Recorder:
                 raise Killed(f"killed at step {rec.kill_at}")
             return super().step(closure)
 
-    mp.setattr(train_mod, "inject_lora", inject)
+    mp.setattr(prepare, "inject_lora", inject)
     mp.setattr(torch.optim, "AdamW", RecordingAdamW)
     return rec
 

@@ -3,8 +3,11 @@ W&B offline files, trackio's database), a resumed run continuing its MLflow run,
 (one line, before anything loads), a tracker failing mid-run (a warning, the run goes on)."""
 
 import glob
+import importlib.metadata
 import json
+import re
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,6 +150,25 @@ def test_missing_package_is_one_line_before_anything_loads(tmp_path, monkeypatch
     with pytest.raises(PhiloraError) as e:
         train(cfg)
     helpers.one_line_error(e, "training_config.report_to", "'wandb'", "pip install 'philora[wandb]'")
+
+
+def test_each_hint_names_an_extra_that_installs_the_package():
+    """pyproject.toml has the extra each missing-package hint names, the extra holds the distribution that
+    provides the imported module (as installed here), and the README gives the same commands."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pytest's own dependency before 3.11
+        import tomli as tomllib
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    readme = (root / "README.md").read_text()
+    providers = importlib.metadata.packages_distributions()
+    for name, (module, hint) in trackers.PACKAGES.items():
+        wanted = project["dependencies"] if name == "tensorboard" else project["optional-dependencies"][name]
+        if name != "tensorboard":
+            assert hint == f"pip install 'philora[{name}]'" and f"`{hint}`" in readme, name
+        names = {re.split(r"[<>=!~\[;, ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in wanted}
+        assert {d.lower().replace("_", "-") for d in providers[module]} & names, (name, providers[module])
 
 
 def test_a_failing_tracker_is_a_warning(tmp_path, small_model_dir, small_data, monkeypatch, capsys, helpers):

@@ -15,7 +15,9 @@ never lost to its dashboard.
 * trackio: project ``$TRACKIO_PROJECT`` or ``philora``, stored where trackio keeps its runs
   (``$TRACKIO_DIR``).
 
-Each is an optional extra (``pip install 'philora[mlflow]'``); a missing one is a one-line error
+Each is an optional extra of pyproject.toml (``pip install 'philora[mlflow]'``, ``[wandb]``,
+``[trackio]``; mlflow's is the client and its sqlite store, mlflow-skinny + sqlalchemy + alembic);
+``scripts/setup.sh --tests`` installs all three. A missing one is a one-line error naming its extra
 before training starts (:func:`check_trackers`). A resumed run continues the same tracker run
 (ids kept in ``OUTPUT_DIR/trackers.json``). Hand-written glue, a few calls per tracker:
 transformers' integrations are Trainer callbacks, and philora has its own loop.
