@@ -226,3 +226,33 @@ def test_training_imports_neither_peft_nor_bitsandbytes(tmp_path, small_model_di
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "LOADED []" in res.stdout, res.stdout[-500:]
+
+
+def test_prepare_applies_the_patches_in_order_and_the_close_undoes_neftune(small_model_dir):
+    """Inference loads get attention and LongRoPE only; training loads the fused MLPs and no KV
+    cache; prepare() adds LoRA, NEFTune (its hooks gone when the run's ExitStack closes) and the
+    wrapper last, around the loss object it is given."""
+    import contextlib
+
+    from philora.core.config import Config, ModelConfig, PeftConfig, TrainingConfig
+    from philora.model.loading import load_model_and_tokenizer
+    from philora.model.loss import CausalLMLoss
+    from philora.model.prepare import prepare
+
+    mc = ModelConfig(name_or_path=small_model_dir, dtype="float32")
+    plain, _, _ = load_model_and_tokenizer(mc, torch.device("cpu"), training=False)
+    assert plain.config.use_cache and not any("forward" in vars(m) for m in plain.modules())
+    model, tok, _ = load_model_and_tokenizer(mc, torch.device("cpu"), training=True)
+    assert not model.config.use_cache and any("forward" in vars(m) for m in model.modules())  # fused MLPs
+    cfg = Config(model=mc, peft_config=PeftConfig(r=2, lora_alpha=4, target_modules=["o_proj"]),
+                 training_config=TrainingConfig(neftune_noise_alpha=5.0))
+    wrapped, lines = [], []
+    with contextlib.ExitStack() as held:
+        loss_fn = prepare(model, CausalLMLoss(model), cfg, [], tok.pad_token_id, torch.device("cpu"), held,
+                          wrap=lambda m: wrapped.append(m) or m, log=lines.append)
+        assert wrapped == [loss_fn] and loss_fn.training
+        assert any(n.endswith("lora_A") for n, p in model.named_parameters() if p.requires_grad)
+        assert lines[0].startswith("trainable params: ")
+        embed = model.get_input_embeddings()
+        assert embed._forward_hooks
+    assert not embed._forward_hooks  # NEFTune removed on close
