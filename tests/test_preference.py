@@ -349,3 +349,24 @@ def test_sft_then_dpo_on_one_adapter(tok, encoded, tmp_path):
     with torch.no_grad():
         assert torch.allclose(back(ids).logits, model(ids).logits, atol=1e-5)
         assert not torch.allclose(back(ids).logits, sft(ids).logits, atol=1e-4)
+
+
+def test_preference_accuracy_against_full_logits(tok, encoded):
+    """The report's reference-free accuracy: mean completion log-prob of chosen above rejected, per
+    pair, as the model's full logits give it one sequence at a time."""
+    from philora.model.preference_ref import preference_accuracy
+    model = base_model(tok, attn="sdpa")
+    got = preference_accuracy(model, encoded, tok.pad_token_id, True, 64, 2, torch.device("cpu"))
+    wins, gap = 0, 0.0
+    with torch.no_grad():
+        for p in encoded:
+            mean = []
+            for side in ("chosen", "rejected"):
+                ids = torch.tensor([p[side].tolist()])
+                lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+                mask = torch.tensor(p[f"{side}_mask"][1:], dtype=torch.bool)
+                mean.append(lp[mask].mean().item())
+            wins += mean[0] > mean[1]
+            gap += mean[0] - mean[1]
+    assert got["preference_accuracy"] == wins / len(encoded)
+    assert abs(got["logp_margin"] - gap / len(encoded)) < 1e-5

@@ -4,6 +4,7 @@
     reference_table(model, pairs, ...)            -> (pairs, 2) summed completion log-probs, chosen / rejected
     with_reference(pairs, table)                  -> the pairs, each carrying its "ref" (collate_pairs batches it)
     save_reference(out, tables) / load_reference(out, sets) -> the run's ``reference_logps.safetensors``
+    preference_accuracy(model, pairs, ...)        -> how often the model itself prefers chosen (report: base vs tuned)
 
 The reference of DPO is the model at step 0: the base with the adapter at zero (a fresh LoRA's B is
 zero), or the starting adapter (``init_adapter``: SFT, then DPO on the same adapter). Rather than a
@@ -32,7 +33,7 @@ from ..core.diskio import write_bytes
 from ..core.errors import PhiloraError
 from ..data.preference import collate_pairs, sequences
 from .inject import apply_adapter
-from .preference import reference_logps
+from .preference import reference_logps, sequence_logps
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -112,3 +113,22 @@ def load_reference(out, sets: Dict[str, List[dict]]) -> Optional[Dict[str, torch
                                f"run's (the data, tokenizer or max_length changed since the run began): resume "
                                f"with the run's own data, or start a new run")
     return tables
+
+
+@torch.no_grad()
+def preference_accuracy(model: nn.Module, pairs: List[dict], pad_id: int, packing: bool, max_length: int,
+                        batch_size: int, device, autocast: Callable = contextlib.nullcontext) -> Dict[str, float]:
+    """Reference-free: the share of ``pairs`` whose chosen completion the model gives a higher mean
+    per-token log-probability than the rejected one (``preference_accuracy``), and the mean gap
+    (``logp_margin``). Unlike rewards/accuracies (zero at step 0, where policy = reference and every
+    pair ties) it compares base and tuned models alike; the caller sets eval mode / the adapter."""
+    wins, gap = 0.0, 0.0
+    for s in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[s:s + batch_size], pad_id, packing, max_length)
+        with autocast():
+            logps, counts, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
+        mean = (logps / counts.clamp(min=1)).double().cpu().view(-1, 2)
+        wins += float((mean[:, 0] > mean[:, 1]).sum())
+        gap += float((mean[:, 0] - mean[:, 1]).sum())
+    n = max(len(pairs), 1)
+    return {"preference_accuracy": wins / n, "logp_margin": gap / n}
