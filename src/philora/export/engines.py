@@ -95,7 +95,7 @@ def llama_cpp_greedy(path: Path, prompts: List[dict], max_new_tokens: int, n_ctx
     llama_cpp = llama_cpp_module()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
                           n_threads_batch=threads, verbose=False)
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    vocab, n_vocab = llama_cpp.llama_model_get_vocab(llm.model), llm.n_vocab()
     results = []
     for p in prompts:
         try:
@@ -105,8 +105,9 @@ def llama_cpp_greedy(path: Path, prompts: List[dict], max_new_tokens: int, n_ctx
         llm.reset()
         llm.eval(p["ids"])
         out: List[int] = []
-        for _ in range(max_new_tokens):
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        for _ in range(max_new_tokens):  # the last position's logits (llm.scores holds them only with logits_all)
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+            out.append(int(np.argmax(logits)))
             if llama_cpp.llama_vocab_is_eog(vocab, out[-1]):
                 break
             llm.eval(out[-1:])

@@ -167,32 +167,35 @@ def _vllm(python, src, prompts, max_new_tokens, dtype):
     return vllm_greedy(python, request)
 
 
-def _engine_plan(run, engines, models, vllm_python, ref: dict):
-    """[(name, thunk)] in the order given; each thunk gets a temporary directory."""
-    src, prompts, stops, max_new_tokens, dtype, context = (
-        ref[k] for k in ("src", "prompts", "stops", "max_new_tokens", "dtype", "context"))
+def _engine_plan(run, engines, models, vllm_python):
+    """[(name, run(ref, tmp))] in the order given, checked before any model loads; ``ref`` holds the
+    reference's src, prompts, stops, max_new_tokens, dtype and context; tmp is a temporary directory."""
     names = list(engines) if engines is not None else list(ENGINES) + (["vllm"] if vllm_python else [])
     plan = []
     for name in names:
         if name == "peft":
-            plan.append((name, lambda tmp: _peft(src, prompts, stops, max_new_tokens)))
+            plan.append((name, lambda ref, tmp: _peft(ref["src"], ref["prompts"], ref["stops"], ref["max_new_tokens"])))
         elif name == "merged":
-            plan.append((name, lambda tmp: _merged(run, prompts, max_new_tokens, tmp)))
+            plan.append((name, lambda ref, tmp: _merged(run, ref["prompts"], ref["max_new_tokens"], tmp)))
         elif name.startswith("gguf-") and len(name) > 5:
-            plan.append((name, lambda tmp, t=name[5:]: _export(run, t, prompts, max_new_tokens, context, tmp)))
+            plan.append((name, lambda ref, tmp, t=name[5:]: _export(
+                run, t, ref["prompts"], ref["max_new_tokens"], ref["context"], tmp)))
         elif name == "vllm":
             if not vllm_python:
                 raise PhiloraError("--engines vllm needs --vllm-python PATH (a python with vllm installed)")
-            plan.append((name, lambda tmp: _vllm(vllm_python, src, prompts, max_new_tokens, dtype)))
+            plan.append((name, lambda ref, tmp: _vllm(vllm_python, ref["src"], ref["prompts"], ref["max_new_tokens"],
+                                                      ref["dtype"])))
         else:
             raise PhiloraError(f"--engines: unknown engine {name!r} (peft, merged, gguf-f32, gguf-f16, gguf-bf16, "
                                f"gguf-q8_0, gguf-q4_k_m, ..., vllm)")
     for m in models or []:
         path = Path(m)
         if path.suffix == ".gguf" and path.is_file():
-            plan.append((f"gguf:{path.name}", lambda tmp, p=path: _gguf(p, prompts, max_new_tokens, context)))
+            plan.append((f"gguf:{path.name}", lambda ref, tmp, p=path: _gguf(
+                p, ref["prompts"], ref["max_new_tokens"], ref["context"])))
         elif (path / "config.json").is_file():
-            plan.append((f"model:{path.name}", lambda tmp, p=path: _hf_model_dir(p, prompts, max_new_tokens)))
+            plan.append((f"model:{path.name}", lambda ref, tmp, p=path: _hf_model_dir(
+                p, ref["prompts"], ref["max_new_tokens"])))
         else:
             raise PhiloraError(f"--model {m}: not a .gguf file or a model directory (no config.json)")
     return plan
@@ -201,12 +204,12 @@ def _engine_plan(run, engines, models, vllm_python, ref: dict):
 # -----------------------------------------------------------------------------
 # verify
 
-def _run_engine(name, thunk, say) -> dict:
+def _run_engine(name, thunk, ref: dict, say) -> dict:
     """One engine's replies, or why there are none (skipped: not installed; error: it failed)."""
     t0 = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="philora-verify-") as tmp:
-            replies = thunk(tmp)
+            replies = thunk(ref, tmp)
     except NotInstalled as e:
         say(f"verify: {name}: skipped: {e}")
         return {"engine": name, "status": "skipped", "reason": str(e)}
@@ -228,7 +231,9 @@ def verify(run, engines: Optional[Sequence[str]] = None, prompts: Union[int, str
     run = str(run)
     if resolve_source(run).adapter_dir is None:
         raise PhiloraError(f"{run}: no adapter to verify (no adapter_config.json); verify takes a run or adapter directory")
+    plan = _engine_plan(run, engines, models, vllm_python)
     src, tok, plist, stops, ref, base, seconds, dtype, context = _reference(run, prompts, max_new_tokens, say)
+    shared = dict(src=src, prompts=plist, stops=stops, max_new_tokens=max_new_tokens, dtype=dtype, context=context)
     eot = (end_of_turn_ids(tok) or [None])[0]
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
     result = {"run": run, "max_new_tokens": max_new_tokens, "dtype": dtype,
@@ -241,10 +246,9 @@ def verify(run, engines: Optional[Sequence[str]] = None, prompts: Union[int, str
     if not result["adapter_changes"]:
         say("verify: warning: the adapter changes none of the reference's greedy replies, so an engine "
             "that ignores it cannot be told apart")
-    for name, thunk in _engine_plan(run, engines, models, vllm_python, dict(
-            src=src, prompts=plist, stops=stops, max_new_tokens=max_new_tokens, dtype=dtype, context=context)):
+    for name, thunk in plan:
         say(f"verify: {name} ...")
-        res = _run_engine(name, thunk, say)
+        res = _run_engine(name, thunk, shared, say)
         if "replies" in res:
             threshold = margin if margin is not None else MARGINS.get(name, DEFAULT_MARGIN)
             res.update(compare_engine(name, plist, ref, base, res.pop("replies"), eot, threshold, decode))
@@ -262,9 +266,11 @@ def verify(run, engines: Optional[Sequence[str]] = None, prompts: Union[int, str
 
 
 # -----------------------------------------------------------------------------
-# the command (cli.py adds the sub-parser with add_arguments and calls verify_cli)
+# the command: ``philora verify`` is parsed here (cli.py hands it argv, as for bench), so
+# ``philora --help`` does not import torch for it
 
 def add_arguments(p) -> None:
+    """``philora verify``'s options on the argparse parser ``p``."""
     p.add_argument("run", help="a philora run directory (or PEFT adapter directory)")
     p.add_argument("--engines", default=None,
                    help=f"comma-separated (default {','.join(ENGINES)}, plus vllm with --vllm-python); "
@@ -292,3 +298,12 @@ def verify_cli(args) -> int:
     print(json.dumps(result, ensure_ascii=False) if args.json else markdown(result))
     return result["exit_code"]
 
+
+
+def main(argv: Sequence[str]) -> int:
+    """``philora verify ARGS``: exit 0 when every engine that ran agrees, 1 on a real disagreement."""
+    import argparse
+    p = argparse.ArgumentParser(prog="philora verify", description="The run's held-out prompts, greedy, in each "
+                                "serving engine: the same tokens as philora's base + adapter?")
+    add_arguments(p)
+    return verify_cli(p.parse_args(list(argv)))
