@@ -147,9 +147,12 @@ def test_no_private_name_crosses_modules(package=None):
     wrong = [f"{src}: from {dst} import {n}, line {line}" for src, out in edges.items()
              for dst, names, _, line in out for n in names
              if n.startswith("_") and not n.startswith("__") and dst != src]
-    # Attributes and methods: `x._name` where _name is private to another philora module.
+    # Attributes and methods: `x._name` where _name is private to another philora module (and not
+    # also a private attribute of torch's own tensors and modules, such as Tensor._version).
+    import torch
+    torch_own = set(dir(torch.Tensor)) | set(dir(torch.nn.Module())) | set(dir(torch.nn.Parameter))
     for m, tree in trees.items():
-        others = set().union(*(own[o] for o in trees if o != m)) - own[m]
+        others = set().union(*(own[o] for o in trees if o != m)) - own[m] - torch_own
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in others and not (
                     isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
