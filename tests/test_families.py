@@ -132,7 +132,6 @@ def test_labels_are_each_assistant_turn_and_its_end_of_turn(name, families):
 def test_training_loss_and_lora_grads_equal_eager_alone(name, families, capsys, monkeypatch):
     """Packed and padded batches through philora (its attention, LongRoPE per conversation, chunked
     loss) against transformers' eager model + peft on each conversation alone."""
-    monkeypatch.setattr("philora.model.loading._SAID", set())  # the attention note is said once per process
     path = families.dir(name)
     tok = tokenizer(path)
     exs = examples(tok, families.conversations(name))

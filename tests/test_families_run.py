@@ -67,7 +67,6 @@ def test_longrope_run_within_the_switch_serves_short_and_stays_tied(families, he
 
 
 def test_gemma2_trains_with_softcapped_attention_said_once(families, helpers, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("philora.model.loading._SAID", set())  # said once per process: as if the first load
     path = families.dir("gemma2")
     data = write_data(families, "gemma2", tmp_path / "data", copies=2)
     result = train(helpers.make_cfg(tmp_path / "run", path, data, "data.max_length=256",

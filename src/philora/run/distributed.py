@@ -24,15 +24,13 @@ import torch.distributed as dist
 from ..core.errors import PhiloraError
 from .fsdp import FSDP_QUANT_ERROR, FSDPLoRA
 
-_OWNED = False  # whether setup() created the process group (then teardown() destroys it)
-
-
 @dataclass(frozen=True)
 class World:
     """This process's place in the run: its rank among ``size`` processes (1: no torchrun)."""
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    owned: bool = False  # setup() created the process group (then teardown() destroys it)
 
     @property
     def main(self) -> bool:
@@ -45,27 +43,24 @@ class World:
 
 def setup() -> World:
     """Join the process group if launched by torchrun; returns this process's facts."""
-    global _OWNED
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group("gloo")
-        _OWNED = True
-    return World(rank, size, local_rank)
+    return World(rank, size, local_rank, owned)
 
 
 def teardown(world: World) -> None:
     """Leave the group if setup() created it (a caller's own group stays up)."""
-    global _OWNED
-    if world.enabled and dist.is_initialized() and _OWNED:
+    if world.enabled and dist.is_initialized() and world.owned:
         dist.destroy_process_group()
-        _OWNED = False
 
 
 def all_sum(world: World, *values: torch.Tensor) -> list:
