@@ -115,7 +115,8 @@ def markdown(result: dict) -> str:
              f"| base (adapter off) | {result['base']['identical']}/{n} | {_divergence(result['base'])} | – | "
              f"{result['base']['stops_on_eot']}/{n} | – | – | differs on {result['adapter_changes']}/{n} |"]
     lines += [_row(e, n) for e in result["engines"]]
-    failures = [f for e in result["engines"] for f in e.get("failures", [])]
+    failures = [f"{e['engine']}: failed: {e['reason']}" for e in result["engines"] if e["status"] == "error"]
+    failures += [f for e in result["engines"] for f in e.get("failures", [])]
     lines += ["", f"**{'OK' if result['ok'] else 'FAILED'}**" + (": every engine that ran agrees with the reference."
                                                                    if result["ok"] else ":"), ""]
     lines += [f"- {f}" for f in failures]
