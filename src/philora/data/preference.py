@@ -4,6 +4,7 @@
     encode_pair(prompt, chosen, rejected, tokenizer, max_length, truncation) -> (status, pair)
     load_pairs(source, split, cfg, tokenizer) / build_pairs(cfg, tokenizer, seed) -> pairs and counts
     collate_pairs(pairs, pad_id, packing, max_length) -> a micro-batch of 2 x pairs sequences
+    PairSequences(pairs)                    -> the pairs' sequences as conversations {"input_ids", "labels"}
     pair_report(pairs, counts)              -> what ``philora data check`` reports for pairs
 
 Records as TRL names them, decided per record from its keys:
@@ -33,6 +34,7 @@ Hand-written beside batching.collate because the loss needs that map, which coll
 """
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -252,6 +254,25 @@ def build_pairs(cfg: DataConfig, tokenizer, seed: int, log: Callable = print) ->
 def sequences(pair: dict) -> List[Tuple[np.ndarray, np.ndarray]]:
     """(ids, label mask) of a pair's chosen and rejected sequences, in that order."""
     return [(pair[s], pair[f"{s}_mask"]) for s in SIDES]
+
+
+class PairSequences(Sequence):
+    """Each pair's two sequences as conversations {"input_ids", "labels"}, chosen then rejected,
+    made on access (no copy of the pairs): what measures a run's conversations (memory planning,
+    the LongRoPE record)."""
+
+    def __init__(self, pairs: List[dict]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return 2 * len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        ids, mask = sequences(self.pairs[i // 2])[i % 2]
+        return {"input_ids": ids.tolist(), "labels": np.where(mask != 0, ids, IGNORE_INDEX).tolist()}
+
+    def lengths(self) -> np.ndarray:
+        return np.asarray([len(x) for p in self.pairs for x, _ in sequences(p)], dtype=np.int64)
 
 
 def collate_pairs(pairs: List[dict], pad_id: int, packing: bool, max_length: int) -> Dict[str, torch.Tensor]:

@@ -185,6 +185,9 @@ def check_start(cfg: Config) -> Optional[Path]:
     """Before the model loads: the adapter training starts from (``peft_config.init_adapter``,
     read and checked), None for a fresh one; a one-line PhiloraError when it cannot be read, as
     DPO's reference (the step-0 model) could not be formed from it."""
+    if cfg.training_config.objective in NEEDS_REFERENCE and cfg.training_config.fsdp:
+        raise PhiloraError("training_config.fsdp: DPO's reference pass runs on the whole model, which FSDP "
+                           "shards; not supported yet with objective dpo (DDP works: fsdp false)")
     path = cfg.peft_config.init_adapter
     if path is None:
         return None

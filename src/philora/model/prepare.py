@@ -15,7 +15,8 @@ Every loaded model (``loading.load_model_and_tokenizer``, training and inference
 
 Training (:func:`prepare`, after the model loaded):
 
-4. LoRA layers (``inject.inject_lora``): after 3, so the fused MLP forward calls the LoRA layers.
+4. LoRA layers (``inject.inject_lora``; from a saved adapter with ``peft_config.init_adapter``):
+   after 3, so the fused MLP forward calls the LoRA layers.
 5. NEFTune noise on the input embeddings (``training_config.neftune_noise_alpha``), hooks taken
    off when the run closes.
 6. ``model.gradient_checkpointing: auto``: measured on the model as it will train (4 and 5 in
@@ -34,7 +35,9 @@ from . import attention as attention_impl
 from . import memory, rope
 from .fused import fuse_mlps
 from .inject import count_parameters, inject_lora
+from .loss import CausalLMLoss
 from .neftune import NEFTune
+from .preference_ref import start_adapter
 
 
 def attention(cfg: ModelConfig, path: str, training: bool, say: Callable = print) -> str:
@@ -63,14 +66,22 @@ def prepare(model: nn.Module, loss_fn: nn.Module, cfg: Config, examples, pad_id:
     takes a batch and returns (loss sum, label tokens)); returns the loss object to train with.
     ``agree(on)``: whether any rank voted on; ``wrap``: the distributed wrapper (none: as is)."""
     tc = cfg.training_config
-    inject_lora(model, cfg.peft_config)  # 4
+    if cfg.peft_config.init_adapter:  # 4: the LoRA starts from a saved adapter (SFT, then DPO on it)
+        start_adapter(model, cfg.peft_config.init_adapter, cfg.peft_config.lora_dropout)
+        log(f"LoRA starts from {cfg.peft_config.init_adapter} (peft_config.init_adapter)")
+    else:
+        inject_lora(model, cfg.peft_config)
     trainable, total = count_parameters(model)
     log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     if tc.neftune_noise_alpha:  # 5: noise in training mode only; off when the run closes
         held.callback(NEFTune(model, tc.neftune_noise_alpha).remove)
     loss_fn.train()
     if cfg.model.gradient_checkpointing == "auto":  # 6: on where the longest micro-batch would not fit
-        on, line = memory.plan(loss_fn, examples, tc.per_device_train_batch_size, pad_id, device, autocast)
+        # a preference micro-batch is 2 x batch conversations (``examples`` are its sequences), measured
+        # through the SFT loss: the same decoder pass
+        probe, per = ((loss_fn, tc.per_device_train_batch_size) if isinstance(loss_fn, CausalLMLoss)
+                      else (CausalLMLoss(model), 2 * tc.per_device_train_batch_size))
+        on, line = memory.plan(probe, examples, per, pad_id, device, autocast)
         if agree(on):
             memory.enable_checkpointing(model)
         log(line)

@@ -2,9 +2,9 @@
 is not finite.
 
 The loss object is the seam between the loop and the objective: ``loss_fn(batch)`` returns
-(sum of the token losses, number of label tokens) and nothing here knows more about it.
-Gradients are normalised by the label tokens of all micro-batches on all ranks, so every label
-token weighs the same (no mean of means).
+(sum of the token losses, number of label tokens), or for a preference objective (sum of the pair
+losses, pairs), and nothing here knows more about it. Gradients are normalised by the count of
+all micro-batches on all ranks, so every label token (pair) weighs the same (no mean of means).
 """
 
 import contextlib
@@ -33,7 +33,8 @@ class StepResult:
 def accumulate(loss_fn, micro: List[Dict[str, torch.Tensor]], world: World, device,
                autocast: Callable) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Forward and backward of each micro-batch: (loss sum, label tokens, tokens) on this rank."""
-    (n_labels,) = distributed.all_sum(world, sum(b["num_label_tokens"] for b in micro))
+    # what the loss sums are normalised by: label tokens, or the pairs of a preference objective
+    (n_labels,) = distributed.all_sum(world, sum(b.get("num_pairs", b["num_label_tokens"]) for b in micro))
     scale = world.size / n_labels.clamp(min=1).item()  # DDP averages over ranks: undo that
     total, labels, tokens = torch.zeros(()), torch.zeros(()), 0
     for i, b in enumerate(micro):

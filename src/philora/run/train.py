@@ -20,12 +20,9 @@ import torch
 from ..core.config import Config, config_to_dict
 from ..core.diskio import staged, write_text
 from ..core.errors import PhiloraError
-from ..data.batching import collate
-from ..data.build import build_datasets
 from ..data.examples import epoch_size
 from ..model.adapter import save_adapter
 from ..model.loading import load_model_and_tokenizer, load_tokenizer, resolve_path
-from ..model.loss import CausalLMLoss
 from ..model.prepare import prepare
 from . import distributed
 from .batches import micro_batches, row_capacity, to_device
@@ -33,6 +30,7 @@ from .checkpoint import nonfinite, save_checkpoint, trainable_state
 from .distributed import World
 from .evalgen import eval_generations
 from .metrics import RunLogger, plot_losses
+from .objective import averages, collate_for, keep_reference, load_data, loss_object, reference, sequences, take_metrics
 from .optim import advice, make_optimizer
 from .outdir import remove_run
 from .schedule import Schedule, schedule, total_steps
@@ -60,21 +58,26 @@ class TrainResult:
 def evaluate(loss_fn, examples: List[dict], cfg: Config, pad_id: int, device: torch.device,
              world: World = World(), autocast=contextlib.nullcontext) -> Dict[str, float]:
     """Loss per label token and perplexity over ``examples`` (sharded over ranks), batched and
-    packed as ``cfg`` says: the one eval loss of training, ``philora eval`` and the report."""
+    packed as ``cfg`` says: the one eval loss of training, ``philora eval`` and the report.
+    Preference objectives: loss per pair and the objective's metrics (eval_rewards/...)."""
     was_training = loss_fn.training
     loss_fn.eval()
-    total, count = torch.zeros(()), torch.zeros(())
-    batch, dc = cfg.training_config.per_device_eval_batch_size, cfg.data
+    total, count, sums = torch.zeros(()), torch.zeros(()), {}
+    batch, dc, collate = cfg.training_config.per_device_eval_batch_size, cfg.data, collate_for(cfg)
     for part, counted in distributed.eval_batches(world, examples, batch):
         b = to_device(collate(part, pad_id, dc.packing, dc.max_length), device)
         with autocast():
             loss_sum, n = loss_fn(b)
+        taken = take_metrics(loss_fn)
         if counted:
             total += loss_sum.float().cpu()
             count += n.cpu()
+            sums = {k: sums.get(k, 0.0) + v for k, v in taken.items()}
     total, count = distributed.all_sum(world, total, count)
     loss_fn.train(was_training)
     loss = (total / count.clamp(min=1)).item()
+    if cfg.training_config.objective != "sft":
+        return {"eval_loss": loss, **averages(world, sums, prefix="eval_")}
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -115,7 +118,9 @@ class Loop:
         m = evaluate(self.loss_fn, self.eval_set, self.cfg, self.tokenizer.pad_token_id, self.run.device, world,
                      self.autocast)
         logger.write({"step": step, **m})
-        logger.print(f"step {step}: eval_loss {m['eval_loss']:.4f}  perplexity {m['eval_perplexity']:.2f}")
+        shown = (f"perplexity {m['eval_perplexity']:.2f}" if "eval_perplexity" in m else
+                 f"rewards/accuracies {m.get('eval_rewards/accuracies', 0):.3f}  margins {m.get('eval_rewards/margins', 0):.4f}")
+        logger.print(f"step {step}: eval_loss {m['eval_loss']:.4f}  {shown}")
         if tc.eval_generations:
             distributed.on_main(world, lambda: logger.write({"step": step, "generations": eval_generations(
                 self.model, self.tokenizer, self.eval_set[:tc.eval_generations])}))
@@ -198,7 +203,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     tokenizer = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code,
                                cfg.model.revision)
     # One process per node tokenizes (or finds the cache); the node's others then map its files.
-    train_set, eval_set, _ = distributed.local_first(world, lambda: build_datasets(dc, tokenizer, tc.seed, log=log))
+    train_set, eval_set = distributed.local_first(world, lambda: load_data(cfg, tokenizer, log))
     distributed.check_run(world, cfg, epoch_size(train_set))
     model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, device, training=True)
     for warning in advice(cfg, world.size):  # learning rate, batch size: once, before training
@@ -206,11 +211,14 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     amp = device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
     autocast = (lambda: torch.autocast("cuda", dtype=model.dtype)) if amp else contextlib.nullcontext
     # Every model patch, in order (model/prepare.py); the loss object is the objective.
-    loss_fn = prepare(model, CausalLMLoss(model), cfg, train_set, tokenizer.pad_token_id, device, held, autocast,
+    loss_fn = prepare(model, loss_object(model, cfg), cfg, sequences(cfg, train_set), tokenizer.pad_token_id, device,
+                      held, autocast,
                       agree=lambda on: bool(distributed.all_sum(world, torch.tensor(float(on)))[0] > 0),
                       wrap=(lambda m: distributed.wrap(m, device, tc.fsdp)) if world.enabled else (lambda m: m),
                       log=log)
-    regimes = rope_regimes(model.config, train_set)  # LongRoPE: which factor set(s) this run trains
+    # DPO: the step-0 model's log-probs of every pair, before any step (objective.py)
+    train_set, eval_set, ref = reference(run, cfg, model, train_set, eval_set, tokenizer.pad_token_id, autocast)
+    regimes = rope_regimes(model.config, sequences(cfg, train_set))  # LongRoPE: which factor set(s) this run trains
     if regimes:
         log(regimes["advice"])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -222,6 +230,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     if world.main:
         remove_run(run.old_run)  # --overwrite: only now that data, tokenizer and model have loaded
         write_text(out / "config.yaml", config_yaml)
+    keep_reference(run, ref, train_set, eval_set)
     guard.immediate("stopped before the first step, nothing trained: start again with --overwrite" if run.ckpt is None
                     else f"stopped before training resumed; {run.ckpt.name} is as it was: --resume again")
     logger = open_logger(run, cfg, steps, state, held)
@@ -242,11 +251,11 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
         lrs.apply(optimizer, state["step"])
         # Dropout draws from (seed, rank, step): ranks differ, and a resume replays them exactly.
         torch.manual_seed(distributed.step_seed(tc.seed, world.rank, state["step"]))
-        micro = [collate(next(batches), tokenizer.pad_token_id, dc.packing, row)
+        micro = [collate_for(cfg)(next(batches), tokenizer.pad_token_id, dc.packing, row)
                  for _ in range(tc.gradient_accumulation_steps)]
         done = optimizer_step(loss_fn, optimizer, params, micro, world, device, autocast, tc.max_grad_norm,
                               lambda: guard.requested)
-        window.add(done)
+        window.add(done, take_metrics(loss_fn))
         grad_norm = grad_norm if done.bad else done.norm
         bad_steps = bad_steps + 1 if done.bad else 0
         state["step"] += 1
