@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--base", default=None, help="base model for an adapter (default: the run's / adapter's own)")
     q.add_argument("--force", action="store_true", help="overwrite an existing output file and Modelfile")
 
+    sub.add_parser("verify", help="the run's held-out prompts in peft, the merged model, GGUF (llama.cpp), vLLM: "
+                                  "the same greedy tokens? exit 1 if not (philora verify --help)")
     sub.add_parser("bench", help="benchmark philora against TRL + PEFT (philora bench --help)")
     return ap
 
@@ -271,6 +273,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         except PhiloraError as e:
             _say(f"philora: error: {e}")
             return 2
+    if argv[:1] == ["verify"]:  # export/verify.py parses its own options (torch loads only for this command)
+        from .export.verify import main as verify_main
+        try:
+            return verify_main(argv[1:])
+        except PhiloraError as e:
+            _say(f"philora: error: {e}")
+            return 2
+        except OSError as e:
+            _say(f"philora: error: {describe_os_error(e)}")
+            return 1
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after an option (`philora train run.yaml --resume a.b=1`): argparse
