@@ -129,3 +129,22 @@ def test_bad_input_is_one_line_before_the_model_loads(overrides, data, needles, 
     with pytest.raises(PhiloraError) as e:
         train(cfg)
     helpers.one_line_error(e, *needles)
+
+
+def test_reference_covers_the_pairs_the_run_reads(dpo_run, tmp_path, small_model_dir, pair_data, helpers):
+    """6 steps x 2 pairs read 12 of the 16 train pairs: only those get a reference (the rest NaN);
+    a resume that would read further is refused in one line (the step-0 model is gone)."""
+    import shutil
+    from safetensors import safe_open
+    with safe_open(str(dpo_run / "reference_logps.safetensors"), framework="pt") as f:
+        train_ref, eval_ref = f.get_tensor("train"), f.get_tensor("eval")
+    assert train_ref.shape == (16, 2) and int(torch.isfinite(train_ref[:, 0]).sum()) == 12
+    assert torch.isfinite(eval_ref).all() and eval_ref.shape == (6, 2)
+    out = tmp_path / "run"
+    shutil.copytree(dpo_run, out)
+    for ckpt in list_checkpoints(out)[:-1]:
+        shutil.rmtree(ckpt)
+    cfg = helpers.make_cfg(out, small_model_dir, pair_data, *PAIR_RUN, "training_config.max_steps=12")
+    with pytest.raises(PhiloraError) as e:
+        train(cfg, resume=True)
+    helpers.one_line_error(e, "fewer train pairs than this run reads", "--overwrite")
