@@ -6,9 +6,16 @@ logit there is below the engine's threshold (a rounding may flip it), a real div
 or it runs past the reference's stop (a stop token lost on the way) or stops before it. An engine
 whose replies are the base model's wherever the adapter changes the reference's ignores the
 adapter. Each failure is one line naming the engine and the prompt.
+
+Tool calls (models with a tool-call format): each engine's calls, read by its own parser where it
+has one (vLLM) or by philora's (verify.py says which), against those philora's parser reads in the
+reference's reply: name and arguments, in order. A difference is a failure unless the replies
+themselves part at a near-tie or at the length limit.
 """
 
 from typing import Optional
+
+from ..use.toolcalls import call_key, show_calls
 
 
 def compare_reply(ref: dict, got: dict, base: dict, threshold: float) -> dict:
@@ -84,6 +91,30 @@ def compare_engine(name, prompts, ref, base, replies, eot, threshold, decode) ->
             "first_divergence": first, "failures": failures, "per_prompt": rows}
 
 
+def compare_calls(name, prompts, ref, replies, res: dict) -> dict:
+    """The engine's tool calls against the reference's, per prompt: counts and one failure line per
+    prompt where they differ (not where the tokens part at a near-tie or the length limit);
+    ``res`` is the engine's ``compare_engine`` result, whose failures and status this extends."""
+    rows = res["per_prompt"]
+    with_calls = [i for i, (r, g) in enumerate(zip(ref, replies)) if r["tool_calls"] or g["tool_calls"]]
+    differ = [i for i in with_calls if [call_key(c) for c in ref[i]["tool_calls"]] !=
+              [call_key(c) for c in replies[i]["tool_calls"]]]
+    failures = [f"{name}: prompt {prompts[i]['n']} ({prompts[i]['where']}): tool calls read by "
+                f"{replies[i]['tool_parser']}: {show_calls(replies[i]['tool_calls'])}; the reference's: "
+                f"{show_calls(ref[i]['tool_calls'])}" for i in differ if rows[i]["kind"] not in ("near-tie", "length")]
+    for i, row in enumerate(rows):
+        row["tool_calls"] = replies[i]["tool_calls"]
+    parsers = sorted({replies[i]["tool_parser"] for i in range(len(replies))})
+    calls = {"parser": "; ".join(parsers), "prompts": len(with_calls), "same": len(with_calls) - len(differ)}
+    out = res["failures"] + failures
+    return {"tool_calls": calls, "failures": out, "status": "fail" if out else "ok"}
+
+
+def _calls_cell(e: dict) -> str:
+    c = e.get("tool_calls")
+    return f"{c['same']}/{c['prompts']} same" if c and c["prompts"] else "–"
+
+
 def _divergence(e: dict) -> str:
     d = e.get("first_divergence")
     if not d:
@@ -94,11 +125,17 @@ def _divergence(e: dict) -> str:
 
 def _row(e: dict, n: int) -> str:
     if e["status"] in ("skipped", "error"):
-        return f"| {e['engine']} | – | – | – | – | – | {e.get('seconds', 0):.1f} | {e['status']}: {e['reason']} |"
+        return f"| {e['engine']} | – | – | – | – | – | – | {e.get('seconds', 0):.1f} | {e['status']}: {e['reason']} |"
     prompt = f"{e['prompts_same']}/{e['prompts_checked']} same" if e["prompts_checked"] else "tokens in"
     verdict = "ok" if e["status"] == "ok" else f"**FAIL** ({len(e['failures'])})"
     return (f"| {e['engine']} | {e['identical']}/{n} | {_divergence(e)} | {e['near_ties']} | {e['stops_on_eot']}/{n} | "
-            f"{prompt} | {e['seconds']:.1f} | {verdict} |")
+            f"{prompt} | {_calls_cell(e)} | {e['seconds']:.1f} | {verdict} |")
+
+
+def _ref_calls(result: dict) -> str:
+    replies = result["reference"]["replies"]
+    with_calls = sum(bool(r.get("tool_calls")) for r in replies)
+    return f"{with_calls}/{len(replies)} call" if result.get("tool_call_format") else "–"
 
 
 def markdown(result: dict) -> str:
@@ -109,12 +146,18 @@ def markdown(result: dict) -> str:
              f"token ids compared with the reference (philora's base + adapter in transformers, {result['dtype']}). "
              f"End of turn: {eot_text}. The adapter changes the reference's reply on {result['adapter_changes']}/{n} "
              f"prompts (the base row).", "",
-             "| engine | identical replies | first divergence | near-ties | stopped on end of turn | prompt | time (s) | verdict |",
-             "|---|---:|---|---:|---:|---|---:|---|",
-             f"| reference | – | – | – | {ref['stops_on_eot']}/{n} | – | {ref['seconds']:.1f} | reference |",
+             "| engine | identical replies | first divergence | near-ties | stopped on end of turn | prompt | tool calls "
+             "| time (s) | verdict |",
+             "|---|---:|---|---:|---:|---|---|---:|---|",
+             f"| reference | – | – | – | {ref['stops_on_eot']}/{n} | – | {_ref_calls(result)} | {ref['seconds']:.1f} | "
+             f"reference |",
              f"| base (adapter off) | {result['base']['identical']}/{n} | {_divergence(result['base'])} | – | "
-             f"{result['base']['stops_on_eot']}/{n} | – | – | differs on {result['adapter_changes']}/{n} |"]
+             f"{result['base']['stops_on_eot']}/{n} | – | – | – | differs on {result['adapter_changes']}/{n} |"]
     lines += [_row(e, n) for e in result["engines"]]
+    if result.get("tool_call_format"):
+        lines += ["", f"Tool calls (`{result['tool_call_format']}` format): compared by name and arguments with "
+                      f"those philora's parser reads in the reference's replies; read by"]
+        lines += [f"- {e['engine']}: {e['tool_calls']['parser']}" for e in result["engines"] if e.get("tool_calls")]
     failures = [f"{e['engine']}: failed: {e['reason']}" for e in result["engines"] if e["status"] == "error"]
     failures += [f for e in result["engines"] for f in e.get("failures", [])]
     lines += ["", f"**{'OK' if result['ok'] else 'FAILED'}**" + (": every engine that ran agrees with the reference."

@@ -15,7 +15,16 @@ have built the same prompt from the conversation.
   own Jinja2 formatter, its tokenizer.
 * vLLM: another python (vLLM pins its own torch and transformers) runs ``VLLM_SCRIPT`` on a JSON
   request on stdin and prints one JSON line; vLLM stops as it would when serving (the model's
-  generation config and tokenizer eos).
+  generation config and tokenizer eos). With a ``tool_parser`` (the family's ``--tool-call-parser``)
+  each reply's text goes through vLLM's own tool parser, decoded as its server would (special
+  tokens skipped unless the parser's ``adjust_request`` keeps them), and its calls come back.
+
+Tool calls elsewhere: transformers has no tool-call parser, and llama-cpp-python's chat handlers
+parse none (a Jinja2 template's handler returns the reply as content; only a ``tool_choice`` naming
+one function constrains the arguments with a grammar), so verify reads those engines' calls with
+philora's parser of the model's format (use/toolcalls.py) and says so. Phi-4-mini's template reads
+``tools`` from the system message, not from the request's ``tools=``: the prompt check passes the
+conversation as trained, tools on the system message (and as ``tools=`` too).
 
 Hand-written: no library compares engines token by token.
 """
@@ -79,7 +88,11 @@ def _llama_prompt(llama_cpp, llm, vocab, messages: List[dict]) -> Optional[List[
     formatter = Jinja2ChatFormatter(template=template, eos_token=text(eos) if eos >= 0 else "",
                                     bos_token=text(bos) if bos >= 0 else "", add_generation_prompt=True)
     tools = next((m["tools"] for m in messages if m.get("tools")), None)
-    chat = [{k: m[k] for k in ("role", "content", "tool_calls") if k in m} for m in messages]
+    try:  # the request's tools= is a list; a message carries them as JSON text, as trained
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+    except ValueError:
+        pass
+    chat = [{k: m[k] for k in ("role", "content", "tools", "tool_calls") if k in m} for m in messages]
     try:
         rendered = formatter(messages=chat, tools=tools) if tools else formatter(messages=chat)
     except Exception as e:  # noqa: BLE001 (a template llama.cpp's Jinja cannot run is a finding, not a crash)
@@ -139,17 +152,50 @@ llm = LLM(**kw)
 lora = LoRARequest("run", 1, req["lora"]) if req["lora"] else None
 params = SamplingParams(temperature=0.0, max_tokens=req["max_tokens"])
 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, lora_request=lora)
-print(json.dumps({"vllm": vllm.__version__, "outputs": [
+parser, parser_error, skip = None, None, True  # the server decodes with skip_special_tokens=True unless the parser asks not to
+if req.get("tool_parser"):
+    try:
+        try:
+            from vllm.tool_parsers import ToolParserManager
+        except ImportError:
+            from vllm.entrypoints.openai.tool_parsers import ToolParserManager
+        parser = ToolParserManager.get_tool_parser(req["tool_parser"])(llm.get_tokenizer())
+    except Exception as e:
+        parser_error = "%s: %s" % (type(e).__name__, e)
+    for mod in ("vllm.entrypoints.openai.chat_completion.protocol", "vllm.entrypoints.openai.protocol"):
+        try:
+            import importlib
+            chat_request = importlib.import_module(mod).ChatCompletionRequest(
+                model=req["model"], messages=[{"role": "user", "content": "hi"}], tools=req["tools"], tool_choice="auto")
+            skip = bool(parser.adjust_request(chat_request).skip_special_tokens) if parser else skip
+            break
+        except Exception:
+            pass
+def calls(ids):
+    if parser is None:
+        return None
+    text = llm.get_tokenizer().decode(ids, skip_special_tokens=skip)
+    try:
+        got = parser.extract_tool_calls(text, None)
+    except Exception as e:
+        return {"error": "%s: %s" % (type(e).__name__, e), "text": text}
+    return {"text": text, "calls": [{"name": t.function.name, "arguments": t.function.arguments}
+                                    for t in (got.tool_calls if got.tools_called else [])]}
+print(json.dumps({"vllm": vllm.__version__, "tool_parser_error": parser_error, "skip_special_tokens": skip, "outputs": [
     {"token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason,
-     "stop_reason": o.outputs[0].stop_reason} for o in outs]}))
+     "stop_reason": o.outputs[0].stop_reason, "tool_calls": calls(list(o.outputs[0].token_ids))} for o in outs]}))
 '''
 
 
 def vllm_request(model: str, tokenizer: str, lora: Optional[str], max_lora_rank: int, prompts: List[List[int]],
-                 max_tokens: int, max_model_len: int, dtype: str = "float32") -> dict:
-    """The JSON ``VLLM_SCRIPT`` reads on stdin (the contract a fake vLLM python imitates in the tests)."""
+                 max_tokens: int, max_model_len: int, dtype: str = "float32", tool_parser: Optional[str] = None,
+                 tools: Optional[list] = None) -> dict:
+    """The JSON ``VLLM_SCRIPT`` reads on stdin (the contract a fake vLLM python imitates in the tests);
+    ``tool_parser``: vLLM's --tool-call-parser to read each reply's tool calls with (OpenAI-style
+    ``tools`` go in the request it adjusts)."""
     return {"model": model, "tokenizer": tokenizer, "lora": lora, "max_lora_rank": max_lora_rank,
-            "prompts": prompts, "max_tokens": max_tokens, "max_model_len": max_model_len, "dtype": dtype}
+            "prompts": prompts, "max_tokens": max_tokens, "max_model_len": max_model_len, "dtype": dtype,
+            "tool_parser": tool_parser, "tools": tools}
 
 
 def vllm_greedy(python: str, request: dict, timeout: float = 1800) -> List[dict]:
@@ -173,14 +219,24 @@ def vllm_greedy(python: str, request: dict, timeout: float = 1800) -> List[dict]
     if proc.returncode != 0 or "outputs" not in reply:
         tail = [x for x in (proc.stderr or proc.stdout).splitlines() if x.strip()]
         raise PhiloraError(f"vLLM failed (exit {proc.returncode}): {(tail or ['no output'])[-1][:300]}")
-    return [_vllm_reply(o) for o in reply["outputs"]]
+    parser = request.get("tool_parser")
+    if parser and reply.get("tool_parser_error"):
+        raise PhiloraError(f"vLLM's tool parser {parser!r} does not load: {reply['tool_parser_error'][:300]}")
+    return [_vllm_reply(o, parser) for o in reply["outputs"]]
 
 
-def _vllm_reply(o: dict) -> dict:
+def _vllm_reply(o: dict, parser: Optional[str]) -> dict:
     """vLLM's output as the common shape: it keeps an eos token in token_ids, but a stop_token_ids
-    hit only as stop_reason, so that one is put back."""
+    hit only as stop_reason, so that one is put back; its tool parser's calls with their arguments
+    decoded (vLLM hands them on as JSON text)."""
     tokens = [int(t) for t in o["token_ids"]]
     stopped = o.get("finish_reason") == "stop"
     if stopped and isinstance(o.get("stop_reason"), int) and (not tokens or tokens[-1] != o["stop_reason"]):
         tokens.append(int(o["stop_reason"]))
-    return {"tokens": tokens, "stopped": stopped}
+    out = {"tokens": tokens, "stopped": stopped}
+    got = o.get("tool_calls")
+    if parser and got is not None:
+        out["tool_parser"] = f"vLLM {parser}"
+        out["tool_calls"] = [{"invalid": got["error"]}] if "error" in got else [
+            {"name": c["name"], "arguments": json.loads(c["arguments"])} for c in got["calls"]]
+    return out

@@ -31,14 +31,15 @@ from ..data.formats import to_messages
 from ..data.records import load_records
 from ..model.adapter import read_adapter
 from ..model.decoding import chat_ids
-from ..model.families import end_of_turn_ids, stop_token_ids
+from ..model.families import end_of_turn_ids, stop_token_ids, tool_call_format, vllm_tool_parser
 from ..model.loading import load_model_and_tokenizer, load_source, load_tokenizer, resolve_path, resolve_source
 from ..run.evalgen import held_out
 from ..use.merge import merge
 from ..use.report import last_user_turn, lora_disabled
+from ..use.toolcalls import parse_tool_calls
 from .adapter_check import VLLM_MAX_LORA_RANKS
 from .engines import NotInstalled, hf_greedy, llama_cpp_greedy, llama_cpp_module, vllm_greedy, vllm_request
-from .agreement import compare_engine, markdown
+from .agreement import compare_calls, compare_engine, markdown
 from .gguf import export_gguf
 
 ENGINES = ("peft", "merged", "gguf-f32", "gguf-q8_0")  # the default; "vllm" joins with --vllm-python
@@ -157,13 +158,25 @@ def _export(run, outtype, prompts, max_new_tokens, context, tmp):
     return _gguf(path, prompts, max_new_tokens, context)
 
 
-def _vllm(python, src, prompts, max_new_tokens, dtype):
+def _openai_tools(prompts) -> Optional[list]:
+    """The first prompt's tool definitions as an OpenAI-style request's ``tools``, if any."""
+    text = next((m["tools"] for p in prompts for m in p["messages"] if m.get("tools")), None)
+    try:
+        tools = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return None
+    tools = tools if isinstance(tools, list) else [tools] if tools else []
+    return [t if isinstance(t, dict) and "type" in t else {"type": "function", "function": t} for t in tools] or None
+
+
+def _vllm(python, src, prompts, max_new_tokens, dtype, fmt):
     adapter = read_adapter(src.adapter_dir)
     rank = max(A.shape[0] for A, _, _ in adapter.modules.values())
     base = resolve_path(src.model_cfg.name_or_path)
     request = vllm_request(base, str(src.tokenizer_path or base), str(src.adapter_dir),
                            next(r for r in VLLM_MAX_LORA_RANKS if r >= rank), [p["ids"] for p in prompts],
-                           max_new_tokens, max(len(p["ids"]) for p in prompts) + max_new_tokens, dtype)
+                           max_new_tokens, max(len(p["ids"]) for p in prompts) + max_new_tokens, dtype,
+                           vllm_tool_parser(fmt), _openai_tools(prompts) if fmt else None)
     return vllm_greedy(python, request)
 
 
@@ -184,7 +197,7 @@ def _engine_plan(run, engines, models, vllm_python):
             if not vllm_python:
                 raise PhiloraError("--engines vllm needs --vllm-python PATH (a python with vllm installed)")
             plan.append((name, lambda ref, tmp: _vllm(vllm_python, ref["src"], ref["prompts"], ref["max_new_tokens"],
-                                                      ref["dtype"])))
+                                                      ref["dtype"], ref["fmt"])))
         else:
             raise PhiloraError(f"--engines: unknown engine {name!r} (peft, merged, gguf-f32, gguf-f16, gguf-bf16, "
                                f"gguf-q8_0, gguf-q4_k_m, ..., vllm)")
@@ -220,6 +233,23 @@ def _run_engine(name, thunk, ref: dict, say) -> dict:
     return {"engine": name, "replies": replies, "seconds": time.perf_counter() - t0}
 
 
+# Where an engine's tool calls come from when it has no parser of its own
+OWN_PARSER_NOTE = {"gguf": "llama-cpp-python's chat handler parses no tool calls",
+                   "hf": "transformers parses no tool calls"}
+
+
+def with_tool_calls(replies: List[dict], tok, fmt: Optional[str], engine: str) -> List[dict]:
+    """Each reply with ``tool_calls`` (and the ``tool_parser`` that read them): the engine's own
+    parser's where it gave them (vLLM), else philora's parser of the model's format, saying why."""
+    kind = "gguf" if engine.startswith("gguf") else "hf"
+    for r in replies:
+        if "tool_calls" not in r:
+            tokens = r["tokens"][:-1] if r["stopped"] else r["tokens"]
+            r["tool_calls"] = parse_tool_calls(tok.decode(tokens, skip_special_tokens=False), fmt)
+            r["tool_parser"] = f"philora {fmt}" + (f" ({OWN_PARSER_NOTE[kind]})" if engine != "reference" else "")
+    return replies
+
+
 def verify(run, engines: Optional[Sequence[str]] = None, prompts: Union[int, str, None] = None,
            out=None, margin: Optional[float] = None, max_new_tokens: int = MAX_NEW_TOKENS,
            models: Sequence[str] = (), vllm_python: Optional[str] = None, say: Callable = None) -> dict:
@@ -233,10 +263,14 @@ def verify(run, engines: Optional[Sequence[str]] = None, prompts: Union[int, str
         raise PhiloraError(f"{run}: no adapter to verify (no adapter_config.json); verify takes a run or adapter directory")
     plan = _engine_plan(run, engines, models, vllm_python)
     src, tok, plist, stops, ref, base, seconds, dtype, context = _reference(run, prompts, max_new_tokens, say)
-    shared = dict(src=src, prompts=plist, stops=stops, max_new_tokens=max_new_tokens, dtype=dtype, context=context)
+    fmt = tool_call_format(tok)
+    shared = dict(src=src, prompts=plist, stops=stops, max_new_tokens=max_new_tokens, dtype=dtype, context=context,
+                  fmt=fmt)
+    if fmt:
+        with_tool_calls(ref, tok, fmt, "reference")
     eot = (end_of_turn_ids(tok) or [None])[0]
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
-    result = {"run": run, "max_new_tokens": max_new_tokens, "dtype": dtype,
+    result = {"run": run, "max_new_tokens": max_new_tokens, "dtype": dtype, "tool_call_format": fmt,
               "end_of_turn": {"id": eot, "token": decode([eot]) if eot is not None else None},
               "prompts": [{"n": p["n"], "where": p["where"], "last_user_turn": last_user_turn(p["messages"]),
                            "prompt_tokens": len(p["ids"])} for p in plist],
@@ -251,7 +285,10 @@ def verify(run, engines: Optional[Sequence[str]] = None, prompts: Union[int, str
         res = _run_engine(name, thunk, shared, say)
         if "replies" in res:
             threshold = margin if margin is not None else MARGINS.get(name, DEFAULT_MARGIN)
-            res.update(compare_engine(name, plist, ref, base, res.pop("replies"), eot, threshold, decode))
+            replies = with_tool_calls(res.pop("replies"), tok, fmt, name) if fmt else res.pop("replies")
+            res.update(compare_engine(name, plist, ref, base, replies, eot, threshold, decode))
+            if fmt:
+                res.update(compare_calls(name, plist, ref, replies, res))
             for line in res["failures"]:
                 say(f"verify: FAIL {line}")
         result["engines"].append(res)

@@ -12,7 +12,8 @@ Also here: what kind of linear layer a module is (``nn.Linear``, GPT-2's ``Conv1
 bitsandbytes 4-bit ``Linear4bit``), which tokens end a reply (the generation config's, the
 tokenizer's eos, and the end-of-turn token the chat template puts after an assistant message,
 which is what training labels), where LongRoPE switches factor sets and what that means for
-serving, and the final-logit softcap (Gemma 2).
+serving, the final-logit softcap (Gemma 2), and the syntax in which a family's chat models write
+tool calls (``TOOL_CALL_FORMATS``).
 """
 
 import re
@@ -75,6 +76,31 @@ STOP_TOKENS: Dict[str, Tuple[str, ...]] = {
     "phi3": ("<|end|>", "<|endoftext|>", "<|assistant|>"),
 }
 
+
+# How a family's chat models write tool calls: (format, the tokens or template text that identify
+# it, all of them, in the tokenizer's vocabulary or its chat template; vLLM's --tool-call-parser).
+# use/toolcalls.py parses each format.
+TOOL_CALL_FORMATS: Tuple[Tuple[str, Tuple[str, ...], str], ...] = (
+    ("phi4_mini", ("<|tool_call|>", "<|/tool_call|>"), "phi4_mini_json"),  # <|tool_call|>[{..}]<|/tool_call|>
+    ("hermes", ("<tool_call>",), "hermes"),  # Qwen2.5, Hermes 2/3: <tool_call>{..}</tool_call>
+    ("llama3_json", ("<|start_header_id|>", "<|eot_id|>"), "llama3_json"),  # Llama 3.x: {"name", "parameters"}
+)
+
+
+def tool_call_format(tokenizer) -> Optional[str]:
+    """The tool-call format of the tokenizer's model family (``TOOL_CALL_FORMATS``), or None."""
+    vocab = tokenizer.get_vocab()
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template = template if isinstance(template, str) else " ".join(map(str, template.values()))
+    for name, marks, _ in TOOL_CALL_FORMATS:
+        if all(m in vocab or m in template for m in marks):
+            return name
+    return None
+
+
+def vllm_tool_parser(fmt: Optional[str]) -> Optional[str]:
+    """vLLM's --tool-call-parser for a tool-call format."""
+    return next((parser for name, _, parser in TOOL_CALL_FORMATS if name == fmt), None)
 
 def fused_slices(config, module_name: str) -> Optional[Tuple[Tuple[str, ...], List[int]]]:
     """(slice names, slice sizes) of a fused module of this model, or None if it is not fused."""

@@ -4,6 +4,9 @@ Reports, as ``report.md`` (tables, the training loss curve) and ``report.json``:
 * loss and perplexity per label token (assistant tokens, as in training) for both models;
 * greedy generations for N held-out prompts (the conversation up to its last assistant turn),
   side by side with the reference (that turn), scored by exact match, token F1 and ROUGE-L;
+* when the eval conversations have assistant tool calls (in the model family's syntax,
+  use/toolcalls.py), a function-calling score for both models: every assistant turn with calls
+  (up to N) is a held-out prompt, and the greedy reply's calls are matched by name and arguments;
 * with ``training_config.eval_generations``, how the answers to the same eval prompts changed
   over training (from the run's ``metrics.jsonl``).
 
@@ -36,11 +39,13 @@ from ..core.errors import PhiloraError, first_line
 from ..data.build import build_datasets, encode_source
 from ..data.encoding import IGNORE_INDEX
 from ..model.decoding import chat_ids, generate_ids
+from ..model.families import tool_call_format
 from ..model.loading import load_source, resolve_source
 from ..model.loss import CausalLMLoss
 from ..run.evalgen import held_out
 from ..run.metrics import plot_losses, read_metrics
 from ..run.train import TrainResult, evaluate
+from .toolcalls import call_turns, function_calling_score, parse_tool_calls, show_calls
 
 
 
@@ -222,6 +227,7 @@ def write_report(model, tokenizer, cfg: Config, examples: List[dict], run: Path,
         base, tuned = results["base"]["generations"][k], results["fine_tuned"]["generations"][k]
         report["samples"].append({"prompt": prompt, "reference": ref, "base": base, "fine_tuned": tuned,
                                   "scores": {"base": score([(base, ref)]), "fine_tuned": score([(tuned, ref)])}})
+    report["function_calling"] = function_calling(model, tokenizer, examples, samples, max_new_tokens)
     report["loss_plot"] = _loss_plot(run, out_dir)
     report["during_training"] = generations_over_training(run)
     write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -229,6 +235,45 @@ def write_report(model, tokenizer, cfg: Config, examples: List[dict], run: Path,
     print(f"eval: loss {report['base']['loss']:.4f} (base) -> {report['fine_tuned']['loss']:.4f} "
           f"(fine-tuned); report: {out_dir / 'report.md'}")
     return report
+
+
+def function_calling(model, tokenizer, examples: List[dict], samples: int, max_new_tokens: int = 128) -> Optional[dict]:
+    """Base vs fine-tuned on the first ``samples`` assistant turns with tool calls in ``examples``
+    (greedy; calls parsed in the model family's format): ``function_calling_score`` per side and
+    each turn's calls. None when the model has no known format or no turn has calls."""
+    fmt = tool_call_format(tokenizer)
+    turns = [t for ex in examples for t in call_turns(ex["messages"], fmt)][:samples]
+    if not turns:
+        return None
+    ids = [chat_ids(tokenizer, prompt) for prompt, _ in turns]
+    out = {"format": fmt, "turns": []}
+    calls = {}
+    with eval_mode(model):
+        for side, ctx in (("fine_tuned", contextlib.nullcontext()), ("base", lora_disabled(model))):
+            with ctx:
+                replies = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens)
+            calls[side] = [parse_tool_calls(tokenizer.decode(r, skip_special_tokens=False), fmt) for r in replies]
+            out[side] = function_calling_score(list(zip(calls[side], (ref for _, ref in turns))))
+    out["turns"] = [{"prompt": prompt, "reference": ref, "base": b, "fine_tuned": t}
+                    for (prompt, ref), b, t in zip(turns, calls["base"], calls["fine_tuned"])]
+    return out
+
+
+def _function_calling_md(fc: Optional[dict]) -> List[str]:
+    if not fc:
+        return []
+    b, t = fc["base"], fc["fine_tuned"]
+    lines = ["", f"## Function calling ({b['turns']} held-out turns with {b['calls']} tool calls, `{fc['format']}` "
+                 f"format, greedy)", "", "| metric | base | fine-tuned |", "|---|---:|---:|"]
+    lines += [f"| {label} | {b[k]:.3f} | {t[k]:.3f} |" for k, label in (
+        ("exact_match", "calls exact (name + arguments)"), ("name_match", "calls with the right name"),
+        ("turns_exact", "turns exact"))]
+    lines += [f"| calls made | {b['predicted']} | {t['predicted']} |", "",
+              "| # | prompt (last user turn) | reference | base | fine-tuned |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {_cell(last_user_turn(x['prompt']))} | {_cell(show_calls(x['reference']))} | "
+              f"{_cell(show_calls(x['base']))} | {_cell(show_calls(x['fine_tuned']))} |"
+              for k, x in enumerate(fc["turns"], 1)]
+    return lines
 
 
 def _loss_plot(run: Path, out_dir: Path) -> Optional[str]:
@@ -267,6 +312,7 @@ def markdown(report: dict) -> str:
         last_user = next((m["content"] for m in reversed(s["prompt"]) if m["role"] == "user"), "")
         lines.append(f"| {k} | {_cell(last_user)} | {_cell(s['reference'])} | {_cell(s['base'])} | "
                      f"{_cell(s['fine_tuned'])} |")
+    lines += _function_calling_md(report.get("function_calling"))
     during = report.get("during_training") or []
     if during:
         lines += ["", f"## Answers during training ({len(during)} eval prompts, greedy, at every evaluation)"]
