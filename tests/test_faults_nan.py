@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from philora.run import train as train_mod
+from philora.run import objective as objective_mod
 from philora.run.checkpoint import list_checkpoints, load_checkpoint, read_verified
 from philora.core.config import ConfigError, PeftConfig, load_config
 from philora.core.errors import PhiloraError
@@ -50,7 +50,7 @@ def test_one_bad_step_is_skipped_and_training_goes_on(tmp_path, small_model_dir,
                                                       monkeypatch, capsys):
     calls = []
 
-    class FlakyLoss(train_mod.CausalLMLoss):
+    class FlakyLoss(objective_mod.CausalLMLoss):
         def forward(self, batch):
             loss_sum, n = super().forward(batch)
             if self.training:
@@ -58,7 +58,7 @@ def test_one_bad_step_is_skipped_and_training_goes_on(tmp_path, small_model_dir,
                 if len(calls) == 2:  # step 2's loss is NaN
                     loss_sum = loss_sum * float("nan")
             return loss_sum, n
-    monkeypatch.setattr(train_mod, "CausalLMLoss", FlakyLoss)
+    monkeypatch.setattr(objective_mod, "CausalLMLoss", FlakyLoss)
     out = tmp_path / "run"
     result = train(helpers.make_cfg(out, small_model_dir, small_data, "training_config.max_bad_steps=2"))
     assert len(recorder.steps) == 3  # 4 steps, one without an update
@@ -73,11 +73,11 @@ def test_one_bad_step_is_skipped_and_training_goes_on(tmp_path, small_model_dir,
 
 
 def test_max_bad_steps_one_stops_at_the_first(tmp_path, small_model_dir, small_data, helpers, monkeypatch):
-    class NaNLoss(train_mod.CausalLMLoss):
+    class NaNLoss(objective_mod.CausalLMLoss):
         def forward(self, batch):
             loss_sum, n = super().forward(batch)
             return (loss_sum * float("nan") if self.training else loss_sum), n
-    monkeypatch.setattr(train_mod, "CausalLMLoss", NaNLoss)
+    monkeypatch.setattr(objective_mod, "CausalLMLoss", NaNLoss)
     with pytest.raises(PhiloraError) as e:
         train(helpers.make_cfg(tmp_path / "run", small_model_dir, small_data, "training_config.max_bad_steps=1"))
     helpers.one_line_error(e, "training stopped at step 1", "last updated at step 0")

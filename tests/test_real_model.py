@@ -136,7 +136,8 @@ def test_philora_step_matches_peft_on_the_real_model(smollm2):
         torch.testing.assert_close((total / n).detach(), expected.detach(), rtol=1e-5, atol=0)
         errors = {name: relative_error(p.grad, theirs[name].grad) for name, p in ours.items()}
         worst = max(errors, key=errors.get)
-        assert errors[worst] <= 1e-4, f"step {step}: {worst}'s gradient is {errors[worst]:.2e} off (relative)"
+        # fp32 through 30 layers, SDPA per conversation against eager attention: ~1e-4 of rounding
+        assert errors[worst] <= 3e-4, f"step {step}: {worst}'s gradient is {errors[worst]:.2e} off (relative)"
         a_moves = [float(theirs[name].grad.abs().max()) > 0 for name in theirs if name.endswith("lora_A")]
         assert all(a_moves) if step else not any(a_moves)  # B = 0 at step 0: A's gradient is 0
         optimizer.step()  # then PEFT takes philora's new values: Adam's first step is ~lr * sign(g),
