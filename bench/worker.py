@@ -11,7 +11,8 @@ steps after ``warmup``, per-step losses, memory (below), and ``first_step_at``: 
   step, constant LR, no eval, checkpoints, report or progress bar). Speed and losses are the
   run's own ``metrics.jsonl`` records (``tokens``, ``tokens_per_s``, ``loss`` per step).
 * ``trl``: ``SFTTrainer`` with a PEFT ``LoraConfig`` on the same tokens (``tokens.jsonl``),
-  timed from its step-end callback, losses from its log callback.
+  timed from its step-end callback, losses from its log callback; ``malloc``: the allocator its
+  process has mapped (``trl-*-tcmalloc``: TCMalloc, preloaded as for ``philora train``).
 
 Memory: a one-shot global forward pre-hook marks the end of loading (the first forward pass of
 any module): it reads the peak so far (``load_peak_bytes``), the bytes of the frozen weights and
@@ -169,7 +170,8 @@ def run_trl(job: dict, d: Path, work: Path) -> dict:
         tokens = sum(len(e["input_ids"]) for e in examples[(s - 1) * job["batch"]:s * job["batch"]])
         steps.append({"step": s, "tokens": tokens, "loss": losses[s - 1] if s <= len(losses) else None,
                       "tokens_per_s": tokens / (ends[s] - ends[s - 1]) if s - 1 in ends else None})
-    return {"steps": steps}
+    from philora.run.allocator import active  # (trl-*-tcmalloc: preloaded by bench/run.py)
+    return {"steps": steps, "malloc": active()}
 
 
 FAMILIES = [("attention", ("attention", "sdpa", "softmax", "bmm", "baddbmm", "tril", "where")),

@@ -94,3 +94,33 @@ def test_qlora_smoke_run(tiny_model_dir, capsys):
     cells = table_row(capsys.readouterr().out, "nf4")
     assert float(cells[1]) > 0 and float(cells[4]) > 0  # tokens/s, training peak over pre-load
     assert math.isfinite(float(cells[-1]))  # loss
+
+
+def test_lora_param_count_of_a_llama_equals_peft():
+    """Llama's separate q/k/v/gate/up projections (SmolLM2's shape, --shape smollm2): the count is
+    PEFT's own number of trainable parameters at the benchmark's LoRA settings."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(target_modules="all-linear", r=run.LORA["r"],
+                                                             lora_alpha=run.LORA["lora_alpha"]))
+    assert run.lora_param_count(cfg) == model.get_nb_trainable_parameters()[0]
+
+
+def test_ratios_pair_rows_with_the_baseline_on_their_allocator():
+    """A TCMalloc row is compared with trl-*-tcmalloc when that ran, a glibc row with trl-*; the line
+    under the table names each row's allocator."""
+    lib = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+    def runs(tok_s, peak, malloc):
+        return [{"tokens_per_s": tok_s, "peak_bytes": peak, "loss": 1.0, "wall_s": 10.0, "startup_s": 1.0,
+                 "peak_flops": 1e9, "malloc": malloc}]
+    results = {"philora": runs(300, 1 * 2**30, lib), "philora-glibc": runs(300, 2 * 2**30, None),
+               "trl-cookbook": runs(100, 4 * 2**30, None), "trl-padding-free": runs(150, 4 * 2**30, None),
+               "trl-cookbook-tcmalloc": runs(120, 2 * 2**30, lib)}
+    out = run.table(results, 1.0, SimpleNamespace(cuda=False, loss_steps=5))
+    assert table_row(out, "philora")[2:4] == ["2.50", "2.00"]  # x trl-cookbook-tcmalloc; x trl-padding-free
+    assert table_row(out, "philora")[5] == "0.50"  # memory x trl-cookbook-tcmalloc
+    assert table_row(out, "philora-glibc")[2:4] == ["3.00", "2.00"] and table_row(out, "philora-glibc")[5] == "0.50"
+    assert f"philora: TCMalloc ({lib})" in out and "philora-glibc: glibc malloc" in out
