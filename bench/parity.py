@@ -184,8 +184,8 @@ def table(ph: dict, trl: dict, acc: Dict[str, dict]) -> str:
     rows = ["| step | philora eval loss | TRL + PEFT eval loss | philora / TRL - 1 |", "|---|---|---|---|"]
     for step in sorted(set(ph["eval"]) | set(trl["eval"])):
         a, b = ph["eval"].get(step), trl["eval"].get(step)
-        diff = f"{100 * (a / b - 1):+.2f}%" if a is not None and b is not None else "-"
-        rows.append(f"| {step} | {a if a is None else f'{a:.4f}'} | {b if b is None else f'{b:.4f}'} | {diff} |")
+        diff = f"{100 * (a / b - 1):+.5f}%" if a is not None and b is not None else "-"
+        rows.append(f"| {step} | {a if a is None else f'{a:.6f}'} | {b if b is None else f'{b:.6f}'} | {diff} |")
     rows += ["", "| model | held-out exact match | training s |", "|---|---|---|"]
     secs = {"philora": ph["seconds"], "TRL + PEFT": trl["seconds"]}
     for name, a in acc.items():
