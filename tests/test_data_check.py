@@ -153,3 +153,31 @@ def test_a_hub_dataset_with_and_without_an_eval_split(capsys, phi3_tokenizer_dir
         ("train", "someone/chats[train]", 20), ("eval", "someone/chats[test]", 2)]
     assert report["eval"]["examples"] == 2 and report["eval"]["also_in_train"] == 1
     assert report["train"]["per_epoch"]["examples"] == 20
+
+
+def test_preference_pairs_report(tmp_path, capsys, phi3_tokenizer_dir, no_model):
+    # A preference objective: pairs counted against the encoder's own output, a bad record named by
+    # file and line (exit 1), a pair whose chosen equals its rejected listed by where it is.
+    from transformers import AutoTokenizer
+
+    from philora.data.encoding import encode_chat
+    tok = AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
+    good = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"Answer: {i}" + " yes" * i}],
+             "rejected": [{"role": "assistant", "content": "no"}]} for i in range(6)]
+    same = {"prompt": "Say hi.", "chosen": "hi", "rejected": "hi"}
+    path = write(tmp_path / "pairs.jsonl", good + [same, {"prompt": "x", "chosen": "y"}])
+    args = [f"model.name_or_path={phi3_tokenizer_dir}", f"data.train={path}", "training_config.objective=dpo"]
+    code, out, _ = check(capsys, *args, "--json")
+    report = json.loads(out)
+    (train,) = report["sources"]
+    assert code == 1 and not report["ok"]
+    assert (train["records"], train["pairs"], train["skipped"], train["chosen_equals_rejected"]) == (8, 7, 1, 1)
+    assert train["bad_records"][0].startswith(f"{path}:8: ")
+    assert train["chosen_equals_rejected_at"] == [f"{path}:7"]
+    # The longer side of the longest pair: its chosen conversation through the chat template, up to
+    # its last label (the end-of-turn token): what max_length would cut.
+    longest = max(len(encode_chat(r["prompt"] + r["chosen"], tok)["input_ids"]) for r in good)
+    assert longest - 2 <= train["lengths"]["longer_side"]["max"] <= longest
+    code, text, _ = check(capsys, *args)
+    assert code == 1 and f"{path}:8" in text and text.strip().endswith("data check: problems found")

@@ -25,6 +25,8 @@ from ..core.diskio import write_text
 from ..core.errors import PhiloraError
 from .build import BAD, NO_LABELS, TOO_LONG, TRUNCATED, build_datasets, sources, tokenize
 from .examples import column, epoch_size
+from .preference import SAMPLE as SAMPLE_PAIRS
+from .preference import load_pairs, pair_report
 from .records import MissingSplit, is_dataset_name, label
 
 ERROR_LIMIT = 50  # bad records listed one per line; the rest are counted
@@ -202,11 +204,54 @@ def plot(report: dict, path: Path) -> Path:
     return path
 
 
+def check_pairs(cfg: Config, tokenizer, log: Callable = print) -> dict:
+    """The data report of a preference objective (dpo, orpo, simpo): per source, the pairs, bad
+    records, truncation, pairs whose chosen equals rejected, and token lengths (preference.pair_report)."""
+    dc = cfg.data
+    roles = [("train", s) for s in sources(dc.train, dc, dc.train_split)]
+    if dc.eval:
+        roles += [("eval", s) for s in sources(dc.eval, dc, dc.eval_split)]
+    else:  # the shipped sample's own eval split, as build_pairs takes it
+        roles += [("eval", replace(s, split=dc.eval_split)) for _, s in roles if s.path == SAMPLE_PAIRS]
+    reports = []
+    for role, src in roles:
+        pairs, counts = load_pairs(src.path, src.split, replace(dc, skip_bad_records=True), tokenizer, log)
+        reports.append({"role": role, "path": src.path, **pair_report(pairs, counts)})
+    problems = [f"{r['path']}: no pair to train on" for r in reports if r["role"] == "train" and not r["pairs"]]
+    ok = not problems and not any(r["bad_records"] for r in reports)
+    return {"objective": cfg.training_config.objective, "max_length": dc.max_length, "sources": reports,
+            "problems": problems, "ok": ok}
+
+
+def pairs_text(report: dict) -> str:
+    out = [f"objective {report['objective']}, max_length {report['max_length']}"]
+    for r in report["sources"]:
+        out.append(f"{r['role']}: {r['path']}: {r['records']} records: {r['pairs']} pairs, {r['skipped']} bad, "
+                   f"{r['truncated']} truncated, {r['dropped_too_long']} dropped (too long), "
+                   f"{r['chosen_equals_rejected']} with chosen == rejected")
+        out += [f"  bad: {e}" for e in r["bad_records"]]
+        out += [f"  chosen == rejected: {w}" for w in r["chosen_equals_rejected_at"]]
+        for side, q in r["lengths"].items():
+            if q:
+                out.append(f"  {side} tokens: min {q['min']}, median {q['p50']}, p95 {q['p95']}, max {q['max']}")
+    out += [f"problem: {p}" for p in report["problems"]]
+    out.append("data check: ok" if report["ok"] else "data check: problems found")
+    return "\n".join(out)
+
+
 def check_cli(cfg: Config, tokenizer, as_json: bool = False, out: Optional[str] = None,
               processes: int = 1) -> int:
     """``philora data check``: the report on stdout (text, or one JSON object with ``--json``;
     tokenizing progress on stderr), files in ``out``; exit status 1 on bad records or problems."""
-    report = check(cfg, tokenizer, processes, log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+    log = lambda *a, **k: print(*a, file=sys.stderr, **k)  # noqa: E731
+    if cfg.training_config.objective != "sft":
+        report = check_pairs(cfg, tokenizer, log)
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            write_text(Path(out) / "data_check.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        print(json.dumps(report, ensure_ascii=False) if as_json else pairs_text(report))
+        return 0 if report["ok"] else 1
+    report = check(cfg, tokenizer, processes, log=log)
     if out:
         d = Path(out)
         d.mkdir(parents=True, exist_ok=True)
