@@ -148,3 +148,27 @@ def test_reference_covers_the_pairs_the_run_reads(dpo_run, tmp_path, small_model
     with pytest.raises(PhiloraError) as e:
         train(cfg, resume=True)
     helpers.one_line_error(e, "fewer train pairs than this run reads", "--overwrite")
+
+
+def test_eval_report_of_a_dpo_run(dpo_run, tmp_path):
+    # `philora eval` of a preference run: the report compares base and tuned on the eval pairs by the
+    # reference-free preference accuracy, recomputed here from preference_ref on the same pairs.
+    import json
+
+    from philora.core.config import load_config
+    from philora.data.preference import build_pairs
+    from philora.model.loading import load_source
+    from philora.model.preference_ref import preference_accuracy
+    from philora.use.report import evaluate_run, lora_disabled
+    report = evaluate_run(str(dpo_run), out=str(tmp_path / "report"), samples=2, max_new_tokens=4)
+    cfg = load_config(str(dpo_run / "config.yaml"))
+    model, tokenizer, _ = load_source(str(dpo_run))
+    pairs = build_pairs(cfg.data, tokenizer, cfg.training_config.seed, log=lambda *a, **k: None)[1]
+    args = (pairs, tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length, 4, torch.device("cpu"))
+    tuned = preference_accuracy(model, *args)
+    with lora_disabled(model):
+        base = preference_accuracy(model, *args)
+    assert report["fine_tuned"]["preference_accuracy"] == pytest.approx(tuned["preference_accuracy"])
+    assert report["base"]["preference_accuracy"] == pytest.approx(base["preference_accuracy"])
+    assert report["label_tokens"] is None and "## Preference accuracy" in (tmp_path / "report" / "report.md").read_text()
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["eval_examples"] == len(pairs)

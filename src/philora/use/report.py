@@ -38,10 +38,12 @@ from ..core.diskio import write_text
 from ..core.errors import PhiloraError, first_line
 from ..data.build import build_datasets, encode_source
 from ..data.encoding import IGNORE_INDEX
+from ..data.preference import build_pairs, load_pairs
 from ..model.decoding import chat_ids, generate_ids
 from ..model.families import tool_call_format
 from ..model.loading import load_source, resolve_source
 from ..model.loss import CausalLMLoss
+from ..model.preference_ref import preference_accuracy
 from ..run.evalgen import held_out
 from ..run.metrics import plot_losses, read_metrics
 from ..run.train import TrainResult, evaluate
@@ -162,9 +164,12 @@ def evaluate_run(run, data: Optional[str] = None, out=None, samples: int = 8,
     cfg = cfg or Config(model=src.model_cfg)
     model, tokenizer, _ = load_source(str(run))
     quiet = lambda *a, **k: None  # noqa: E731 (training already logged the data counts)
-    if data:
-        examples, _ = encode_source(data, cfg.data.eval_split, replace(cfg.data, skip_bad_records=False),
-                                    tokenizer, quiet)
+    strict = replace(cfg.data, skip_bad_records=False)
+    if cfg.training_config.objective != "sft":  # preference pairs, as training read them
+        examples = load_pairs(data, cfg.data.eval_split, strict, tokenizer, quiet, messages=True)[0] if data \
+            else build_pairs(cfg.data, tokenizer, cfg.training_config.seed, log=quiet)[1]
+    elif data:
+        examples, _ = encode_source(data, cfg.data.eval_split, strict, tokenizer, quiet)
     else:
         _, examples, _ = build_datasets(cfg.data, tokenizer, cfg.training_config.seed, log=quiet)
     limit = cfg.training_config.eval_max_samples
@@ -210,12 +215,12 @@ def write_report(model, tokenizer, cfg: Config, examples: List[dict], run: Path,
     with eval_mode(model):
         for side, ctx in (("fine_tuned", contextlib.nullcontext()), ("base", lora_disabled(model))):
             with ctx:
-                loss = evaluate(loss_fn, examples, cfg, tokenizer.pad_token_id, device)["eval_loss"]
+                fit = _fit(model, loss_fn, examples, cfg, tokenizer.pad_token_id, device)
                 replies = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens) if ids else []
             texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
-            results[side] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-                             **score(list(zip(texts, refs))), "generations": texts}
-    label_tokens = sum(sum(t != IGNORE_INDEX for t in ex["labels"][1:]) for ex in examples)
+            results[side] = {**fit, **score(list(zip(texts, refs))), "generations": texts}
+    label_tokens = sum(sum(t != IGNORE_INDEX for t in ex["labels"][1:]) for ex in examples) \
+        if cfg.training_config.objective == "sft" else None
     report = {
         "run": str(run), "base_model": cfg.model.name_or_path, "data": described,
         "eval_examples": len(examples), "label_tokens": label_tokens, "max_new_tokens": max_new_tokens,
@@ -232,9 +237,20 @@ def write_report(model, tokenizer, cfg: Config, examples: List[dict], run: Path,
     report["during_training"] = generations_over_training(run)
     write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_text(out_dir / "report.md", markdown(report))  # atomic: a full disk keeps the older report
-    print(f"eval: loss {report['base']['loss']:.4f} (base) -> {report['fine_tuned']['loss']:.4f} "
+    key = "loss" if "loss" in report["base"] else "preference_accuracy"
+    print(f"eval: {key.replace('_', ' ')} {report['base'][key]:.4f} (base) -> {report['fine_tuned'][key]:.4f} "
           f"(fine-tuned); report: {out_dir / 'report.md'}")
     return report
+
+
+def _fit(model, loss_fn, examples: List[dict], cfg: Config, pad_id: int, device) -> dict:
+    """How well the model fits the eval set: loss and perplexity per label token (SFT), or for
+    preference pairs the reference-free preference accuracy (chosen's mean log-prob above rejected's)."""
+    if cfg.training_config.objective == "sft":
+        loss = evaluate(loss_fn, examples, cfg, pad_id, device)["eval_loss"]
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return preference_accuracy(model, examples, pad_id, cfg.data.packing, cfg.data.max_length,
+                               cfg.training_config.per_device_eval_batch_size, device)
 
 
 def function_calling(model, tokenizer, examples: List[dict], samples: int, max_new_tokens: int = 128) -> Optional[dict]:
@@ -291,15 +307,19 @@ def _cell(text: str) -> str:
 
 def markdown(report: dict) -> str:
     b, t = report["base"], report["fine_tuned"]
-    lines = [
-        "# philora eval report", "",
-        f"Run `{report['run']}` on base model `{report['base_model']}`; eval data: {report['data']} "
-        f"({report['eval_examples']} conversations, {report['label_tokens']} label tokens).", "",
-        "## Loss", "",
-        "| model | loss | perplexity |", "|---|---:|---:|",
-        f"| base | {b['loss']:.4f} | {b['perplexity']:.2f} |",
-        f"| fine-tuned | {t['loss']:.4f} | {t['perplexity']:.2f} |", "",
-    ]
+    lines = ["# philora eval report", "",
+             f"Run `{report['run']}` on base model `{report['base_model']}`; eval data: {report['data']} "
+             f"({report['eval_examples']} " + (f"conversations, {report['label_tokens']} label tokens)."
+                                               if "loss" in b else "preference pairs)."), ""]
+    if "loss" in b:
+        lines += ["## Loss", "", "| model | loss | perplexity |", "|---|---:|---:|",
+                  f"| base | {b['loss']:.4f} | {b['perplexity']:.2f} |",
+                  f"| fine-tuned | {t['loss']:.4f} | {t['perplexity']:.2f} |", ""]
+    else:  # preference pairs: chosen preferred over rejected (mean per-token log-prob), no reference model
+        lines += ["## Preference accuracy", "", "| model | preference accuracy | mean log-prob margin |",
+                  "|---|---:|---:|",
+                  f"| base | {b['preference_accuracy']:.3f} | {b['logp_margin']:.4f} |",
+                  f"| fine-tuned | {t['preference_accuracy']:.3f} | {t['logp_margin']:.4f} |", ""]
     if report.get("loss_plot"):
         lines += [f"![training loss]({report['loss_plot']})", ""]
     n = len(report["samples"])
