@@ -54,6 +54,29 @@ def phi3_tokenizer_dir():
     return FIXTURES / "phi3-tokenizer"
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def phi3(phi3_tokenizer_dir):
+    """Phi-3-mini's tokenizer, loaded."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def chatml(phi3_tokenizer_dir):
+    """Same vocabulary, a ChatML template, markers added as special tokens that do NOT strip whitespace."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
+    tok.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=False, lstrip=False)
+                    for t in ("<|im_start|>", "<|im_end|>")], special_tokens=True)
+    tok.chat_template = CHATML
+    return tok
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(philora_cache):
     """The built-in tiny Phi-3 (real tokenizer and chat template), built once into the private

@@ -8,31 +8,10 @@ from philora.data import build as data
 from philora.core.config import DataConfig
 from philora.data.build import DataError, build_datasets, detect_format, encode_chat, load_records, to_messages
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
 
 LLAMA2 = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ '<<SYS>>\n' + m['content'] + '\n<</SYS>>\n\n' }}"
           "{% elif m['role'] == 'user' %}{{ '<s>[INST] ' + m['content'] + ' [/INST]' }}"
           "{% else %}{{ ' ' + m['content'] | trim + ' </s>' }}{% endif %}{% endfor %}")
-
-
-@pytest.fixture(scope="module")
-def phi3(phi3_tokenizer_dir):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
-
-
-@pytest.fixture(scope="module")
-def chatml(phi3_tokenizer_dir):
-    """Same vocabulary, ChatML template, markers added as special tokens that do NOT strip whitespace."""
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
-    tok.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=False, lstrip=False)
-                    for t in ("<|im_start|>", "<|im_end|>")], special_tokens=True)
-    tok.chat_template = CHATML
-    return tok
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,6 @@ from philora.data.formats import DataError
 from philora.data.preference import (SAMPLE, build_pairs, collate_pairs, encode_pair, load_pairs, pair_report,
                                      to_pair)
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
 
 def msgs(*pairs):
     return [{"role": r, "content": c} for r, c in pairs]
@@ -25,21 +22,6 @@ SYSTEM_PROMPT = msgs(("system", "Be terse."), ("user", "2+2?"), ("assistant", "4
 EXPLICIT = {"prompt": SYSTEM_PROMPT, "chosen": msgs(("assistant", "6")), "rejected": msgs(("assistant", "seven"))}
 
 
-@pytest.fixture(scope="module")
-def phi3(phi3_tokenizer_dir):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
-
-
-@pytest.fixture(scope="module")
-def chatml(phi3_tokenizer_dir):
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")],
-                   special_tokens=True)
-    tok.chat_template = CHATML
-    return tok
 
 
 def test_forms_give_one_pair():
