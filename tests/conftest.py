@@ -370,6 +370,13 @@ def expected_delta(layer):
     return (B @ A).T * s if layer.fan_in_fan_out else (B @ A) * s
 
 
+def timeless_records(out):
+    """A run's metrics.jsonl records without the wall-clock fields: what two runs of the same
+    computation (a resumed one and an uninterrupted one) must agree on exactly."""
+    from philora.run.metrics import read_metrics
+    return [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in read_metrics(out)]
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """The helper functions above, for the test files."""
@@ -380,4 +387,5 @@ def helpers():
         make_run=make_run, one_line_error=one_line_error, run_cli=run_cli,
         CKPT_FILES=CKPT_FILES, Killed=Killed, make_args=make_args, make_cfg=make_cfg,
         install_recorder=install_recorder, adapter_tensors=adapter_tensors,
-        randomize_lora=randomize_lora, expected_delta=expected_delta)
+        randomize_lora=randomize_lora, expected_delta=expected_delta,
+        timeless_records=timeless_records)

@@ -41,10 +41,6 @@ def snapshot(d):
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def timeless(out):
-    return [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in read_metrics(out)]
-
-
 def test_resume_with_changed_training_settings_is_refused_with_the_list(finished, tmp_path, small_model_dir,
                                                                         small_data, helpers):
     out = copy_of(finished, tmp_path)
@@ -77,7 +73,7 @@ def test_a_kill_before_the_adapter_logs_the_final_eval_once(finished, tmp_path, 
     out = copy_of(finished, tmp_path)
     train(helpers.make_cfg(out, small_model_dir, small_data, *RUN), resume=True)
     assert [r["step"] for r in read_metrics(out) if "eval_loss" in r] == [0, 4]
-    assert timeless(out) == timeless(finished)
+    assert helpers.timeless_records(out) == helpers.timeless_records(finished)
     for k, v in helpers.adapter_tensors(finished).items():
         assert (helpers.adapter_tensors(out)[k] == v).all()
 

@@ -30,10 +30,6 @@ RUN = ["training_config.max_steps=6", "training_config.logging_steps=4", "traini
        "training_config.save_steps=2", "training_config.save_total_limit=0", "peft_config.lora_dropout=0.2"]
 
 
-def timeless(out):
-    return [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in read_metrics(out)]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(small_model_dir, small_data, tmp_path_factory, helpers, philora_cache):
     out = tmp_path_factory.mktemp("whole") / "run"
@@ -81,7 +77,7 @@ def test_signal_checkpoints_the_step_and_the_resume_is_exact(tmp_path, small_mod
     train(cfg, resume=True)
     for k, v in helpers.adapter_tensors(uninterrupted).items():
         assert torch.equal(helpers.adapter_tensors(out)[k], v), k
-    assert timeless(out) == timeless(uninterrupted)  # each step and each eval once, same numbers
+    assert helpers.timeless_records(out) == helpers.timeless_records(uninterrupted)  # each step and each eval once, same numbers
 
 
 def test_guard_outside_the_loop_stops_at_once_and_restores_handlers():

@@ -35,12 +35,8 @@ def dpo_run(small_model_dir, pair_data, tmp_path_factory, helpers):
     return out
 
 
-def records(out):
-    return [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in read_metrics(out)]
-
-
-def test_dpo_run_logs_trl_metrics_and_saves_a_peft_adapter(dpo_run, small_model_dir):
-    recs = records(dpo_run)
+def test_dpo_run_logs_trl_metrics_and_saves_a_peft_adapter(dpo_run, small_model_dir, helpers):
+    recs = helpers.timeless_records(dpo_run)
     first = recs[0]
     assert first["step"] == 0 and abs(first["eval_loss"] - math.log(2)) < 1e-6  # step 0: policy = reference
     assert first["eval_rewards/accuracies"] == 0 and first["eval_rewards/margins"] == 0
@@ -70,7 +66,7 @@ def test_dpo_resume_after_a_kill_is_bit_identical(tmp_path, small_model_dir, pai
     train(cfg, resume=True)  # the reference comes from the run directory: the step-0 model is gone
     a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(dpo_run / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert records(out) == records(dpo_run)
+    assert helpers.timeless_records(out) == helpers.timeless_records(dpo_run)
 
 
 def test_resume_on_other_pairs_is_refused(tmp_path, small_model_dir, pair_data, dpo_run, helpers):

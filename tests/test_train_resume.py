@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from philora.run import checkpoint
 from philora.run.checkpoint import list_checkpoints
 from philora.core.errors import PhiloraError
-from philora.run.metrics import read_metrics
 from philora.run.train import train
 
 
@@ -76,11 +75,6 @@ def full_run(small_model_dir, small_data, tmp_path_factory, helpers):
     return out
 
 
-def train_records(out):
-    return [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")}
-            for r in read_metrics(out)]
-
-
 def test_resume_after_a_kill_is_bit_identical(tmp_path, small_model_dir, small_data, full_run, recorder, helpers):
     out = tmp_path / "run"
     cfg = helpers.make_cfg(out, small_model_dir, small_data, *RESUME)
@@ -95,7 +89,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, small_model_dir, small_d
     assert_same_tensors(load_file(str(out / "checkpoint-6" / "lora.safetensors")),
                         load_file(str(full_run / "checkpoint-6" / "lora.safetensors")))
     # metrics.jsonl continues the killed run: each step once, the same values as uninterrupted
-    assert train_records(out) == train_records(full_run)
+    assert helpers.timeless_records(out) == helpers.timeless_records(full_run)
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, small_model_dir, small_data, full_run,
