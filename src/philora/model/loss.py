@@ -82,6 +82,20 @@ def lm_head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
     return total
 
 
+def decoder_hidden(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The decoder's last hidden states and the batch they line up with. Under FlashAttention a
+    padding-free batch goes as one row: the varlen kernel, one sequence per conversation (the row
+    ends are position restarts too, and the first label of a row is never a target)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    impl = str(getattr(model.config, "_attn_implementation", "") or "")
+    if "flash" in impl and "attention_mask" not in inputs and "position_ids" in inputs:
+        batch = {k: (v.reshape(1, -1) if k in ("input_ids", "labels", "position_ids", "sequence") else v)
+                 for k, v in batch.items()}
+        inputs = {k: batch[k] for k in inputs}
+    out = model.get_decoder()(**inputs, use_cache=False)
+    return (out[0] if isinstance(out, tuple) else out.last_hidden_state), batch
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a ``*ForCausalLM`` model; forward(batch) -> (sum of token losses, label tokens).
 
@@ -94,17 +108,8 @@ class CausalLMLoss(nn.Module):
         self.chunk = chunk
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        labels = batch["labels"]
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        impl = str(getattr(self.model.config, "_attn_implementation", "") or "")
-        if "flash" in impl and "attention_mask" not in inputs and "position_ids" in inputs:
-            # one row: the varlen kernel, one sequence per conversation (the row ends are
-            # position restarts too, and the first label of a row is never a target)
-            inputs = {k: v.reshape(1, -1) for k, v in inputs.items()}
-            labels = labels.reshape(1, -1)
-        out = self.model.get_decoder()(**inputs, use_cache=False)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        targets = labels[:, 1:]
+        hidden, batch = decoder_hidden(self.model, batch)
+        targets = batch["labels"][:, 1:]
         keep = targets != IGNORE_INDEX
         h = hidden[:, :-1][keep]  # (N, H): only positions whose next token is a label
         y = targets[keep]

@@ -44,25 +44,12 @@ from ..core.errors import PhiloraError
 from ..data.encoding import IGNORE_INDEX
 from .adapter import AdapterError, read_adapter
 from .families import final_logit_softcap
-from .loss import CHUNK, lm_head_loss
+from .loss import CHUNK, decoder_hidden, lm_head_loss
 
 OBJECTIVES = ("dpo", "orpo", "simpo")  # "sft" is CausalLMLoss
 NEEDS_REFERENCE = ("dpo",)
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected", "nll_loss")
-
-
-def decoder_hidden(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """The decoder's last hidden states and the batch they line up with: under FlashAttention a
-    packed batch goes as one row (as CausalLMLoss does: the varlen kernel, one sequence per conversation)."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    impl = str(getattr(model.config, "_attn_implementation", "") or "")
-    if "flash" in impl and "attention_mask" not in inputs and "position_ids" in inputs:
-        batch = {k: (v.reshape(1, -1) if k in ("input_ids", "labels", "position_ids", "sequence") else v)
-                 for k, v in batch.items()}
-        inputs = {k: batch[k] for k in inputs}
-    out = model.get_decoder()(**inputs, use_cache=False)
-    return (out[0] if isinstance(out, tuple) else out.last_hidden_state), batch
 
 
 def sequence_logps(model: nn.Module, batch: Dict[str, torch.Tensor], nll: Optional[str] = None,
