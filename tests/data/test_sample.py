@@ -8,7 +8,7 @@ from philora.data.build import SAMPLE_EVAL, SAMPLE_TRAIN
 
 # The generator is a script (scripts/make_sample_data.py), not part of the package.
 _spec = importlib.util.spec_from_file_location(
-    "make_sample_data", Path(__file__).resolve().parents[1] / "scripts" / "make_sample_data.py")
+    "make_sample_data", Path(__file__).resolve().parents[2] / "scripts" / "make_sample_data.py")
 make_sample_data = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_sample_data)
 N_EVAL, N_TRAIN = make_sample_data.N_EVAL, make_sample_data.N_TRAIN

@@ -6,13 +6,11 @@ text/template subset the TEMPLATE uses (no Go or Ollama needed); the HF template
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from philora.export.ollama import FORMATS, detect, go_template
 
-PHI3_TOKENIZER = Path(__file__).parent / "fixtures" / "phi3-tokenizer"
 CHATS = [
     [{"role": "user", "content": "What is 17 plus 25?"}],
     [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a colour."}],
@@ -176,9 +174,9 @@ TEMPLATES = {
 
 
 @pytest.mark.parametrize("family", ["phi-3", *TEMPLATES])
-def test_ollama_template_renders_like_the_chat_template(family, tiny_model_dir):
+def test_ollama_template_renders_like_the_chat_template(family, tiny_model_dir, phi3_tokenizer_dir):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(PHI3_TOKENIZER if family == "phi-3" else tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(phi3_tokenizer_dir if family == "phi-3" else tiny_model_dir)
     if family != "phi-3":
         tok.chat_template = TEMPLATES[family]
     if family == "llama-3":

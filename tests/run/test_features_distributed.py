@@ -1,7 +1,7 @@
 """Issue 13's features under torchrun (2 gloo CPU processes): DoRA + LoRA+ train as one process does
 with the same global batch, and only rank 0 reports (eval generations once per evaluation; a tracker
 gets each step once, from rank 0 alone). The tracker here is a recorder put in MLflow's place in both
-ranks (needs no tracker package); what each real client's store holds is tests/test_trackers.py."""
+ranks (needs no tracker package); what each real client's store holds is tests/run/test_trackers.py."""
 
 import json
 import os

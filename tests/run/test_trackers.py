@@ -152,14 +152,14 @@ def test_missing_package_is_one_line_before_anything_loads(tmp_path, monkeypatch
     helpers.one_line_error(e, "training_config.report_to", "'wandb'", "pip install 'philora[wandb]'")
 
 
-def test_each_hint_names_an_extra_that_installs_the_package():
+def test_each_hint_names_an_extra_that_installs_the_package(helpers):
     """pyproject.toml has the extra each missing-package hint names, the extra holds the distribution that
     provides the imported module (as installed here), and the README gives the same commands."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pytest's own dependency before 3.11
         import tomli as tomllib
-    root = Path(__file__).resolve().parents[1]
+    root = helpers.ROOT
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     readme = (root / "README.md").read_text()
     providers = importlib.metadata.packages_distributions()

@@ -2,7 +2,7 @@
 arguments (nested lists, quotes, escapes, several calls, an argument given as JSON text, unparsable
 JSON); the format chosen from the tokenizer; the function-calling score against hand-computed
 numbers. The eval report's function-calling section and ``philora verify`` on a Phi-4-mini-shape
-tool-calling run are in tests/test_verify.py (one run for both)."""
+tool-calling run are in tests/export/test_verify.py (one run for both)."""
 
 import json
 

@@ -23,7 +23,7 @@ of compilation.
 in eval mode, under ``no_grad``, merged, or with a trainable base weight it returns None and the
 layer runs its plain path. On a 4-bit base (``base_layer``) the base output is bitsandbytes' and
 this function adds the LoRA half. Exact against the plain path
-up to float rounding order (tests/test_fused.py); the dropout mask is ``dropout.keep_mask``'s
+up to float rounding order (tests/model/test_fused.py); the dropout mask is ``dropout.keep_mask``'s
 (on CPU) or ``nn.Dropout``'s own (elsewhere), the same distribution as ``nn.Dropout``.
 """
 
