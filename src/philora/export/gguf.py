@@ -362,7 +362,7 @@ def export_gguf(source, out, outtype: str = "f16", force: bool = False, adapter_
     out = _check_out(out, force)
     part = out.with_name(out.name + ".part")
     try:
-        modelfile = _export(source, src, base, base_path, out, part, outtype, adapter_only, llama_cpp, ftype)
+        modelfile = _export(source, src, base_path, out, part, outtype, adapter_only, llama_cpp, ftype)
     finally:
         part.unlink(missing_ok=True)
     size = out.stat().st_size / 2**20
@@ -370,7 +370,7 @@ def export_gguf(source, out, outtype: str = "f16", force: bool = False, adapter_
     return out
 
 
-def _export(source, src, base, base_path: Path, out: Path, part: Path, outtype: str, adapter_only: bool,
+def _export(source, src, base_path: Path, out: Path, part: Path, outtype: str, adapter_only: bool,
             llama_cpp, ftype) -> Path:
     with tempfile.TemporaryDirectory(prefix=".philora-export-", dir=out.parent) as tmp:
         if adapter_only:
@@ -379,7 +379,8 @@ def _export(source, src, base, base_path: Path, out: Path, part: Path, outtype: 
         else:
             model_dir = base_path
             if src.adapter_dir is not None:
-                model_dir = merge(str(source), Path(tmp) / "merged", base=base, dtype="float32")
+                # the base resolved above, passed on: a GGUF base is not hashed (nor said) again
+                model_dir = merge(str(source), Path(tmp) / "merged", base=str(base_path), dtype="float32")
                 _tokenizer_model(model_dir, src, str(base_path))
             name_from = Path(source) if src.adapter_dir is not None else base_path
             if llama_cpp is None:

@@ -13,7 +13,8 @@ safetensors (exactly what transformers de-quantizes to, so a run in bf16 casts f
 GGUF load would; no ``quantization_config``), the tokenizer with the file's chat template, and the
 generation config. The cache is keyed by the file's identity (size, mtime, a hash of its first MiBs)
 and the transformers version; the directory is renamed into place whole, so a reader never sees a
-half-written one. Bad files are one-line errors before anything is written: not GGUF, truncated,
+half-written one. Each command resolves its model once (``loading.resolve_path``) and passes the
+directory on, so the file is hashed and its line said once per command, with no memory kept here. Bad files are one-line errors before anything is written: not GGUF, truncated,
 an architecture transformers cannot read, a quantization type it cannot de-quantize, or no
 ``gguf`` package.
 """
@@ -40,7 +41,6 @@ MAGIC = b"GGUF"
 HASHED_BYTES = 4 << 20  # the header (metadata, vocabulary) and the first tensors
 RECIPE = "gguf-v1"  # bump when the conversion below changes, so caches convert again
 MARKER = "philora_gguf.json"  # written last: a directory holding it is a finished conversion
-_SAID: set = set()  # files already announced in this process (train resolves the path twice)
 
 
 def is_gguf(name_or_path: str) -> bool:
@@ -137,8 +137,8 @@ def supported_architectures() -> list:
 
 def resolve_gguf(name_or_path: str) -> str:
     """The converted model directory of a GGUF file (a path or pkg:...), converting it on first
-    use and saying so in one line (once per process); another ``pkg:`` file's path; any other
-    name as given."""
+    use; either way one line says which directory (called once per command: loading.resolve_path);
+    another ``pkg:`` file's path; any other name (a converted directory too) as given."""
     if name_or_path.startswith(PKG):
         name_or_path = package_file(name_or_path)
         if not is_gguf(name_or_path):
@@ -152,14 +152,11 @@ def resolve_gguf(name_or_path: str) -> str:
     target = cache_dir() / "gguf" / f"{path.stem}-{cache_key(path)}"
     marker = target / MARKER
     if marker.is_file():
-        if str(path) not in _SAID:
-            _SAID.add(str(path))
-            done = json.loads(marker.read_text(encoding="utf-8"))
-            print(f"GGUF {path.name}: {done['architecture']} ({_types(done['tensor_types'])}), "
-                  f"de-quantized to float32 in {target}")
+        done = json.loads(marker.read_text(encoding="utf-8"))
+        print(f"GGUF {path.name}: {done['architecture']} ({_types(done['tensor_types'])}), "
+              f"de-quantized to float32 in {target}")
         return str(target)
     arch, types = read_header(path)
-    _SAID.add(str(path))
     print(f"GGUF {path.name}: {arch} ({_types(types)}), de-quantizing to float32 into {target} "
           f"(once; later loads reuse it)")
     model, tokenizer = load_gguf(path, arch)

@@ -26,9 +26,14 @@ from .quant import prepare_quantized, quantization_kwargs
 from .tiny import resolve_model
 
 
+RUN_CONFIG = "config.yaml"  # a philora run's config, in its output_dir (and each checkpoint)
+
+
 def resolve_path(name_or_path: str) -> str:
     """A local directory for ``tiny`` (built on first use) and for a ``.gguf`` file (converted once,
-    gguf.py); ``pkg:PACKAGE/FILE`` is that file of an installed package; anything else as given."""
+    gguf.py, which says so in one line); ``pkg:PACKAGE/FILE`` is that file of an installed package;
+    anything else as given. A command calls it once and passes the result on (as a model config's
+    ``name_or_path``, or ``base=``): a resolved name resolves to itself, with no work and no line."""
     return resolve_model(resolve_gguf(name_or_path))
 
 
@@ -54,7 +59,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: Optiona
 def load_model_and_tokenizer(cfg: ModelConfig, device: Optional[torch.device] = None,
                              training: bool = True) -> Tuple[torch.nn.Module, object, str]:
     """(model on ``device``, tokenizer, resolved path). The model's weights are frozen; it has
-    the changes every loaded model gets (prepare.py, steps 1-3: ``training`` for training's)."""
+    the changes every loaded model gets (prepare.py, steps 1-3: ``training`` for training's).
+    ``cfg.name_or_path`` may be a path the command already resolved: it is used as it is."""
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
@@ -108,7 +114,7 @@ def resolve_source(source: str, base: Optional[str] = None) -> Source:
     path = Path(source)
     if (path / CONFIG_NAME).is_file():
         adapter_cfg = read_adapter_config(path)
-        run_cfg = load_config(str(path / "config.yaml")) if (path / "config.yaml").is_file() else None
+        run_cfg = load_config(str(path / RUN_CONFIG)) if (path / RUN_CONFIG).is_file() else None
         model_cfg = run_cfg.model if run_cfg else ModelConfig()
         name = base or (run_cfg.model.name_or_path if run_cfg else adapter_cfg.get("base_model_name_or_path"))
         if not name:
@@ -126,10 +132,13 @@ def resolve_source(source: str, base: Optional[str] = None) -> Source:
 
 
 def load_source(source: str, base: Optional[str] = None, device: Optional[torch.device] = None):
-    """(model in eval mode, tokenizer, Source): base + adapter unmerged, or a plain model."""
+    """(model in eval mode, tokenizer, Source): base + adapter unmerged, or a plain model. The
+    Source's model config names the directory the base loaded from (a GGUF file's conversion, the
+    tiny model's directory), so what loads the base again does not resolve it again."""
     src = resolve_source(source, base)
     device = device or pick_device()
-    model, tokenizer, _ = load_model_and_tokenizer(src.model_cfg, device, training=False)
+    model, tokenizer, path = load_model_and_tokenizer(src.model_cfg, device, training=False)
+    src = replace(src, model_cfg=replace(src.model_cfg, name_or_path=path))
     if src.tokenizer_path:
         tokenizer = load_tokenizer(src.tokenizer_path, src.model_cfg.trust_remote_code)
     if src.adapter_dir is not None:

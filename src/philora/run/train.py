@@ -11,7 +11,7 @@ the close, which ``train``'s ExitStack does on every exit path.
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -22,8 +22,8 @@ from ..core.diskio import staged, write_text
 from ..core.errors import PhiloraError
 from ..data.examples import epoch_size
 from ..model.adapter import save_adapter
-from ..model.loading import load_model_and_tokenizer, load_tokenizer, resolve_path
-from ..model.prepare import prepare
+from ..model.loading import RUN_CONFIG, load_model_and_tokenizer, load_tokenizer, resolve_path
+from ..model.prepare import Process, prepare
 from . import distributed
 from .batches import micro_batches, row_capacity, to_device
 from .checkpoint import nonfinite, save_checkpoint, trainable_state
@@ -200,22 +200,22 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     world, guard, out, device, log = run.world, run.guard, run.out, run.device, run.log
 
     # Tokenizer and data, then the model: a bad record is reported before a large model loads.
-    tokenizer = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code,
-                               cfg.model.revision)
+    # The model resolved once (a GGUF file converted or found, said in one line), then passed on.
+    model_cfg = replace(cfg.model, name_or_path=resolve_path(cfg.model.name_or_path))
+    tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code, model_cfg.revision)
     # One process per node tokenizes (or finds the cache); the node's others then map its files.
     train_set, eval_set = distributed.local_first(world, lambda: load_data(cfg, tokenizer, log))
     distributed.check_run(world, cfg, epoch_size(train_set))
-    model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, device, training=True)
+    model, tokenizer, base_path = load_model_and_tokenizer(model_cfg, device, training=True)
     for warning in advice(cfg, world.size):  # learning rate, batch size: once, before training
         log(f"philora: warning: {warning}")
     amp = device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
     autocast = (lambda: torch.autocast("cuda", dtype=model.dtype)) if amp else contextlib.nullcontext
     # Every model patch, in order (model/prepare.py); the loss object is the objective.
-    loss_fn = prepare(model, loss_object(model, cfg), cfg, sequences(cfg, train_set), tokenizer.pad_token_id, device,
-                      held, autocast,
-                      agree=lambda on: bool(distributed.all_sum(world, torch.tensor(float(on)))[0] > 0),
-                      wrap=(lambda m: distributed.wrap(m, device, tc.fsdp)) if world.enabled else (lambda m: m),
-                      log=log)
+    proc = Process(device, held, autocast, log=log,
+                   agree=lambda on: bool(distributed.all_sum(world, torch.tensor(float(on)))[0] > 0),
+                   wrap=(lambda m: distributed.wrap(m, device, tc.fsdp)) if world.enabled else (lambda m: m))
+    loss_fn = prepare(model, loss_object(model, cfg), cfg, sequences(cfg, train_set), tokenizer.pad_token_id, proc)
     # DPO: the step-0 model's log-probs of every pair, before any step (objective.py)
     train_set, eval_set, ref = reference(run, cfg, model, train_set, eval_set, tokenizer.pad_token_id, autocast)
     regimes = rope_regimes(model.config, sequences(cfg, train_set))  # LongRoPE: which factor set(s) this run trains
@@ -229,7 +229,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStac
     config_yaml = run_config_yaml(cfg, run.ckpt, run.applied)
     if world.main:
         remove_run(run.old_run)  # --overwrite: only now that data, tokenizer and model have loaded
-        write_text(out / "config.yaml", config_yaml)
+        write_text(out / RUN_CONFIG, config_yaml)
     keep_reference(run, ref, train_set, eval_set)
     guard.immediate("stopped before the first step, nothing trained: start again with --overwrite" if run.ckpt is None
                     else f"stopped before training resumed; {run.ckpt.name} is as it was: --resume again")

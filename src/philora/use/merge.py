@@ -17,6 +17,7 @@ Hand-written (not peft's ``merge_and_unload``) to own the precision and the chec
 """
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -74,11 +75,12 @@ def stored_dtype(path: str, model_cfg) -> torch.dtype:
 
 
 def load_base(model_cfg, path: str, dtype: torch.dtype):
-    """The base model on CPU: as stored, or (QLoRA) 4-bit quantized and dequantized to ``dtype``."""
+    """The base model at ``path`` (``model_cfg``'s, resolved) on CPU: as stored, or (QLoRA) 4-bit
+    quantized and dequantized to ``dtype``."""
     if model_cfg.quantization:
         print(f"merge: the run trained on a {model_cfg.quantization} 4-bit base: merging into its "
               f"dequantized 4-bit weights ({str(dtype).replace('torch.', '')})")
-        return load_dequantized_base(model_cfg, dtype)
+        return load_dequantized_base(replace(model_cfg, name_or_path=path), dtype)  # resolved: not again
     from transformers import AutoModelForCausalLM
     try:
         return AutoModelForCausalLM.from_pretrained(
