@@ -237,7 +237,7 @@ def test_prepare_applies_the_patches_in_order_and_the_close_undoes_neftune(small
     from philora.core.config import Config, ModelConfig, PeftConfig, TrainingConfig
     from philora.model.loading import load_model_and_tokenizer
     from philora.model.loss import CausalLMLoss
-    from philora.model.prepare import prepare
+    from philora.model.prepare import Process, prepare
 
     mc = ModelConfig(name_or_path=small_model_dir, dtype="float32")
     plain, _, _ = load_model_and_tokenizer(mc, torch.device("cpu"), training=False)
@@ -248,8 +248,8 @@ def test_prepare_applies_the_patches_in_order_and_the_close_undoes_neftune(small
                  training_config=TrainingConfig(neftune_noise_alpha=5.0))
     wrapped, lines = [], []
     with contextlib.ExitStack() as held:
-        loss_fn = prepare(model, CausalLMLoss(model), cfg, [], tok.pad_token_id, torch.device("cpu"), held,
-                          wrap=lambda m: wrapped.append(m) or m, log=lines.append)
+        loss_fn = prepare(model, CausalLMLoss(model), cfg, [], tok.pad_token_id,
+                          Process(torch.device("cpu"), held, wrap=lambda m: wrapped.append(m) or m, log=lines.append))
         assert wrapped == [loss_fn] and loss_fn.training
         assert any(n.endswith("lora_A") for n, p in model.named_parameters() if p.requires_grad)
         assert lines[0].startswith("trainable params: ")

@@ -26,8 +26,10 @@ Training (:func:`prepare`, after the model loaded):
 """
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 import torch.nn as nn
 
 from ..core.config import Config, ModelConfig
@@ -58,14 +60,22 @@ def patch_loaded(model: nn.Module, cfg: ModelConfig, training: bool) -> None:
         memory.enable_checkpointing(model)
 
 
-def prepare(model: nn.Module, loss_fn: nn.Module, cfg: Config, examples, pad_id: int, device,
-            held: contextlib.ExitStack, autocast: Callable = contextlib.nullcontext,
-            agree: Callable[[bool], bool] = bool, wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
-            log: Callable = print) -> nn.Module:
+@dataclass(frozen=True)
+class Process:
+    """What :func:`prepare` needs of the process that trains (the run's, not the config's)."""
+    device: torch.device
+    held: contextlib.ExitStack  # closed when the run ends: NEFTune's hooks come off then
+    autocast: Callable = contextlib.nullcontext  # the mixed-precision context of a training step
+    agree: Callable[[bool], bool] = bool  # agree(on): whether any rank voted on (one process: its vote)
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m  # the distributed wrapper (none: as is)
+    log: Callable = print
+
+
+def prepare(model: nn.Module, loss_fn: nn.Module, cfg: Config, examples, pad_id: int, proc: Process) -> nn.Module:
     """Steps 4-7 on a loaded model (steps 1-3 done) and the loss object over it (its forward
     takes a batch and returns (loss sum, label tokens)); returns the loss object to train with.
-    ``agree(on)``: whether any rank voted on; ``wrap``: the distributed wrapper (none: as is)."""
-    tc = cfg.training_config
+    ``examples`` (conversations: input_ids, labels) and ``pad_id``: what step 6 measures."""
+    tc, log = cfg.training_config, proc.log
     if cfg.peft_config.init_adapter:  # 4: the LoRA starts from a saved adapter (SFT, then DPO on it)
         start_adapter(model, cfg.peft_config.init_adapter, cfg.peft_config.lora_dropout)
         log(f"LoRA starts from {cfg.peft_config.init_adapter} (peft_config.init_adapter)")
@@ -74,18 +84,18 @@ def prepare(model: nn.Module, loss_fn: nn.Module, cfg: Config, examples, pad_id:
     trainable, total = count_parameters(model)
     log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     if tc.neftune_noise_alpha:  # 5: noise in training mode only; off when the run closes
-        held.callback(NEFTune(model, tc.neftune_noise_alpha).remove)
+        proc.held.callback(NEFTune(model, tc.neftune_noise_alpha).remove)
     loss_fn.train()
     if cfg.model.gradient_checkpointing == "auto":  # 6: on where the longest micro-batch would not fit
         # a preference micro-batch is 2 x batch conversations (``examples`` are its sequences), measured
         # through the SFT loss: the same decoder pass
         probe, per = ((loss_fn, tc.per_device_train_batch_size) if isinstance(loss_fn, CausalLMLoss)
                       else (CausalLMLoss(model), 2 * tc.per_device_train_batch_size))
-        on, line = memory.plan(probe, examples, per, pad_id, device, autocast)
-        if agree(on):
+        on, line = memory.plan(probe, examples, per, pad_id, proc.device, proc.autocast)
+        if proc.agree(on):
             memory.enable_checkpointing(model)
         log(line)
-    return wrap(loss_fn)  # 7
+    return proc.wrap(loss_fn)  # 7
 
 
 def model_config(path: str, cfg: ModelConfig) -> Optional[object]:
