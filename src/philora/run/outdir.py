@@ -9,11 +9,17 @@ from typing import List
 
 from ..core.config import RESUME_APPLIED, Config
 from ..core.errors import PhiloraError
+from ..model.loading import RUN_CONFIG
 from .checkpoint import changed_settings, clean_stale, find_resumable
 from .runlock import acquire as lock_output_dir
 
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "config.yaml",
-             "loss.png", "report.md", "report.json", "tokenizer.json", "tokenizer_config.json",
+# The files of a run directory, named once (RUN_CONFIG, config.yaml, is model/loading.py's: sources read it)
+METRICS = "metrics.jsonl"  # one JSON record per logged step and eval
+LOSS_PLOT = "loss.png"
+REPORT_MD, REPORT_JSON = "report.md", "report.json"  # the eval report (use/report.py)
+TENSORBOARD = "tensorboard"  # TensorBoard's event files (a directory)
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", METRICS, RUN_CONFIG,
+             LOSS_PLOT, REPORT_MD, REPORT_JSON, "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "longrope.json")
 
 
@@ -38,14 +44,14 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, cfg: Config) ->
         refused = [f"{k} {old!r} -> {new!r}" for k, old, new in changes if k not in RESUME_APPLIED]
         if refused:
             raise PhiloraError(f"--resume: {ckpt} was trained with other settings: {'; '.join(refused)}; "
-                               f"resume with the run's values (see {ckpt / 'config.yaml'}) or start a "
+                               f"resume with the run's values (see {ckpt / RUN_CONFIG}) or start a "
                                f"new run (another output_dir, or --overwrite)")
         if changes:  # the run's length: applied, said here and at the top of config.yaml
             print(f"--resume: applied {'; '.join(f'{k} {old!r} -> {new!r}' for k, old, new in changes)} "
                   f"(the learning-rate schedule follows the new length from {ckpt.name} on)")
         return ckpt, [], changes
     existing = [p for p in out.glob("*") if p.name in RUN_FILES or p.name.startswith("checkpoint-")
-                or p.name == "tensorboard"] if out.is_dir() else []
+                or p.name == TENSORBOARD] if out.is_dir() else []
     if existing and not overwrite:
         raise PhiloraError(f"output_dir '{out}' already holds a run; pass --resume to continue it, "
                            f"--overwrite to replace it, or set training_config.output_dir")

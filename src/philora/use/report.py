@@ -46,6 +46,7 @@ from ..model.loss import CausalLMLoss
 from ..model.preference_ref import preference_accuracy
 from ..run.evalgen import held_out
 from ..run.metrics import plot_losses, read_metrics
+from ..run.outdir import LOSS_PLOT, METRICS, REPORT_JSON, REPORT_MD
 from ..run.train import TrainResult, evaluate
 from .toolcalls import call_turns, function_calling_score, parse_tool_calls, show_calls
 
@@ -99,7 +100,7 @@ LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUG
 def generations_over_training(run: Path) -> List[dict]:
     """The answers ``training_config.eval_generations`` recorded in the run's metrics.jsonl, per
     prompt: [{"prompt", "reference", "outputs": [{"step", "output"}, ...]}], in step order."""
-    if not (run / "metrics.jsonl").is_file():
+    if not (run / METRICS).is_file():
         return []
     out: List[dict] = []
     for rec in sorted((r for r in read_metrics(run) if r.get("generations")), key=lambda r: r["step"]):
@@ -235,8 +236,8 @@ def write_report(model, tokenizer, cfg: Config, examples: List[dict], run: Path,
     report["function_calling"] = function_calling(model, tokenizer, examples, samples, max_new_tokens)
     report["loss_plot"] = _loss_plot(run, out_dir)
     report["during_training"] = generations_over_training(run)
-    write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    write_text(out_dir / "report.md", markdown(report))  # atomic: a full disk keeps the older report
+    write_text(out_dir / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text(out_dir / REPORT_MD, markdown(report))  # atomic: a full disk keeps the older report
     key = "loss" if "loss" in report["base"] else "preference_accuracy"
     print(f"eval: {key.replace('_', ' ')} {report['base'][key]:.4f} (base) -> {report['fine_tuned'][key]:.4f} "
           f"(fine-tuned); report: {out_dir / 'report.md'}")
@@ -293,8 +294,8 @@ def _function_calling_md(fc: Optional[dict]) -> List[str]:
 
 
 def _loss_plot(run: Path, out_dir: Path) -> Optional[str]:
-    if (run / "metrics.jsonl").is_file():
-        path = plot_losses(run, path=out_dir / "loss.png")
+    if (run / METRICS).is_file():
+        path = plot_losses(run, path=out_dir / LOSS_PLOT)
         return path.name if path else None
     return None
 
