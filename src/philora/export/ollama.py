@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..core.diskio import write_text
 from ..model.families import stop_token_ids
 
 TURN_ROLES = ("system", "user", "assistant")  # the turns a Modelfile TEMPLATE renders (no tool turns)
@@ -149,8 +150,7 @@ def write_modelfile(out: Path, model_dir: Path, tok, eot: Optional[str], base_fr
     name = f"./{out.name}"
     from_line, adapter = (base_from, name) if base_from else (name, None)
     text, templated = modelfile_text(from_line, tok, stop_strings(model_dir, tok, eot), adapter)
-    path = modelfile_path(out)
-    path.write_text(text, encoding="utf-8")
+    path = write_text(modelfile_path(out), text)  # atomic: a failed write leaves the old one, says why in one line
     if not templated:
         print(f"export: the chat template is not one philora knows (Phi-3/3.5, Phi-4-mini, Phi-4, ChatML, "
               f"Qwen2.5, Llama 3); {path} has no TEMPLATE, Ollama will guess it from the GGUF")
