@@ -113,7 +113,6 @@ def test_second_resolve_reuses_the_conversion_and_a_changed_file_converts_again(
     def no_conversion(*a, **k):
         raise AssertionError("converted again")
     monkeypatch.setattr(gguf, "load_gguf", no_conversion)
-    monkeypatch.setattr(gguf, "_SAID", set())
     capsys.readouterr()
     assert resolve_path(str(copy)) == first
     line = capsys.readouterr().out.strip()
