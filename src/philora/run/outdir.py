@@ -14,11 +14,11 @@ from .checkpoint import changed_settings, clean_stale, find_resumable
 from .runlock import acquire as lock_output_dir
 
 # The files of a run directory, named once (RUN_CONFIG, config.yaml, is model/loading.py's: sources read it)
-METRICS = "metrics.jsonl"  # one JSON record per logged step and eval
+METRICS_FILE = "metrics.jsonl"  # one JSON record per logged step and eval
 LOSS_PLOT = "loss.png"
 REPORT_MD, REPORT_JSON = "report.md", "report.json"  # the eval report (use/report.py)
-TENSORBOARD = "tensorboard"  # TensorBoard's event files (a directory)
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", METRICS, RUN_CONFIG,
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard's event files (a directory)
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", METRICS_FILE, RUN_CONFIG,
              LOSS_PLOT, REPORT_MD, REPORT_JSON, "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "longrope.json")
 
@@ -51,7 +51,7 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, cfg: Config) ->
                   f"(the learning-rate schedule follows the new length from {ckpt.name} on)")
         return ckpt, [], changes
     existing = [p for p in out.glob("*") if p.name in RUN_FILES or p.name.startswith("checkpoint-")
-                or p.name == TENSORBOARD] if out.is_dir() else []
+                or p.name == TENSORBOARD_DIR] if out.is_dir() else []
     if existing and not overwrite:
         raise PhiloraError(f"output_dir '{out}' already holds a run; pass --resume to continue it, "
                            f"--overwrite to replace it, or set training_config.output_dir")

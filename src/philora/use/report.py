@@ -46,7 +46,7 @@ from ..model.loss import CausalLMLoss
 from ..model.preference_ref import preference_accuracy
 from ..run.evalgen import held_out
 from ..run.metrics import plot_losses, read_metrics
-from ..run.outdir import LOSS_PLOT, METRICS, REPORT_JSON, REPORT_MD
+from ..run.outdir import LOSS_PLOT, METRICS_FILE, REPORT_JSON, REPORT_MD
 from ..run.train import TrainResult, evaluate
 from .toolcalls import call_turns, function_calling_score, parse_tool_calls, show_calls
 
@@ -100,7 +100,7 @@ LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUG
 def generations_over_training(run: Path) -> List[dict]:
     """The answers ``training_config.eval_generations`` recorded in the run's metrics.jsonl, per
     prompt: [{"prompt", "reference", "outputs": [{"step", "output"}, ...]}], in step order."""
-    if not (run / METRICS).is_file():
+    if not (run / METRICS_FILE).is_file():
         return []
     out: List[dict] = []
     for rec in sorted((r for r in read_metrics(run) if r.get("generations")), key=lambda r: r["step"]):
@@ -294,7 +294,7 @@ def _function_calling_md(fc: Optional[dict]) -> List[str]:
 
 
 def _loss_plot(run: Path, out_dir: Path) -> Optional[str]:
-    if (run / METRICS).is_file():
+    if (run / METRICS_FILE).is_file():
         path = plot_losses(run, path=out_dir / LOSS_PLOT)
         return path.name if path else None
     return None
