@@ -135,67 +135,78 @@ def llama_cpp_greedy(path: Path, prompts: List[dict], max_new_tokens: int, n_ctx
 
 VLLM_SCRIPT = r'''
 import json, sys
-req = json.load(sys.stdin)
-try:
-    import vllm
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.lora.request import LoRARequest
-except ImportError as e:
-    print(json.dumps({"not_installed": "vllm is not importable: %s" % e}))
-    sys.exit(3)
-kw = dict(model=req["model"], tokenizer=req["tokenizer"], max_model_len=req["max_model_len"],
-          dtype=req["dtype"], enforce_eager=True, seed=0)
-if req["lora"]:
-    kw.update(enable_lora=True, max_lora_rank=req["max_lora_rank"])
-llm = LLM(**kw)
-lora = LoRARequest("run", 1, req["lora"]) if req["lora"] else None
-params = SamplingParams(temperature=0.0, max_tokens=req["max_tokens"])
-outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, lora_request=lora)
-parser, parser_error, skip = None, None, True  # the server decodes with skip_special_tokens=True unless the parser asks not to
-if req.get("tool_parser"):
+
+
+def main():  # under __main__: vLLM starts its engine in spawned processes, which import this file
+    req = json.load(sys.stdin)
     try:
+        import vllm
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+    except ImportError as e:
+        print(json.dumps({"not_installed": "vllm is not importable: %s" % e}))
+        sys.exit(3)
+    kw = dict(model=req["model"], tokenizer=req["tokenizer"], max_model_len=req["max_model_len"],
+              dtype=req["dtype"], enforce_eager=True, seed=0,
+              kv_cache_memory_bytes=req["kv_cache_bytes"])  # on CPU it would reserve 92% of RAM otherwise
+    if req["lora"]:
+        kw.update(enable_lora=True, max_lora_rank=req["max_lora_rank"])
+    llm = LLM(**kw)
+    lora = LoRARequest("run", 1, req["lora"]) if req["lora"] else None
+    params = SamplingParams(temperature=0.0, max_tokens=req["max_tokens"])
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, lora_request=lora)
+    parser, parser_error, skip, chat_request = None, None, True, None  # the server decodes with skip_special_tokens=True unless the parser asks not to
+    if req.get("tool_parser"):
         try:
-            from vllm.tool_parsers import ToolParserManager
-        except ImportError:
-            from vllm.entrypoints.openai.tool_parsers import ToolParserManager
-        parser = ToolParserManager.get_tool_parser(req["tool_parser"])(llm.get_tokenizer())
-    except Exception as e:
-        parser_error = "%s: %s" % (type(e).__name__, e)
-    for mod in ("vllm.entrypoints.openai.chat_completion.protocol", "vllm.entrypoints.openai.protocol"):
+            try:
+                from vllm.tool_parsers import ToolParserManager
+            except ImportError:
+                from vllm.entrypoints.openai.tool_parsers import ToolParserManager
+            parser = ToolParserManager.get_tool_parser(req["tool_parser"])(llm.get_tokenizer())
+        except Exception as e:
+            parser_error = "%s: %s" % (type(e).__name__, e)
+        for mod in ("vllm.entrypoints.openai.chat_completion.protocol", "vllm.entrypoints.openai.protocol"):
+            try:
+                import importlib
+                chat_request = importlib.import_module(mod).ChatCompletionRequest(
+                    model=req["model"], messages=[{"role": "user", "content": "hi"}], tools=req["tools"], tool_choice="auto")
+                skip = bool(parser.adjust_request(chat_request).skip_special_tokens) if parser else skip
+                break
+            except Exception:
+                pass
+    def calls(ids):
+        if parser is None:
+            return None
+        text = llm.get_tokenizer().decode(ids, skip_special_tokens=skip)
         try:
-            import importlib
-            chat_request = importlib.import_module(mod).ChatCompletionRequest(
-                model=req["model"], messages=[{"role": "user", "content": "hi"}], tools=req["tools"], tool_choice="auto")
-            skip = bool(parser.adjust_request(chat_request).skip_special_tokens) if parser else skip
-            break
-        except Exception:
-            pass
-def calls(ids):
-    if parser is None:
-        return None
-    text = llm.get_tokenizer().decode(ids, skip_special_tokens=skip)
-    try:
-        got = parser.extract_tool_calls(text, None)
-    except Exception as e:
-        return {"error": "%s: %s" % (type(e).__name__, e), "text": text}
-    return {"text": text, "calls": [{"name": t.function.name, "arguments": t.function.arguments}
-                                    for t in (got.tool_calls if got.tools_called else [])]}
-print(json.dumps({"vllm": vllm.__version__, "tool_parser_error": parser_error, "skip_special_tokens": skip, "outputs": [
-    {"token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason,
-     "stop_reason": o.outputs[0].stop_reason, "tool_calls": calls(list(o.outputs[0].token_ids))} for o in outs]}))
+            got = parser.extract_tool_calls(text, chat_request)
+        except Exception as e:
+            return {"error": "%s: %s" % (type(e).__name__, e), "text": text}
+        return {"text": text, "calls": [{"name": t.function.name, "arguments": t.function.arguments}
+                                        for t in (got.tool_calls if got.tools_called else [])]}
+    print(json.dumps({"vllm": vllm.__version__, "tool_parser_error": parser_error, "skip_special_tokens": skip, "outputs": [
+        {"token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason,
+         "stop_reason": o.outputs[0].stop_reason, "tool_calls": calls(list(o.outputs[0].token_ids))} for o in outs]}))
+
+
+if __name__ == "__main__":
+    main()
 '''
 
 
 def vllm_request(model: str, tokenizer: str, lora: Optional[str], max_lora_rank: int, prompts: List[List[int]],
-                 max_tokens: int, max_model_len: int, dtype: str = "float32", tool_parser: Optional[str] = None,
-                 tools: Optional[list] = None) -> dict:
+                 max_tokens: int, max_model_len: int, kv_token_bytes: int, dtype: str = "float32",
+                 tool_parser: Optional[str] = None, tools: Optional[list] = None) -> dict:
     """The JSON ``VLLM_SCRIPT`` reads on stdin (the contract a fake vLLM python imitates in the tests);
-    ``tool_parser``: vLLM's --tool-call-parser to read each reply's tool calls with (OpenAI-style
-    ``tools`` go in the request it adjusts)."""
+    ``kv_token_bytes``: the KV cache one token takes (vLLM's CPU backend otherwise reserves 92% of the
+    machine's memory, and refuses to start when less is free): room for every prompt at full length,
+    twice over for vLLM's block rounding; ``tool_parser``: vLLM's --tool-call-parser to read each
+    reply's tool calls with (OpenAI-style ``tools`` go in the request it adjusts)."""
+    kv_cache_bytes = max(64 << 20, 2 * kv_token_bytes * max_model_len * len(prompts))
     return {"model": model, "tokenizer": tokenizer, "lora": lora, "max_lora_rank": max_lora_rank,
             "prompts": prompts, "max_tokens": max_tokens, "max_model_len": max_model_len, "dtype": dtype,
-            "tool_parser": tool_parser, "tools": tools}
+            "kv_cache_bytes": kv_cache_bytes, "tool_parser": tool_parser, "tools": tools}
 
 
 def vllm_greedy(python: str, request: dict, timeout: float = 1800) -> List[dict]:

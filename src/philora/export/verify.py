@@ -31,8 +31,9 @@ from ..data.formats import to_messages
 from ..data.records import load_records
 from ..model.adapter import read_adapter
 from ..model.decoding import chat_ids
-from ..model.families import end_of_turn_ids, stop_token_ids, tool_call_format, vllm_tool_parser
-from ..model.loading import load_model_and_tokenizer, load_source, load_tokenizer, resolve_path, resolve_source
+from ..model.families import end_of_turn_ids, head_dim, kv_heads, stop_token_ids, tool_call_format, vllm_tool_parser
+from ..model.loading import load_model_and_tokenizer, load_source, load_tokenizer, resolve_source
+from ..model.prepare import model_config
 from ..run.evalgen import held_out
 from ..use.merge import merge
 from ..use.report import last_user_turn, lora_disabled
@@ -142,8 +143,8 @@ def _hf_model_dir(path: Path, prompts, max_new_tokens):
     return out
 
 
-def _merged(run, prompts, max_new_tokens, tmp):
-    return _hf_model_dir(merge(run, Path(tmp) / "merged"), prompts, max_new_tokens)
+def _merged(run, base, prompts, max_new_tokens, tmp):
+    return _hf_model_dir(merge(run, Path(tmp) / "merged", base=base), prompts, max_new_tokens)
 
 
 def _gguf(path: Path, prompts, max_new_tokens, context):
@@ -152,9 +153,9 @@ def _gguf(path: Path, prompts, max_new_tokens, context):
     return llama_cpp_greedy(path, prompts, max_new_tokens, n_ctx, torch.get_num_threads())
 
 
-def _export(run, outtype, prompts, max_new_tokens, context, tmp):
+def _export(run, base, outtype, prompts, max_new_tokens, context, tmp):
     llama_cpp_module()  # not installed: skipped before the export's minutes
-    path = export_gguf(run, Path(tmp) / f"gguf-{outtype}" / f"model-{outtype}.gguf", outtype=outtype)
+    path = export_gguf(run, Path(tmp) / f"gguf-{outtype}" / f"model-{outtype}.gguf", outtype=outtype, base=base)
     return _gguf(path, prompts, max_new_tokens, context)
 
 
@@ -172,11 +173,13 @@ def _openai_tools(prompts) -> Optional[list]:
 def _vllm(python, src, prompts, max_new_tokens, dtype, fmt):
     adapter = read_adapter(src.adapter_dir)
     rank = max(A.shape[0] for A, _, _ in adapter.modules.values())
-    base = resolve_path(src.model_cfg.name_or_path)
+    base = src.model_cfg.name_or_path  # load_source resolved it (a GGUF base: the converted directory)
+    c = model_config(base, src.model_cfg)  # K and V per layer, per token
+    kv_token_bytes = 2 * c.num_hidden_layers * kv_heads(c) * head_dim(c) * (4 if dtype == "float32" else 2) if c else 0
     request = vllm_request(base, str(src.tokenizer_path or base), str(src.adapter_dir),
                            next(r for r in VLLM_MAX_LORA_RANKS if r >= rank), [p["ids"] for p in prompts],
-                           max_new_tokens, max(len(p["ids"]) for p in prompts) + max_new_tokens, dtype,
-                           vllm_tool_parser(fmt), _openai_tools(prompts) if fmt else None)
+                           max_new_tokens, max(len(p["ids"]) for p in prompts) + max_new_tokens, kv_token_bytes,
+                           dtype, vllm_tool_parser(fmt), _openai_tools(prompts) if fmt else None)
     return vllm_greedy(python, request)
 
 
@@ -189,10 +192,10 @@ def _engine_plan(run, engines, models, vllm_python):
         if name == "peft":
             plan.append((name, lambda ref, tmp: _peft(ref["src"], ref["prompts"], ref["stops"], ref["max_new_tokens"])))
         elif name == "merged":
-            plan.append((name, lambda ref, tmp: _merged(run, ref["prompts"], ref["max_new_tokens"], tmp)))
+            plan.append((name, lambda ref, tmp: _merged(run, ref["src"].model_cfg.name_or_path, ref["prompts"], ref["max_new_tokens"], tmp)))
         elif name.startswith("gguf-") and len(name) > 5:
             plan.append((name, lambda ref, tmp, t=name[5:]: _export(
-                run, t, ref["prompts"], ref["max_new_tokens"], ref["context"], tmp)))
+                run, ref["src"].model_cfg.name_or_path, t, ref["prompts"], ref["max_new_tokens"], ref["context"], tmp)))
         elif name == "vllm":
             if not vllm_python:
                 raise PhiloraError("--engines vllm needs --vllm-python PATH (a python with vllm installed)")
