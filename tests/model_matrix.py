@@ -18,10 +18,13 @@ FAMILY_SHARP = 16.0  # q and k scaled by this: attention logits x256, mean top a
 
 def _family_tokenizer(spec, kinds, words, out):
     """A family's tokenizer, offline: Phi-3's real one (tests/fixtures), or a small BPE with the
-    family's special tokens: byte-level (Llama 3, Qwen, Phi-4) or SentencePiece-like (Mistral, Gemma)."""
+    family's special tokens: byte-level (Llama 3, Qwen, Phi-4) or SentencePiece-like (Mistral, Gemma).
+    Optional keys of a tokenizer kind (tests/export/test_verify_tools.py sets them on its copy):
+    ``added_tokens`` (added, not special), ``split_regex`` (the family's pre-tokenizer split before the
+    byte-level step), ``ignore_merges``, ``bpe_vocab_size`` (default 400)."""
     import string
 
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     if spec["tokenizer"] == "phi3":
         shutil.copytree(FIXTURES / "phi3-tokenizer", out, dirs_exist_ok=True)
@@ -29,18 +32,25 @@ def _family_tokenizer(spec, kinds, words, out):
         return
     kind = kinds[spec["tokenizer"]]
     byte_level = kind["byte_level"]
-    tok = Tokenizer(models.BPE(unk_token=None if byte_level else "<unk>", byte_fallback=not byte_level))
+    tok = Tokenizer(models.BPE(unk_token=None if byte_level else "<unk>", byte_fallback=not byte_level,
+                               ignore_merges=kind.get("ignore_merges", False)))
     if byte_level:
         tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        if kind.get("split_regex"):  # the family's own split (Llama 3, Qwen2: "\n\n" one piece before any text)
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(kind["split_regex"]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     else:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
         tok.decoder = decoders.Metaspace(prepend_scheme="first")
         alphabet = list(string.printable.strip()) + ["▁"]
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, show_progress=False,
-                                  special_tokens=[] if byte_level else ["<unk>"])
+    trainer = trainers.BpeTrainer(vocab_size=kind.get("bpe_vocab_size", 400), initial_alphabet=alphabet,
+                                  show_progress=False, special_tokens=[] if byte_level else ["<unk>"])
     tok.train_from_iterator([words] * 4 + ["Hello! What is 17 plus 25? Yes, no."], trainer)
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in kind["special_tokens"]])
+    # added but not special, as Qwen2.5's <tool_call>: kept by decode(skip_special_tokens=True)
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in kind.get("added_tokens", ())])
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=kind["bos_token"], eos_token=kind["eos_token"],
                             pad_token=kind["pad_token"], chat_template=spec["chat_template"],
                             clean_up_tokenization_spaces=False).save_pretrained(out)
@@ -65,8 +75,9 @@ def sharpen(model, factor=FAMILY_SHARP):
                         p.bias.mul_(factor)
 
 
-def build_family(table, name, out):
-    """A family's tokenizer and sharp random float32 model saved to ``out``; returns it as str."""
+def build_family(table, name, out, sharp=FAMILY_SHARP):
+    """A family's tokenizer and sharp random float32 model saved to ``out``; returns it as str. ``sharp``
+    1: attention as initialised (LoRA then learns where to attend in a few dozen steps)."""
     import transformers
     from transformers import AutoTokenizer, GenerationConfig
     spec = table["families"][name]
@@ -79,7 +90,7 @@ def build_family(table, name, out):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = getattr(transformers, spec["model_class"])(config).float()
-    sharpen(model)
+    sharpen(model, sharp)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model.save_pretrained(out)
     return str(out)

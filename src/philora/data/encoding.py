@@ -1,8 +1,10 @@
 """Chat-template tokenization with assistant-only labels: the ids and labels of one conversation.
 
     encode_chat(messages, tokenizer, max_length) -> {"input_ids", "labels"}
+    template_inputs(messages) -> (chat, kwargs)   what apply_chat_template gets, here and at inference
 
-input_ids are exactly ``tokenizer.apply_chat_template(messages, tokenize=True)``. Labels are -100
+input_ids are exactly ``tokenizer.apply_chat_template(chat, tokenize=True, **kwargs)`` (kwargs: the
+``tools=`` the system message carries, for templates that read that variable). Labels are -100
 except, for each assistant turn: the tokens that carry characters of its content, then every token up to and
 including the end-of-turn token, the first added token after the content (``<|end|>``, ``<|im_end|>``,
 ``<|eot_id|>``, ``</s>``; whatever template text sits between, such as Llama 2's space before ``</s>``, is
@@ -12,7 +14,10 @@ generation prompt tells where the turn starts, so an earlier identical message i
 are matched by character offsets, which survives special tokens that swallow the whitespace to their right:
 Phi-3's header token also swallows the content's leading whitespace, which is then in no token and not
 trained. Where offsets are unavailable or disagree with the template's ids, labels come from comparing the
-token prefixes of partial renderings, as TRL does for prompt-completion data.
+token prefixes of partial renderings, as TRL does for prompt-completion data. An assistant turn with
+"tool_calls" is written by the template itself (Qwen2.5: ``<tool_call>\n{..}\n</tool_call>``, Llama 3.1:
+``{"name": .., "parameters": ..}``): its text runs from the generation prompt to where the rendering
+parts from the same conversation with a plain reply in its place, so the call tokens are trained.
 
 Written by hand: transformers' ``return_assistant_tokens_mask`` needs ``{% generation %}`` markers
 that published chat templates (Phi-3's among them) do not have, so the labels are found from the
@@ -20,23 +25,41 @@ template's own rendering instead.
 """
 
 import bisect
+import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 IGNORE_INDEX = -100  # the label of a position that is not trained on (as torch's cross_entropy)
+TEMPLATE_KEYS = ("role", "content", "tools", "tool_calls")  # what a chat template reads of a message
+PROBE = "philora probe reply"  # a plain reply put in place of a tool-calling turn to find where it ends
+
+
+def template_inputs(messages: Sequence[dict]) -> Tuple[List[dict], dict]:
+    """The messages as chat templates read them and apply_chat_template's keyword arguments:
+    ``tools=``, the tool definitions the system message carries (JSON text, formats.py), as a list.
+    Templates such as Qwen2.5's and Llama 3.1's read that variable, Phi-4-mini's the message's own;
+    tools that are not JSON (free text for a template to splice in) give no ``tools=``."""
+    chat = [{k: m[k] for k in TEMPLATE_KEYS if k in m} for m in messages]
+    text = next((m["tools"] for m in chat if m.get("tools")), None)
+    try:
+        tools = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        tools = None
+    if not isinstance(tools, (list, dict)) or not tools:
+        return chat, {}
+    return chat, {"tools": tools if isinstance(tools, list) else [tools]}
 
 
 def encode_chat(messages: List[dict], tokenizer, max_length: Optional[int] = None) -> Dict[str, List[int]]:
     """Token ids of the chat template and labels: -100 except assistant contents and their end-of-turn token."""
-    # tool definitions ride on the system message (formats.py); the template decides how they render
-    chat = [{k: m[k] for k in ("role", "content", "tools") if k in m} for m in messages]
-    enc = _encode_with_offsets(chat, tokenizer)
-    ids = _as_ids(enc if enc is not None else tokenizer.apply_chat_template(chat, tokenize=True))
+    chat, kwargs = template_inputs(messages)
+    enc = _encode_with_offsets(chat, tokenizer, kwargs)
+    ids = _as_ids(enc if enc is not None else tokenizer.apply_chat_template(chat, tokenize=True, **kwargs))
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
     added = set(tokenizer.added_tokens_decoder)  # headers and end-of-turn markers are added tokens
-    labels = _labels_from_offsets(chat, turns, ids, tokenizer, added, enc)
+    labels = _labels_from_offsets(chat, turns, ids, tokenizer, added, kwargs, enc)
     if labels is None:
-        labels = _labels_from_prefixes(chat, turns, ids, tokenizer, added)
+        labels = _labels_from_prefixes(chat, turns, ids, tokenizer, added, kwargs)
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "labels": labels}
@@ -52,23 +75,23 @@ def _as_ids(out):  # apply_chat_template returns a BatchEncoding (transformers 5
     return [int(t) for t in out]
 
 
-def _encode_with_offsets(chat, tokenizer):
+def _encode_with_offsets(chat, tokenizer, kwargs):
     """The template's own tokenization (``apply_chat_template(tokenize=True)``, one call) with
     each token's character offsets in the rendered text; None for tokenizers without offsets."""
     if not getattr(tokenizer, "is_fast", False):
         return None
     try:
         enc = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True,
-                                            tokenizer_kwargs={"return_offsets_mapping": True})
+                                            tokenizer_kwargs={"return_offsets_mapping": True}, **kwargs)
     except TypeError:  # a tokenizer whose apply_chat_template takes no tokenizer_kwargs
         return None
     return enc if hasattr(enc, "keys") and "offset_mapping" in enc else None
 
 
-def _labels_from_offsets(chat, turns, ids, tokenizer, added, enc=None):
+def _labels_from_offsets(chat, turns, ids, tokenizer, added, kwargs, enc=None):
     if enc is None:
         return None
-    text = tokenizer.apply_chat_template(chat, tokenize=False)  # the text those offsets point into
+    text = tokenizer.apply_chat_template(chat, tokenize=False, **kwargs)  # the text those offsets point into
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     if len(offsets) != len(ids) or (offsets and offsets[-1][1] > len(text)):
         return None
@@ -76,7 +99,7 @@ def _labels_from_offsets(chat, turns, ids, tokenizer, added, enc=None):
     ordered = starts == sorted(starts) and ends == sorted(ends)  # then a turn's tokens are one run
     labels, cursor = [IGNORE_INDEX] * len(ids), 0
     for i in turns:
-        span = _content_span(chat, i, text, cursor, tokenizer)
+        span = _content_span(chat, i, text, cursor, tokenizer, kwargs)
         if span is None:
             return None
         start, end = span
@@ -100,16 +123,22 @@ def _labels_from_offsets(chat, turns, ids, tokenizer, added, enc=None):
     return labels
 
 
-def _content_span(chat, i, text, cursor, tokenizer):
-    """Character span of chat[i]'s content in the rendered text, searching from where the turn starts."""
+def _content_span(chat, i, text, cursor, tokenizer, kwargs):
+    """Character span of chat[i]'s content in the rendered text, searching from where the turn starts
+    (a turn with tool calls: all the template writes for it, up to its end-of-turn token)."""
     lo = cursor
     if i > 0:
         try:
-            prefix = tokenizer.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True)
+            prefix = tokenizer.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True, **kwargs)
             same = len(prefix) if text.startswith(prefix) else len(os.path.commonprefix([prefix, text]))
             lo = max(lo, same)
         except Exception:  # templates that cannot render a partial conversation
             pass
+    if chat[i].get("tool_calls"):
+        plain = chat[:i] + [{"role": "assistant", "content": PROBE}] + chat[i + 1:]
+        other = tokenizer.apply_chat_template(plain, tokenize=False, **kwargs)
+        end = len(text) - len(os.path.commonprefix([text[::-1], other[::-1]]))  # where the two end alike
+        return (lo, end) if end > lo else None
     content = chat[i]["content"]
     for needle in (content, content.strip()):  # some templates strip contents
         pos = text.find(needle, lo)
@@ -118,16 +147,21 @@ def _content_span(chat, i, text, cursor, tokenizer):
     return None
 
 
-def _labels_from_prefixes(chat, turns, ids, tokenizer, added):
+def _labels_from_prefixes(chat, turns, ids, tokenizer, added, kwargs):
     """Fallback: a turn's tokens are where the ids of the conversation up to it stop matching (as TRL)."""
     labels = [IGNORE_INDEX] * len(ids)
     for i in turns:
         before = [] if i == 0 else _as_ids(
-            tokenizer.apply_chat_template(chat[:i], tokenize=True, add_generation_prompt=True))
-        through = _as_ids(tokenizer.apply_chat_template(chat[:i + 1], tokenize=True))
+            tokenizer.apply_chat_template(chat[:i], tokenize=True, add_generation_prompt=True, **kwargs))
+        through = _as_ids(tokenizer.apply_chat_template(chat[:i + 1], tokenize=True, **kwargs))
+        # the end-of-turn token closes the turn: the first added token after a plain reply in its place
+        # (added tokens inside a reply, as Qwen2.5's <tool_call>, do not), else the first added token
+        plain = _as_ids(tokenizer.apply_chat_template(
+            chat[:i] + [{"role": "assistant", "content": PROBE}], tokenize=True, **kwargs))
+        end = next((t for t in plain[_common_prefix(before, plain):] if t in added), None)
         for k in range(_common_prefix(before, ids), _common_prefix(through, ids)):
             labels[k] = ids[k]
-            if ids[k] in added:  # the end-of-turn token closes the turn
+            if ids[k] == end or (end is None and ids[k] in added):
                 break
     return labels
 

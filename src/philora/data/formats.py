@@ -4,9 +4,15 @@ Formats (``data.format``; ``auto`` decides per record from its keys):
     messages           {"messages": [{"role", "content"}, ...]}  (or the same list under "conversations");
                        roles system, user, assistant and tool (a tool's result). Tool calling: the
                        system message may carry "tools" (a JSON string, or a list/object written out
-                       as JSON), which templates such as Phi-4-mini's render as
-                       ``<|system|>...<|tool|>{tools}<|/tool|><|end|>``; the assistant's calls are its
-                       content, in the model's own syntax (Phi-4-mini: ``<|tool_call|>[...]<|/tool_call|>``)
+                       as JSON; a record's own "tools" go there too), which templates such as
+                       Phi-4-mini's render as ``<|system|>...<|tool|>{tools}<|/tool|><|end|>`` and
+                       others (Qwen2.5, Llama 3.1) take as apply_chat_template's ``tools=``
+                       (encoding.template_inputs). The assistant's calls are either its content, in the
+                       model's own syntax (Phi-4-mini: ``<|tool_call|>[...]<|/tool_call|>``), or
+                       OpenAI-style "tool_calls" ([{"type": "function", "function": {"name", "arguments"}}],
+                       content then optional), which the template writes in its own syntax (Qwen2.5:
+                       ``<tool_call>\n{"name": .., "arguments": ..}\n</tool_call>``; Llama 3.1:
+                       ``{"name": .., "parameters": ..}``); arguments given as JSON text are parsed
     sharegpt           {"conversations": [{"from": system|human|gpt, "value"}, ...]}  (user/assistant accepted)
     alpaca             {"instruction", "input"?, "output", "system"?}; input goes after the instruction and a
                        blank line
@@ -64,6 +70,8 @@ def to_messages(record: dict, fmt: str = "auto", where: str = "record") -> List[
         key = "messages" if record.get("messages") is not None else "conversations"
         turns = _turn_list(record, key, where)
         msgs = [_message(t, "role", "content", ROLES, f"message {i}", where) for i, t in enumerate(turns, 1)]
+        if record.get("tools") is not None:
+            msgs = _record_tools(record["tools"], msgs, where)
     elif fmt == "sharegpt":
         turns = _turn_list(record, "conversations", where)
         msgs = [_message(t, "from", "value", SHAREGPT_ROLES, f"message {i}", where) for i, t in enumerate(turns, 1)]
@@ -104,15 +112,60 @@ def _message(turn, role_key, content_key, roles, name, where):
     role = turn[role_key]
     if not isinstance(role, str) or role not in roles:
         raise DataError(f"{where}: {name} has unknown role {role!r} (expected {', '.join(roles)})")
+    role = roles[role] if isinstance(roles, dict) else role
+    calls = tool_calls(turn["tool_calls"], role, name, where) if turn.get("tool_calls") else None
     content = turn.get(content_key)
+    if calls and content is None:  # an assistant turn that only calls tools
+        content = ""
     if not isinstance(content, str):
         raise DataError(f"{where}: {name} '{content_key}' must be a string, got {type(content).__name__}")
-    if not content.strip():
+    if not content.strip() and not calls:
         raise DataError(f"{where}: {name} has empty content")
-    message = {"role": roles[role] if isinstance(roles, dict) else role, "content": content}
+    message = {"role": role, "content": content}
     if turn.get("tools") is not None:
         message["tools"] = tools_json(turn["tools"], message["role"], name, where)
+    if calls:  # only when there are some: Llama 3.1's template tests `'tool_calls' in message`
+        message["tool_calls"] = calls
     return message
+
+
+def _record_tools(tools, msgs: List[dict], where: str) -> List[dict]:
+    """A record's top-level "tools" (as OpenAI-style datasets keep them), onto its system message."""
+    if msgs[0]["role"] != "system":
+        raise DataError(f"{where}: 'tools' ride on the system message, and this record has none (add "
+                        f"{{\"role\": \"system\", ...}} first)")
+    if "tools" in msgs[0]:
+        raise DataError(f"{where}: 'tools' given twice (the record's and its system message's)")
+    return [dict(msgs[0], tools=tools_json(tools, "system", "the record's", where))] + msgs[1:]
+
+
+def tool_calls(calls, role: str, name: str, where: str) -> List[dict]:
+    """An assistant message's "tool_calls", as chat templates read them: [{"type": "function",
+    "function": {"name", "arguments": {..}}}] (an "id" kept); a call may also be given flat
+    ({"name", "arguments"}), and arguments as the JSON text of an object (as OpenAI's API sends them)."""
+    if role != "assistant":
+        raise DataError(f"{where}: {name} has 'tool_calls', which only an assistant message makes (role {role!r})")
+    if not isinstance(calls, list):
+        raise DataError(f"{where}: {name} 'tool_calls' must be a list, got {type(calls).__name__}")
+    out = []
+    for k, call in enumerate(calls, 1):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise DataError(f"{where}: {name} tool call {k} must be an object with a 'name' "
+                            f"(or {{\"function\": {{\"name\", \"arguments\"}}}})")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                raise DataError(f"{where}: {name} tool call {k} 'arguments' is not valid JSON: {args[:60]!r}") from None
+        if not isinstance(args, dict):
+            raise DataError(f"{where}: {name} tool call {k} 'arguments' must be an object, got {type(args).__name__}")
+        entry = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
 
 
 def tools_json(tools, role: str, name: str, where: str) -> str:

@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
+from ..data.encoding import PROBE  # an assistant message whose end the template shows
+
 
 def head_dim(c) -> int:
     """The attention head size of a model config (its ``head_dim``, else hidden / heads)."""
@@ -120,7 +122,6 @@ def stop_token_strings(config) -> Tuple[str, ...]:
     return STOP_TOKENS.get(getattr(config, "model_type", None), ())
 
 
-PROBE = "philora probe reply"  # an assistant message whose end the template shows
 
 
 def end_of_turn_ids(tokenizer) -> List[int]:

@@ -10,6 +10,8 @@ the tokenizer):
 * ``llama3_json`` (Llama 3.x): bare JSON objects ``{"name": .., "parameters": {..}}`` anywhere in the
   reply, after an optional ``<|python_tag|>`` (as vLLM's ``llama3_json`` parser scans them).
 
+A training message's reference calls are its OpenAI-style ``tool_calls`` when it has them (the template
+wrote them in the family's syntax, data.encoding), else those its content writes (``message_calls``).
 ``arguments`` (or ``parameters``) may be a JSON string of the object, as some models write it. A call
 whose JSON does not parse is kept as ``{"invalid": text}``: it is a call the model meant, and it
 matches nothing. Calls are compared by name and arguments through ``call_key`` (canonical JSON:
@@ -21,6 +23,8 @@ import json
 import re
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..data.encoding import TEMPLATE_KEYS
 
 FORMATS = ("phi4_mini", "hermes", "llama3_json")
 _PHI4 = re.compile(r"<\|tool_call\|>(.*?)(?:<\|/tool_call\|>|$)", re.DOTALL)
@@ -99,13 +103,21 @@ def show_calls(calls: Sequence[dict]) -> str:
 # -----------------------------------------------------------------------------
 # the score
 
+def message_calls(message: dict, fmt: Optional[str]) -> List[dict]:
+    """The calls an assistant message makes: its "tool_calls" (OpenAI-style, data.formats), else those
+    written in its content in format ``fmt``."""
+    if message.get("tool_calls"):
+        return [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in message["tool_calls"]]
+    return parse_tool_calls(message["content"], fmt) if message["role"] == "assistant" else []
+
+
 def call_turns(messages: Sequence[dict], fmt: Optional[str]) -> List[Tuple[List[dict], List[dict]]]:
     """(prompt: the conversation before it, reference calls) for each assistant turn with tool calls."""
     out = []
     for i, m in enumerate(messages):
-        calls = parse_tool_calls(m["content"], fmt) if m["role"] == "assistant" else []
+        calls = message_calls(m, fmt)
         if calls:
-            out.append(([{k: x[k] for k in ("role", "content", "tools") if k in x} for x in messages[:i]], calls))
+            out.append(([{k: x[k] for k in TEMPLATE_KEYS if k in x} for x in messages[:i]], calls))
     return out
 
 
