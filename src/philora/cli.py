@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--processes", type=_number(int, lambda v: v >= 1, ">= 1"), default=1,
                    help="training processes (torchrun), for the steps per epoch (default 1)")
 
-    p = sub.add_parser("export", help="export for local inference (GGUF + Ollama Modelfile)")
+    p = sub.add_parser("export", help="export for serving (GGUF + Ollama Modelfile, a vLLM tool parser)")
     esub = p.add_subparsers(dest="export_format", metavar="FORMAT")
     q = esub.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile beside it")
     q.add_argument("source", help="a philora run or PEFT adapter directory (merged in float32 on the way), or a model directory")
@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--adapter-only", action="store_true", help="the LoRA alone as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER)")
     q.add_argument("--base", default=None, help="base model for an adapter (default: the run's / adapter's own)")
     q.add_argument("--force", action="store_true", help="overwrite an existing output file and Modelfile")
+    q = esub.add_parser("tool-parser", help="a vLLM tool-parser plugin that reads the tool calls the model was "
+                                            "trained to write (Phi-4-mini), and the vllm serve line")
+    q.add_argument("source", help="a philora run or PEFT adapter directory")
+    q.add_argument("--out", default=None, help="the plugin file to write (default: SOURCE/philora_tool_parser.py)")
+    q.add_argument("--force", action="store_true", help="overwrite an existing plugin file")
 
     sub.add_parser("verify", help="the run's held-out prompts in peft, the merged model, GGUF (llama.cpp), vLLM: "
                                   "the same greedy tokens? exit 1 if not (philora verify --help)")
@@ -228,6 +233,12 @@ def run(args: argparse.Namespace) -> int:
             from .export.gguf import export_gguf
             export_gguf(args.source, args.out, outtype=args.outtype, force=args.force,
                         adapter_only=args.adapter_only, base=args.base)
+            return 0
+        if args.export_format == "tool-parser":
+            from .export.toolparser import PLUGIN_FILE, export_tool_parser
+            out = args.out or str(Path(args.source) / PLUGIN_FILE)
+            guard_output(out, args.force, directory=False)
+            print("\n".join(export_tool_parser(args.source, out)[1]))
             return 0
         build_parser().parse_args(["export", "--help"])
     if args.command == "adapter":

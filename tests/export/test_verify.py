@@ -307,6 +307,10 @@ def test_bad_input_is_one_line(tiny_run, tiny_model_dir, tmp_path, helpers):
         verify(tiny_run, engines=["ollama"], prompts=1, max_new_tokens=4, out=tmp_path, say=Lines())
     helpers.one_line_error(e, "unknown engine 'ollama'")
     with pytest.raises(PhiloraError) as e:
+        verify(tiny_run, engines=["peft"], vllm_tool_parser="hermes", prompts=1, max_new_tokens=4, out=tmp_path,
+               say=Lines())
+    helpers.one_line_error(e, "--vllm-tool-parser hermes is for the vllm engine")
+    with pytest.raises(PhiloraError) as e:
         verify(tiny_run, prompts=str(tmp_path / "missing.jsonl"))
     helpers.one_line_error(e, "missing.jsonl: no such file")
     prompts = tmp_path / "prompts.jsonl"
@@ -432,7 +436,7 @@ def test_tool_calls_that_differ_fail(tool_run, tmp_path):
     'functools[...]', so it reads none in <|tool_call|>[...]): exit 1 naming the engine, prompt and parser."""
     python = _fake_python(tmp_path, False, tool_regex=r"functools\[(.*?)\]")
     result = verify(tool_run, engines=["vllm"], vllm_python=str(python), prompts=4, max_new_tokens=40,
-                    out=tmp_path, say=Lines())
+                    out=tmp_path, say=Lines(), vllm_tool_parser="phi4_mini_json")
     e = _engine(result, "vllm")
     assert e["identical"] == 4 and result["exit_code"] == 1
     assert e["tool_calls"]["parser"] == "vLLM phi4_mini_json" and e["tool_calls"]["same"] == 0
@@ -441,18 +445,34 @@ def test_tool_calls_that_differ_fail(tool_run, tmp_path):
 
 
 def test_phi4_mini_calls_in_real_vllm(tool_run, vllm_python, tmp_path):
-    """The Phi-4-mini-shape run in real vLLM with its own phi4_mini_json parser: the same tokens as the
-    reference, calls included, yet the parser reads no call from Phi-4-mini's
+    """The Phi-4-mini-shape run in real vLLM with vLLM's own phi4_mini_json parser (--vllm-tool-parser):
+    the same tokens as the reference, calls included, yet the parser reads no call from Phi-4-mini's
     <|tool_call|>[...]<|/tool_call|> (it looks for functools[...]): exit 1 naming vLLM, the prompt and
-    the parser. The mismatch the README documents (serve Phi-4-mini's calls through llama.cpp, or
-    read them with philora's parser)."""
+    the parser. The mismatch philora's plugin (philora export tool-parser) fixes: next test."""
     result = verify(tool_run, engines=["vllm"], vllm_python=vllm_python, prompts=4, max_new_tokens=40,
-                    out=tmp_path, say=Lines())
+                    out=tmp_path, say=Lines(), vllm_tool_parser="phi4_mini_json")
     e = _engine(result, "vllm")
     assert e["status"] != "skipped" and e["identical"] == 4 and result["exit_code"] == 1, e
     assert e["tool_calls"]["parser"] == "vLLM phi4_mini_json" and e["tool_calls"]["same"] == 0
     assert e["tool_calls"]["prompts"] >= 3 and len(e["failures"]) == e["tool_calls"]["prompts"]
     assert all("tool calls read by vLLM phi4_mini_json: no call; the reference's: " in f for f in e["failures"])
+
+
+def test_phi4_mini_calls_in_real_vllm_with_the_plugin(tool_run, vllm_python, tmp_path):
+    """By default verify serves a Phi-4-mini run's prompts with philora's tool-parser plugin (the file
+    ``philora export tool-parser`` writes, loaded as --tool-parser-plugin loads it): vLLM's server path
+    reads every call the reference makes, name and arguments, from the same tokens: exit 0."""
+    result = verify(tool_run, engines=["vllm"], vllm_python=vllm_python, prompts=4, max_new_tokens=40,
+                    out=tmp_path, say=Lines())
+    e = _engine(result, "vllm")
+    assert e["status"] == "ok" and e["identical"] == 4 and result["exit_code"] == 0 and not e["failures"], e
+    assert e["tool_calls"]["parser"] == "vLLM philora_phi4_mini (plugin: philora export tool-parser)"
+    assert e["tool_calls"]["prompts"] >= 3 and e["tool_calls"]["same"] == e["tool_calls"]["prompts"]
+    ref = result["reference"]["replies"]
+    assert sum(bool(r["tool_calls"]) for r in ref) >= 3
+    for row, r in zip(e["per_prompt"], ref):
+        assert row["tool_calls"] == r["tool_calls"] and all("invalid" not in c for c in r["tool_calls"])
+    assert "vLLM philora_phi4_mini (plugin: philora export tool-parser)" in (tmp_path / "verify.md").read_text()
 
 
 def test_report_scores_function_calling(tool_run, tmp_path):

@@ -15,9 +15,10 @@ have built the same prompt from the conversation.
   own Jinja2 formatter, its tokenizer.
 * vLLM: another python (vLLM pins its own torch and transformers) runs ``VLLM_SCRIPT`` on a JSON
   request on stdin and prints one JSON line; vLLM stops as it would when serving (the model's
-  generation config and tokenizer eos). With a ``tool_parser`` (the family's ``--tool-call-parser``)
-  each reply's text goes through vLLM's own tool parser, decoded as its server would (special
-  tokens skipped unless the parser's ``adjust_request`` keeps them), and its calls come back.
+  generation config and tokenizer eos). With a ``tool_parser`` (a ``--tool-call-parser``: vLLM's own,
+  or toolparser.py's plugin file, imported first as ``--tool-parser-plugin`` does) each reply's text
+  goes through it as vLLM's server hands it over (detokenized without the stop token, special tokens
+  skipped unless the parser's ``adjust_request`` keeps them), and its calls come back.
 
 Tool calls elsewhere: transformers has no tool-call parser, and llama-cpp-python's chat handlers
 parse none (a Jinja2 template's handler returns the reply as content; only a ``tool_choice`` naming
@@ -38,6 +39,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..core.errors import PhiloraError, first_line
+from .toolparser import PLUGIN_NOTE
 
 
 class NotInstalled(PhiloraError):
@@ -137,6 +139,34 @@ VLLM_SCRIPT = r'''
 import json, sys
 
 
+def tool_parser(req, tokenizer):
+    # (parser or None, its load error, skip_special_tokens, the chat request) as vLLM's server has them:
+    # a --tool-parser-plugin file imported first, the request with the tools adjusted by the parser
+    if not req.get("tool_parser"):
+        return None, None, True, None
+    try:
+        from vllm.tool_parsers import ToolParserManager
+    except ImportError:
+        from vllm.entrypoints.openai.tool_parsers import ToolParserManager
+    parser, error, skip, chat_request = None, None, True, None  # the server skips special tokens unless the parser asks not to
+    try:
+        if req.get("tool_parser_plugin"):
+            ToolParserManager.import_tool_parser(req["tool_parser_plugin"])
+        parser = ToolParserManager.get_tool_parser(req["tool_parser"])(tokenizer)
+    except Exception as e:
+        error = "%s: %s" % (type(e).__name__, e)
+    import importlib
+    for mod in ("vllm.entrypoints.openai.chat_completion.protocol", "vllm.entrypoints.openai.protocol"):
+        try:
+            chat_request = importlib.import_module(mod).ChatCompletionRequest(
+                model=req["model"], messages=[{"role": "user", "content": "hi"}], tools=req["tools"], tool_choice="auto")
+            skip = bool(parser.adjust_request(chat_request).skip_special_tokens) if parser else skip
+            break
+        except Exception:
+            pass
+    return parser, error, skip, chat_request
+
+
 def main():  # under __main__: vLLM starts its engine in spawned processes, which import this file
     req = json.load(sys.stdin)
     try:
@@ -153,32 +183,14 @@ def main():  # under __main__: vLLM starts its engine in spawned processes, whic
     if req["lora"]:
         kw.update(enable_lora=True, max_lora_rank=req["max_lora_rank"])
     llm = LLM(**kw)
+    parser, parser_error, skip, chat_request = tool_parser(req, llm.get_tokenizer())
     lora = LoRARequest("run", 1, req["lora"]) if req["lora"] else None
-    params = SamplingParams(temperature=0.0, max_tokens=req["max_tokens"])
+    # the reply's text detokenized as the server does it for the parser (the stop token left out)
+    params = SamplingParams(temperature=0.0, max_tokens=req["max_tokens"], skip_special_tokens=skip)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, lora_request=lora)
-    parser, parser_error, skip, chat_request = None, None, True, None  # the server decodes with skip_special_tokens=True unless the parser asks not to
-    if req.get("tool_parser"):
-        try:
-            try:
-                from vllm.tool_parsers import ToolParserManager
-            except ImportError:
-                from vllm.entrypoints.openai.tool_parsers import ToolParserManager
-            parser = ToolParserManager.get_tool_parser(req["tool_parser"])(llm.get_tokenizer())
-        except Exception as e:
-            parser_error = "%s: %s" % (type(e).__name__, e)
-        for mod in ("vllm.entrypoints.openai.chat_completion.protocol", "vllm.entrypoints.openai.protocol"):
-            try:
-                import importlib
-                chat_request = importlib.import_module(mod).ChatCompletionRequest(
-                    model=req["model"], messages=[{"role": "user", "content": "hi"}], tools=req["tools"], tool_choice="auto")
-                skip = bool(parser.adjust_request(chat_request).skip_special_tokens) if parser else skip
-                break
-            except Exception:
-                pass
-    def calls(ids):
+    def calls(text):
         if parser is None:
             return None
-        text = llm.get_tokenizer().decode(ids, skip_special_tokens=skip)
         try:
             got = parser.extract_tool_calls(text, chat_request)
         except Exception as e:
@@ -187,7 +199,7 @@ def main():  # under __main__: vLLM starts its engine in spawned processes, whic
                                         for t in (got.tool_calls if got.tools_called else [])]}
     print(json.dumps({"vllm": vllm.__version__, "tool_parser_error": parser_error, "skip_special_tokens": skip, "outputs": [
         {"token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason,
-         "stop_reason": o.outputs[0].stop_reason, "tool_calls": calls(list(o.outputs[0].token_ids))} for o in outs]}))
+         "stop_reason": o.outputs[0].stop_reason, "tool_calls": calls(o.outputs[0].text)} for o in outs]}))
 
 
 if __name__ == "__main__":
@@ -197,16 +209,19 @@ if __name__ == "__main__":
 
 def vllm_request(model: str, tokenizer: str, lora: Optional[str], max_lora_rank: int, prompts: List[List[int]],
                  max_tokens: int, max_model_len: int, kv_token_bytes: int, dtype: str = "float32",
-                 tool_parser: Optional[str] = None, tools: Optional[list] = None) -> dict:
+                 tool_parser: Optional[str] = None, tools: Optional[list] = None,
+                 tool_parser_plugin: Optional[str] = None) -> dict:
     """The JSON ``VLLM_SCRIPT`` reads on stdin (the contract a fake vLLM python imitates in the tests);
     ``kv_token_bytes``: the KV cache one token takes (vLLM's CPU backend otherwise reserves 92% of the
     machine's memory, and refuses to start when less is free): room for every prompt at full length,
     twice over for vLLM's block rounding; ``tool_parser``: vLLM's --tool-call-parser to read each
-    reply's tool calls with (OpenAI-style ``tools`` go in the request it adjusts)."""
+    reply's tool calls with (OpenAI-style ``tools`` go in the request it adjusts), loaded from the
+    ``--tool-parser-plugin`` file ``tool_parser_plugin`` when given (toolparser.py's)."""
     kv_cache_bytes = max(64 << 20, 2 * kv_token_bytes * max_model_len * len(prompts))
     return {"model": model, "tokenizer": tokenizer, "lora": lora, "max_lora_rank": max_lora_rank,
             "prompts": prompts, "max_tokens": max_tokens, "max_model_len": max_model_len, "dtype": dtype,
-            "kv_cache_bytes": kv_cache_bytes, "tool_parser": tool_parser, "tools": tools}
+            "kv_cache_bytes": kv_cache_bytes, "tool_parser": tool_parser, "tools": tools,
+            "tool_parser_plugin": tool_parser_plugin}
 
 
 def vllm_greedy(python: str, request: dict, timeout: float = 1800) -> List[dict]:
@@ -230,16 +245,18 @@ def vllm_greedy(python: str, request: dict, timeout: float = 1800) -> List[dict]
     if proc.returncode != 0 or "outputs" not in reply:
         tail = [x for x in (proc.stderr or proc.stdout).splitlines() if x.strip()]
         raise PhiloraError(f"vLLM failed (exit {proc.returncode}): {(tail or ['no output'])[-1][:300]}")
-    parser = request.get("tool_parser")
+    parser, plugin = request.get("tool_parser"), request.get("tool_parser_plugin")
     if parser and reply.get("tool_parser_error"):
-        raise PhiloraError(f"vLLM's tool parser {parser!r} does not load: {reply['tool_parser_error'][:300]}")
-    return [_vllm_reply(o, parser) for o in reply["outputs"]]
+        raise PhiloraError(f"vLLM's tool parser {parser!r}{f' (plugin {plugin})' if plugin else ''} does not load: "
+                           f"{reply['tool_parser_error'][:300]}")
+    label = f"vLLM {parser}" + (f" ({PLUGIN_NOTE})" if plugin else "")
+    return [_vllm_reply(o, parser and label) for o in reply["outputs"]]
 
 
 def _vllm_reply(o: dict, parser: Optional[str]) -> dict:
     """vLLM's output as the common shape: it keeps an eos token in token_ids, but a stop_token_ids
-    hit only as stop_reason, so that one is put back; its tool parser's calls with their arguments
-    decoded (vLLM hands them on as JSON text)."""
+    hit only as stop_reason, so that one is put back; its tool parser's calls (``parser``: how the
+    reply names it) with their arguments decoded (vLLM hands them on as JSON text)."""
     tokens = [int(t) for t in o["token_ids"]]
     stopped = o.get("finish_reason") == "stop"
     if stopped and isinstance(o.get("stop_reason"), int) and (not tokens or tokens[-1] != o["stop_reason"]):
@@ -247,7 +264,7 @@ def _vllm_reply(o: dict, parser: Optional[str]) -> dict:
     out = {"tokens": tokens, "stopped": stopped}
     got = o.get("tool_calls")
     if parser and got is not None:
-        out["tool_parser"] = f"vLLM {parser}"
+        out["tool_parser"] = parser
         out["tool_calls"] = [{"invalid": got["error"]}] if "error" in got else [
             {"name": c["name"], "arguments": json.loads(c["arguments"])} for c in got["calls"]]
     return out

@@ -31,7 +31,7 @@ from ..data.formats import to_messages
 from ..data.records import load_records
 from ..model.adapter import read_adapter
 from ..model.decoding import chat_ids
-from ..model.families import end_of_turn_ids, head_dim, kv_heads, stop_token_ids, tool_call_format, vllm_tool_parser
+from ..model.families import end_of_turn_ids, head_dim, kv_heads, stop_token_ids, tool_call_format
 from ..model.loading import load_model_and_tokenizer, load_source, load_tokenizer, resolve_source
 from ..model.prepare import model_config
 from ..run.evalgen import held_out
@@ -42,6 +42,7 @@ from .adapter_check import VLLM_MAX_LORA_RANKS
 from .engines import NotInstalled, hf_greedy, llama_cpp_greedy, llama_cpp_module, vllm_greedy, vllm_request
 from .agreement import compare_calls, compare_engine, markdown
 from .gguf import export_gguf
+from .toolparser import PLUGIN_FILE, vllm_parser, write_plugin
 
 ENGINES = ("peft", "merged", "gguf-f32", "gguf-q8_0")  # the default; "vllm" joins with --vllm-python
 # The reference's top-1 minus top-2 logit below which another engine may flip a token by rounding:
@@ -170,20 +171,24 @@ def _openai_tools(prompts) -> Optional[list]:
     return [t if isinstance(t, dict) and "type" in t else {"type": "function", "function": t} for t in tools] or None
 
 
-def _vllm(python, src, prompts, max_new_tokens, dtype, fmt):
+def _vllm(python, src, prompts, max_new_tokens, dtype, fmt, tool_parser, tmp):
+    """vLLM serving the adapter; a tool-calling run's calls read by ``tool_parser`` (default: the parser
+    that reads the format, toolparser.py's plugin where vLLM has none)."""
     adapter = read_adapter(src.adapter_dir)
     rank = max(A.shape[0] for A, _, _ in adapter.modules.values())
     base = src.model_cfg.name_or_path  # load_source resolved it (a GGUF base: the converted directory)
     c = model_config(base, src.model_cfg)  # K and V per layer, per token
     kv_token_bytes = 2 * c.num_hidden_layers * kv_heads(c) * head_dim(c) * (4 if dtype == "float32" else 2) if c else 0
+    parser, plugin = vllm_parser(fmt, tool_parser)
     request = vllm_request(base, str(src.tokenizer_path or base), str(src.adapter_dir),
                            next(r for r in VLLM_MAX_LORA_RANKS if r >= rank), [p["ids"] for p in prompts],
                            max_new_tokens, max(len(p["ids"]) for p in prompts) + max_new_tokens, kv_token_bytes,
-                           dtype, vllm_tool_parser(fmt), _openai_tools(prompts) if fmt else None)
+                           dtype, parser, _openai_tools(prompts) if fmt else None,
+                           str(write_plugin(Path(tmp) / PLUGIN_FILE)) if plugin else None)
     return vllm_greedy(python, request)
 
 
-def _engine_plan(run, engines, models, vllm_python):
+def _engine_plan(run, engines, models, vllm_python, vllm_tool_parser=None):
     """[(name, run(ref, tmp))] in the order given, checked before any model loads; ``ref`` holds the
     reference's src, prompts, stops, max_new_tokens, dtype and context; tmp is a temporary directory."""
     names = list(engines) if engines is not None else list(ENGINES) + (["vllm"] if vllm_python else [])
@@ -200,7 +205,7 @@ def _engine_plan(run, engines, models, vllm_python):
             if not vllm_python:
                 raise PhiloraError("--engines vllm needs --vllm-python PATH (a python with vllm installed)")
             plan.append((name, lambda ref, tmp: _vllm(vllm_python, ref["src"], ref["prompts"], ref["max_new_tokens"],
-                                                      ref["dtype"], ref["fmt"])))
+                                                      ref["dtype"], ref["fmt"], vllm_tool_parser, tmp)))
         else:
             raise PhiloraError(f"--engines: unknown engine {name!r} (peft, merged, gguf-f32, gguf-f16, gguf-bf16, "
                                f"gguf-q8_0, gguf-q4_k_m, ..., vllm)")
@@ -214,6 +219,9 @@ def _engine_plan(run, engines, models, vllm_python):
                 p, ref["prompts"], ref["max_new_tokens"])))
         else:
             raise PhiloraError(f"--model {m}: not a .gguf file or a model directory (no config.json)")
+    if vllm_tool_parser and "vllm" not in names:
+        raise PhiloraError(f"--vllm-tool-parser {vllm_tool_parser} is for the vllm engine (--vllm-python PATH, and "
+                           f"vllm in --engines)")
     return plan
 
 
@@ -255,16 +263,18 @@ def with_tool_calls(replies: List[dict], tok, fmt: Optional[str], engine: str) -
 
 def verify(run, engines: Optional[Sequence[str]] = None, prompts: Union[int, str, None] = None,
            out=None, margin: Optional[float] = None, max_new_tokens: int = MAX_NEW_TOKENS,
-           models: Sequence[str] = (), vllm_python: Optional[str] = None, say: Callable = None) -> dict:
+           models: Sequence[str] = (), vllm_python: Optional[str] = None, say: Callable = None,
+           vllm_tool_parser: Optional[str] = None) -> dict:
     """Verify the run (or PEFT adapter directory) ``run`` in ``engines`` (default ``ENGINES``, plus
     vLLM with ``vllm_python``) and in the exported files / model directories ``models``, on the first
-    ``prompts`` held-out prompts (or those of a file). Writes verify.md / verify.json to ``out`` (the
+    ``prompts`` held-out prompts (or those of a file); vLLM reads a tool-calling run's calls with its
+    ``vllm_tool_parser`` (default: toolparser.vllm_parser's). Writes verify.md / verify.json to ``out`` (the
     run directory by default); returns the result, whose "exit_code" is 1 on a real disagreement."""
     say = say if say is not None else (lambda line: print(line, file=sys.stderr))
     run = str(run)
     if resolve_source(run).adapter_dir is None:
         raise PhiloraError(f"{run}: no adapter to verify (no adapter_config.json); verify takes a run or adapter directory")
-    plan = _engine_plan(run, engines, models, vllm_python)
+    plan = _engine_plan(run, engines, models, vllm_python, vllm_tool_parser)
     src, tok, plist, stops, ref, base, seconds, dtype, context = _reference(run, prompts, max_new_tokens, say)
     fmt = tool_call_format(tok)
     shared = dict(src=src, prompts=plist, stops=stops, max_new_tokens=max_new_tokens, dtype=dtype, context=context,
@@ -324,6 +334,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", action="append", default=[], metavar="PATH",
                    help="an exported .gguf file or a merged model directory to verify too (repeatable)")
     p.add_argument("--vllm-python", default=None, metavar="PATH", help="a python with vllm installed")
+    p.add_argument("--vllm-tool-parser", default=None, metavar="NAME",
+                   help="vLLM's --tool-call-parser to read a tool-calling run's calls with (default: the one that "
+                        "reads the model's format; for Phi-4-mini philora's plugin, philora export tool-parser)")
     p.add_argument("--json", action="store_true", help="the result as one JSON object on stdout")
     p.add_argument("--out", default=None, help="directory for verify.md / verify.json (default: the run)")
 
@@ -334,7 +347,7 @@ def verify_cli(args) -> int:
     say = lambda line: print(line, file=sys.stderr)  # noqa: E731
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         result = verify(args.run, engines, args.prompts, args.out, args.margin, args.max_new_tokens,
-                        args.model, args.vllm_python, say)
+                        args.model, args.vllm_python, say, args.vllm_tool_parser)
     print(json.dumps(result, ensure_ascii=False) if args.json else markdown(result))
     return result["exit_code"]
 

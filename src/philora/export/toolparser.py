@@ -1,0 +1,230 @@
+"""A vLLM tool parser that reads the tool calls a Phi-4-mini run was trained to write.
+
+Phi-4-mini writes ``<|tool_call|>[{"name": .., "arguments": {..}}, ..]<|/tool_call|>`` (its tokenizer's
+special tokens; use/toolcalls.py reads it), but vLLM's parser named for it, ``phi4_mini_json``, looks for
+``functools[...]`` (vllm/tool_parsers/phi4mini_tool_parser.py) and reads none of these calls: a server
+started with it answers every call as plain text (``philora verify --vllm-tool-parser phi4_mini_json``
+shows it). vLLM loads parsers from a file (``--tool-parser-plugin FILE --tool-call-parser NAME``), so
+``philora export tool-parser RUN`` writes ``PLUGIN_SOURCE`` beside the run and prints the ``vllm serve``
+line; ``philora verify`` serves the run's prompts through the same file. Formats that vLLM's own parsers
+read (hermes, llama3_json: ``model.families.TOOL_CALL_FORMATS``) need no plugin.
+
+The plugin is one self-contained file, vllm and the standard library only, since vLLM's python need not
+have philora (it is kept here as text: as a module of the package it would import vllm). Its rules are
+use/toolcalls.py's ``phi4_mini`` ones, to the letter (tests/export/test_tool_parser.py runs both on the
+same texts): a JSON list of calls or one call; ``arguments`` or ``parameters``, an object or its JSON
+text; the text before the first ``<|tool_call|>`` is the content; a reply that ends inside a call (no
+``<|/tool_call|>``) is read to its end. Where philora keeps an unparsable call as ``{"invalid": ..}``,
+the plugin answers the whole reply as content and no call, as vLLM's own parsers do. Streaming sends
+the content up to ``<|tool_call|>``, then each call whole once its JSON is complete (the closing tag, or
+a body that parses). ``<|tool_call|>`` is a special token, which the server strips from the text unless
+the parser's ``adjust_request`` turns ``skip_special_tokens`` off, as vLLM's hermes parser does.
+Hand-written: vLLM has no parser for this format.
+"""
+
+import re
+import shlex
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from ..core.diskio import write_text
+from ..core.errors import PhiloraError
+from ..model.adapter import read_adapter
+from ..model.families import TOOL_CALL_FORMATS, tool_call_format, vllm_tool_parser
+from ..model.loading import load_tokenizer, resolve_path, resolve_source
+from .adapter_check import VLLM_DEFAULT_MAX_LORA_RANK, VLLM_MAX_LORA_RANKS
+
+PLUGIN_SOURCE = r'''"""philora's vLLM tool parser for Phi-4-mini's tool calls (written by ``philora export tool-parser``).
+
+    vllm serve BASE --enable-auto-tool-choice --tool-parser-plugin THIS_FILE --tool-call-parser philora_phi4_mini
+
+Phi-4-mini writes <|tool_call|>[{"name": .., "arguments": {..}}, ..]<|/tool_call|>; vLLM's own phi4_mini_json
+parser looks for functools[...] and reads none of these. The rules are philora's (philora/use/toolcalls.py),
+which trained the model: a JSON list of calls or one call; "arguments" or "parameters", an object or its
+JSON text; the text before the first <|tool_call|> is the content; a reply that ends inside a call (no
+<|/tool_call|>) is read to its end. A call that does not parse makes the whole reply content, no call, as
+vLLM's own parsers do. Streaming: the content up to <|tool_call|>, then each call whole once its JSON is
+complete. vllm and the standard library only: vLLM's python need not have philora.
+"""
+
+import json
+import re
+
+try:
+    from vllm.tool_parsers.abstract_tool_parser import ToolParser, ToolParserManager
+except ImportError:  # vLLM before the parsers left vllm.entrypoints.openai
+    from vllm.entrypoints.openai.tool_parsers.abstract_tool_parser import ToolParser, ToolParserManager
+try:
+    from vllm.entrypoints.generate.base.protocol import (DeltaFunctionCall, DeltaMessage, DeltaToolCall,
+                                                         ExtractedToolCallInformation, FunctionCall, ToolCall)
+except ImportError:
+    from vllm.entrypoints.openai.protocol import (DeltaFunctionCall, DeltaMessage, DeltaToolCall,
+                                                  ExtractedToolCallInformation, FunctionCall, ToolCall)
+
+NAME = "philora_phi4_mini"
+START, END = "<|tool_call|>", "<|/tool_call|>"
+BODIES = re.compile(r"<\|tool_call\|>(.*?)(?:<\|/tool_call\|>|$)", re.DOTALL)  # philora's own
+
+
+def read_call(obj):
+    """(name, arguments as JSON text) of one decoded call object; None when it is not one."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj["arguments"] if "arguments" in obj else obj.get("parameters", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return obj["name"], json.dumps(args, ensure_ascii=False)
+
+
+def read_body(body):
+    """The calls of the JSON between the tags (a list of calls, or one); None if any is not a call."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    calls = [read_call(v) for v in (value if isinstance(value, list) else [value])]
+    return None if None in calls else calls
+
+
+def read_reply(text):
+    """(content: the text before the first call, calls); calls None when one does not parse."""
+    calls = []
+    for body in BODIES.findall(text):
+        got = read_body(body)
+        if got is None:
+            return text, None
+        calls += got
+    return text.split(START, 1)[0], calls
+
+
+def blocks(text):
+    """[(body, closed)] of each <|tool_call|> in text, cut where BODIES cuts them."""
+    out, at = [], text.find(START)
+    while at >= 0:
+        end = text.find(END, at + len(START))
+        out.append((text[at + len(START):] if end < 0 else text[at + len(START):end], end >= 0))
+        at = -1 if end < 0 else text.find(START, end + len(END))
+    return out
+
+
+def tool_call(name, args):
+    return ToolCall(type="function", function=FunctionCall(name=name, arguments=args))
+
+
+class PhiloraPhi4MiniToolParser(ToolParser):
+    """vLLM --tool-call-parser philora_phi4_mini. One instance per request (the server's contract)."""
+
+    def __init__(self, tokenizer, *args, **kwargs):
+        super().__init__(tokenizer, *args, **kwargs)
+        self.content_sent = 0  # characters of the reply streamed as content
+        self.blocks_sent = 0  # <|tool_call|> blocks streamed (as calls, or as text when no call)
+
+    def adjust_request(self, request):
+        request = super().adjust_request(request)
+        if request.tools and request.tool_choice != "none":
+            request.skip_special_tokens = False  # <|tool_call|> is a special token: keep it in the text
+        return request
+
+    def extract_tool_calls(self, model_output, request):
+        content, calls = read_reply(model_output)
+        if not calls:
+            return ExtractedToolCallInformation(tools_called=False, tool_calls=[], content=model_output)
+        return ExtractedToolCallInformation(tools_called=True, tool_calls=[tool_call(n, a) for n, a in calls],
+                                            content=content or None)
+
+    def extract_tool_calls_streaming(self, previous_text, current_text, delta_text, previous_token_ids,
+                                     current_token_ids, delta_token_ids, request):
+        # <|tool_call|> is one token, so it arrives whole: no text is held back for a tag in pieces
+        start = current_text.find(START)
+        upto = len(current_text) if start < 0 else start
+        content = current_text[self.content_sent:upto]
+        self.content_sent = max(self.content_sent, upto)
+        deltas = []
+        for body, closed in blocks(current_text)[self.blocks_sent:]:
+            calls = read_body(body)
+            if calls is None and not closed:
+                break  # still being written
+            self.blocks_sent += 1
+            if calls is None:  # closed and no call: its text, as content
+                content += START + body + END
+                continue
+            for name, args in calls:
+                call = tool_call(name, args)
+                self.current_tool_id = len(self.prev_tool_call_arr)
+                self.prev_tool_call_arr.append({"name": name, "arguments": args})
+                self.streamed_args_for_tool.append(args)  # all of it: nothing left for the server to add
+                deltas.append(DeltaToolCall(index=self.current_tool_id, type="function", id=call.id,
+                                            function=DeltaFunctionCall(name=name, arguments=args).model_dump(
+                                                exclude_none=True)))
+        if content or deltas:
+            return DeltaMessage(content=content or None, tool_calls=deltas)
+        return None
+
+
+ToolParserManager.register_module(NAME, module=PhiloraPhi4MiniToolParser)
+'''
+
+PARSER_NAME = re.search(r'^NAME = "(\w+)"$', PLUGIN_SOURCE, re.M).group(1)  # the plugin's own
+PLUGIN_FILE = "philora_tool_parser.py"
+PLUGIN_NOTE = "plugin: philora export tool-parser"
+PLUGIN_FORMATS = ("phi4_mini",)  # tool-call formats no vLLM parser reads, which the plugin reads
+FORMATS = tuple(name for name, _, _ in TOOL_CALL_FORMATS)
+
+
+def vllm_parser(fmt: Optional[str], name: Optional[str] = None) -> Tuple[Optional[str], bool]:
+    """(vLLM --tool-call-parser, whether it is this plugin) to read format ``fmt``'s calls with: ``name``
+    when given, this plugin for ``PLUGIN_FORMATS``, else vLLM's own; (None, False) without a format."""
+    if fmt is None:
+        return None, False
+    name = name or (PARSER_NAME if fmt in PLUGIN_FORMATS else vllm_tool_parser(fmt))
+    return name, name == PARSER_NAME
+
+
+def write_plugin(path) -> Path:
+    """The plugin file at ``path`` (atomically)."""
+    return write_text(path, PLUGIN_SOURCE)
+
+
+def own_parsers() -> str:
+    """The formats vLLM's own parsers read, with the parser: 'hermes (--tool-call-parser hermes), ...'."""
+    return ", ".join(f"{f} (--tool-call-parser {vllm_tool_parser(f)})" for f in FORMATS if f not in PLUGIN_FORMATS)
+
+
+def serve_line(src, run: str, parser: str, plugin: Optional[Path]) -> str:
+    """The ``vllm serve`` command for the run's adapter on its base, reading tool calls with ``parser``
+    (loaded from ``plugin`` when given); ``--max-lora-rank`` where vLLM's default is too small."""
+    rank = max((A.shape[0] for A, _, _ in read_adapter(src.adapter_dir).modules.values()), default=0)
+    words = ["vllm", "serve", src.model_cfg.name_or_path, "--enable-lora", "--lora-modules",
+             f"{Path(run).resolve().name}={run}"]
+    if rank > VLLM_DEFAULT_MAX_LORA_RANK:
+        words += ["--max-lora-rank", str(next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), rank))]
+    words += ["--enable-auto-tool-choice"] + (["--tool-parser-plugin", str(plugin)] if plugin else [])
+    return " ".join(map(shlex.quote, words + ["--tool-call-parser", parser]))
+
+
+def export_tool_parser(run, out=None) -> Tuple[Optional[Path], List[str]]:
+    """``philora export tool-parser``: for a run whose model writes calls no vLLM parser reads, the plugin
+    at ``out`` (default: RUN/philora_tool_parser.py); (its path or None, the lines to print: the ``vllm
+    serve`` line). A format vLLM's own parser reads: no file, the line with that parser. A model
+    without a tool-call format: PhiloraError (one line)."""
+    run = str(run)
+    src = resolve_source(run)
+    if src.adapter_dir is None:
+        raise PhiloraError(f"{run}: not a run or adapter directory (no adapter_config.json)")
+    tok = load_tokenizer(src.tokenizer_path or resolve_path(src.model_cfg.name_or_path),
+                         src.model_cfg.trust_remote_code, chat=False)
+    fmt = tool_call_format(tok)
+    if fmt is None:
+        raise PhiloraError(f"{run}: its model writes no tool calls in a format philora knows ({', '.join(FORMATS)}), "
+                           f"so there is no tool parser to export; vLLM's own parsers read {own_parsers()}")
+    parser, plugin = vllm_parser(fmt)
+    if not plugin:
+        return None, [f"{run}: vLLM's own {parser} parser reads this model's {fmt} tool calls; no plugin "
+                      f"needed. Serve it with:", serve_line(src, run, parser, None)]
+    path = write_plugin(Path(out) if out is not None else Path(run) / PLUGIN_FILE)
+    return path, [f"{path}: vLLM tool parser {parser} for the {fmt} tool calls this model writes (vLLM's own "
+                  f"{vllm_tool_parser(fmt)} reads none of them). Serve it with:", serve_line(src, run, parser, path),
+                  f"Check it in vLLM: philora verify {shlex.quote(run)} --vllm-python PATH (a python with vllm)"]
