@@ -10,13 +10,14 @@ from typing import List, Sequence
 
 import torch
 
+from ..data.encoding import template_inputs
 from .families import stop_token_ids
 
 
 def chat_ids(tokenizer, messages: Sequence[dict]) -> List[int]:
     """Token ids of ``messages`` through the chat template, with the assistant header appended."""
-    chat = [{k: m[k] for k in ("role", "content", "tools") if k in m} for m in messages]  # as training
-    out = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+    chat, kwargs = template_inputs(messages)  # as training: tools= for templates that read it
+    out = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, **kwargs)
     if hasattr(out, "keys"):  # a BatchEncoding (transformers 5)
         out = out["input_ids"]
     out = out.tolist() if hasattr(out, "tolist") else list(out)

@@ -8,18 +8,22 @@ text, the report's table). Decoding is ``decoding.generate_ids``: transformers' 
 greedy, stopping on the model's end-of-turn tokens, in eval mode (no dropout, no NEFTune noise).
 """
 
+import json
 from typing import List, Sequence, Tuple
 
+from ..data.encoding import TEMPLATE_KEYS
 from ..model.decoding import chat_ids, generate_ids
 
 MAX_NEW_TOKENS = 128
 
 
 def held_out(messages: Sequence[dict]) -> Tuple[List[dict], str]:
-    """(prompt: the conversation before its last assistant turn, reference: that turn)."""
+    """(prompt: the conversation before its last assistant turn, as the template reads it, earlier
+    tool calls included; reference: that turn's text, or its tool calls as JSON when it has no text)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    prompt = [{k: m[k] for k in ("role", "content", "tools") if k in m} for m in messages[:last]]
-    return prompt, messages[last]["content"]
+    prompt = [{k: m[k] for k in TEMPLATE_KEYS if k in m} for m in messages[:last]]
+    turn = messages[last]
+    return prompt, turn.get("content") or (json.dumps(turn["tool_calls"]) if turn.get("tool_calls") else "")
 
 
 def eval_generations(model, tokenizer, examples: Sequence[dict],
