@@ -83,6 +83,7 @@ STOP_TOKENS: Dict[str, Tuple[str, ...]] = {
 # it, all of them, in the tokenizer's vocabulary or its chat template; vLLM's --tool-call-parser).
 # use/toolcalls.py parses each format.
 TOOL_CALL_FORMATS: Tuple[Tuple[str, Tuple[str, ...], str], ...] = (
+    # vLLM's phi4_mini_json reads functools[..], none of these: export/toolparser.py's plugin reads them
     ("phi4_mini", ("<|tool_call|>", "<|/tool_call|>"), "phi4_mini_json"),  # <|tool_call|>[{..}]<|/tool_call|>
     ("hermes", ("<tool_call>",), "hermes"),  # Qwen2.5, Hermes 2/3: <tool_call>{..}</tool_call>
     ("llama3_json", ("<|start_header_id|>", "<|eot_id|>"), "llama3_json"),  # Llama 3.x: {"name", "parameters"}
@@ -103,6 +104,7 @@ def tool_call_format(tokenizer) -> Optional[str]:
 def vllm_tool_parser(fmt: Optional[str]) -> Optional[str]:
     """vLLM's --tool-call-parser for a tool-call format."""
     return next((parser for name, _, parser in TOOL_CALL_FORMATS if name == fmt), None)
+
 
 def fused_slices(config, module_name: str) -> Optional[Tuple[Tuple[str, ...], List[int]]]:
     """(slice names, slice sizes) of a fused module of this model, or None if it is not fused."""
