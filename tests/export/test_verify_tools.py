@@ -44,7 +44,7 @@ QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 FAMILIES = {
     # Qwen2.5-Instruct: <tool_call> / </tool_call> are added tokens but not special; generation config
     # eos: <|im_end|>, <|endoftext|>; vLLM's parser "hermes"
-    "qwen2.5": dict(matrix="qwen2", template="Qwen-Qwen2.5-7B-Instruct.jinja", fmt="hermes",
+    "qwen2.5": dict(matrix="qwen2", template="Qwen-Qwen2.5-7B-Instruct.jinja", fmt="hermes", vllm="hermes",
                     tokenizer={"added_tokens": ["<tool_call>", "</tool_call>"], "split_regex": QWEN2_SPLIT},
                     eos=["<|im_end|>", "<|endoftext|>"],
                     reply=lambda name, args: "<tool_call>\n" + json.dumps({"name": name, "arguments": args})
@@ -52,6 +52,7 @@ FAMILIES = {
     # Llama-3.1-Instruct: <|eom_id|>, <|python_tag|> special; eos <|end_of_text|>, <|eom_id|>, <|eot_id|>;
     # tools in the first user message (the template's default); vLLM's parser "llama3_json"
     "llama3.1": dict(matrix="llama3", template="meta-llama-Llama-3.1-8B-Instruct.jinja", fmt="llama3_json",
+                     vllm="llama3_json",
                      tokenizer={"more_special": ["<|eom_id|>", "<|python_tag|>"], "split_regex": LLAMA3_SPLIT,
                                 "ignore_merges": True},
                      eos=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
@@ -225,6 +226,22 @@ def test_tool_calling_run_verifies_in_llama_cpp(tool_run, tmp_path):
     assert f32["identical"] == 4 and f32["tool_calls"]["same"] == f32["tool_calls"]["prompts"] == 3
     md = (tmp_path / "verify.md").read_text()
     assert f"Tool calls (`{FAMILIES[name]['fmt']}` format)" in md and "| gguf-f32 | 4/4 |" in md and "**OK**" in md
+
+
+def test_tool_calling_run_verifies_in_real_vllm(tool_run, vllm_python, tmp_path):
+    """Real vLLM (its CPU build, the run's adapter as a LoRARequest) with the family's own tool parser
+    (hermes / llama3_json, as `vllm serve --tool-call-parser` would use): the reference's tokens and
+    stops, and the parser reads the reference's calls: exit 0."""
+    name, _, run, _ = tool_run
+    result = verify(run, engines=["vllm"], vllm_python=vllm_python, prompts=4, max_new_tokens=40, out=tmp_path,
+                    say=Lines())
+    e = _engine(result, "vllm")
+    assert result["exit_code"] == 0 and e["status"] == "ok" and not e["failures"], e
+    assert e["identical"] == 4 and e["stops_on_eot"] == 4
+    assert e["tool_calls"]["parser"] == f"vLLM {FAMILIES[name]['vllm']}"
+    assert e["tool_calls"]["same"] == e["tool_calls"]["prompts"] == 3
+    for row, r in zip(e["per_prompt"], result["reference"]["replies"]):
+        assert row["tool_calls"] == r["tool_calls"]
 
 
 def _rewrite_template(src: Path, dst: Path, template: str) -> Path:
