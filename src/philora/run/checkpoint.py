@@ -33,9 +33,11 @@ from ..lora import lora_state_dict
 from ..core.config import RESUME_FREE, Config, config_to_dict
 from ..core.diskio import default_mode, fsync_dir, remove_temporaries, write_error
 from ..core.errors import PhiloraError, first_line
+from ..model.loading import RUN_CONFIG
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"  # the step, the data position, the best eval: what resume reads first
 
 
 class CheckpointError(PhiloraError):
@@ -71,7 +73,7 @@ def list_checkpoints(output_dir) -> list:
     if not d.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in d.iterdir()
-             if (m := CKPT_RE.match(p.name)) and (p / "trainer_state.json").exists()]
+             if (m := CKPT_RE.match(p.name)) and (p / TRAINER_STATE).exists()]
     return [p for _, p in sorted(found)]
 
 
@@ -116,8 +118,8 @@ def save_checkpoint(output_dir, step: int, model, optimizer, schedule: dict, tra
                               f"not written (the earlier checkpoints are kept)")
     files = {"lora.safetensors": save_safetensors(tensors), "optimizer.pt": _torch_bytes(opt_state),
              "scheduler.pt": _torch_bytes(schedule), "rng.pt": _torch_bytes(rng_state()),
-             "config.yaml": config_yaml.encode("utf-8"),
-             "trainer_state.json": json.dumps(trainer_state, indent=2).encode("utf-8")}
+             RUN_CONFIG: config_yaml.encode("utf-8"),
+             TRAINER_STATE: json.dumps(trainer_state, indent=2).encode("utf-8")}
     manifest = {"files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
                           for name, data in files.items()}}
     files[MANIFEST] = json.dumps(manifest, indent=2).encode("utf-8")
@@ -197,7 +199,7 @@ def read_verified(path) -> Dict[str, bytes]:
             raise CheckpointError(f"{path}: {name} is damaged (its size or sha256 differs from "
                                   f"{MANIFEST})")
         files[name] = data
-    missing = {"lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"} - set(files)
+    missing = {"lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", TRAINER_STATE} - set(files)
     if missing:
         raise CheckpointError(f"{path}: {MANIFEST} does not list {sorted(missing)[0]}")
     return files
@@ -229,7 +231,7 @@ def changed_settings(path, cfg: Config) -> List[tuple]:
     (its config.yaml), as (key, old, new), leaving out config.RESUME_FREE. A key the
     checkpoint's config lacks (added to philora since) counts with its default."""
     try:
-        saved = yaml.safe_load((Path(path) / "config.yaml").read_text(encoding="utf-8")) or {}
+        saved = yaml.safe_load((Path(path) / RUN_CONFIG).read_text(encoding="utf-8")) or {}
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise CheckpointError(f"{path}: cannot read config.yaml: {first_line(e)}") from None
     if not isinstance(saved, dict):
@@ -279,7 +281,7 @@ def load_checkpoint(path, model, optimizer) -> dict:
         opt = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True)
         torch.load(io.BytesIO(files["scheduler.pt"]), weights_only=True)
         rng = torch.load(io.BytesIO(files["rng.pt"]), weights_only=True)
-        state = json.loads(files["trainer_state.json"].decode("utf-8"))
+        state = json.loads(files[TRAINER_STATE].decode("utf-8"))
     except Exception as e:  # noqa: BLE001 (incl. pickle.UnpicklingError for a non-weights pickle)
         raise CheckpointError(f"{path}: cannot restore the training state: {first_line(e)}") from None
     bad = nonfinite(tensors) or (nonfinite(_optimizer_tensors(opt)) if isinstance(opt, dict) else None)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.diskio import write_bytes, write_error, write_text
+from .outdir import LOSS_PLOT, METRICS_FILE, TENSORBOARD_DIR
 from .trackers import generations_markdown
 
 
@@ -33,15 +34,15 @@ class RunLogger:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         if start_step > 0:  # a resume: drop what the interrupted run logged after its checkpoint
-            _truncate_metrics(self.dir / "metrics.jsonl", start_step, total_steps)
+            _truncate_metrics(self.dir / METRICS_FILE, start_step, total_steps)
         try:
-            self.jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+            self.jsonl = open(self.dir / METRICS_FILE, "a", encoding="utf-8")
         except OSError as e:
-            raise write_error(self.dir / "metrics.jsonl", e) from None
+            raise write_error(self.dir / METRICS_FILE, e) from None
         try:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step: TensorBoard likewise hides the interrupted run's events after start_step
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"),
+            self.tb = SummaryWriter(str(self.dir / TENSORBOARD_DIR),
                                     purge_step=start_step + 1 if start_step > 0 else None) if tensorboard else None
         except ImportError:  # tensorboard is a dependency, but never fail a run over it
             self.tb = None
@@ -71,7 +72,7 @@ class RunLogger:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
         except OSError as e:
-            raise write_error(self.dir / "metrics.jsonl", e) from None
+            raise write_error(self.dir / METRICS_FILE, e) from None
         if self.tb is not None:
             step = record["step"]
             try:
@@ -119,7 +120,7 @@ class RunLogger:
             self.jsonl.close()
         except OSError as e:
             if not quiet:
-                raise write_error(self.dir / "metrics.jsonl", e) from None
+                raise write_error(self.dir / METRICS_FILE, e) from None
 
 
 def _truncate_metrics(path: Path, last_step: int, final_step: int) -> None:
@@ -142,7 +143,7 @@ def _truncate_metrics(path: Path, last_step: int, final_step: int) -> None:
 
 
 def read_metrics(output_dir) -> list:
-    path = Path(output_dir) / "metrics.jsonl"
+    path = Path(output_dir) / METRICS_FILE
     if not path.exists():
         return []
     records = []
@@ -165,7 +166,7 @@ def plot_losses(output_dir, path: Optional[Path] = None) -> Optional[Path]:
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     if not train and not evals:
         return None
-    path = path or Path(output_dir) / "loss.png"
+    path = path or Path(output_dir) / LOSS_PLOT
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1.2)
