@@ -134,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "trained to write (Phi-4-mini), and the vllm serve line")
     q.add_argument("source", help="a philora run or PEFT adapter directory")
     q.add_argument("--out", default=None, help="the plugin file to write (default: SOURCE/philora_tool_parser.py)")
-    q.add_argument("--force", action="store_true", help="overwrite an existing plugin file")
+    q.add_argument("--tools-shape", choices=("flat", "openai"), default="flat",
+                   help="for a template that reads tools from the system message (Phi-4-mini): how the training "
+                        "data gave them, [{name, description, parameters}] (flat, default) or [{type, function}]")
+    q.add_argument("--force", action="store_true", help="overwrite an existing plugin file and chat template")
 
     sub.add_parser("verify", help="the run's held-out prompts in peft, the merged model, GGUF (llama.cpp), vLLM: "
                                   "the same greedy tokens? exit 1 if not (philora verify --help)")
@@ -238,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
             from .export.toolparser import PLUGIN_FILE, export_tool_parser
             out = args.out or str(Path(args.source) / PLUGIN_FILE)
             guard_output(out, args.force, directory=False)
-            print("\n".join(export_tool_parser(args.source, out)[1]))
+            print("\n".join(export_tool_parser(args.source, out, args.tools_shape, args.force)[1]))
             return 0
         build_parser().parse_args(["export", "--help"])
     if args.command == "adapter":

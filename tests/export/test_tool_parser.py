@@ -18,7 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from philora.export.toolparser import PARSER_NAME, PLUGIN_FILE, PLUGIN_SOURCE, vllm_parser, write_plugin
+from philora.data.encoding import template_inputs
+from philora.data.formats import to_messages
+from philora.export.toolparser import (PARSER_NAME, PLUGIN_FILE, PLUGIN_SOURCE, TEMPLATE_FILE, openai_messages,
+                                      openai_tools, reads_system_tools, tools_shape, tools_template, vllm_parser,
+                                      write_plugin)
 from philora.use.toolcalls import parse_tool_calls
 
 S, E = "<|tool_call|>", "<|/tool_call|>"
@@ -199,20 +203,31 @@ def _cli(capsys, helpers, *argv):
     return code, err
 
 
-def test_export_writes_the_plugin_and_the_serve_line(adapters, families, capsys):
+def test_export_writes_the_plugin_and_the_serve_line(adapters, families, capsys, helpers):
     from philora.cli import main
+    from transformers import AutoTokenizer
     run = adapters["phi4-mini"]
     capsys.readouterr()
     assert main(["export", "tool-parser", str(run)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     plugin = run / PLUGIN_FILE
     assert plugin.read_text(encoding="utf-8") == PLUGIN_SOURCE
+    template = run / TEMPLATE_FILE
     assert out[0].startswith(f"{plugin}: vLLM tool parser philora_phi4_mini for the phi4_mini tool calls")
-    assert out[1] == (f"vllm serve {families.dir('phi4-mini')} --enable-lora --lora-modules phi4-mini={run} "
-                      f"--max-lora-rank 32 --enable-auto-tool-choice --tool-parser-plugin {plugin} "
-                      f"--tool-call-parser philora_phi4_mini")
-    assert main(["export", "tool-parser", str(run), "--out", str(run.parent / "p.py")]) == 0
-    assert (run.parent / "p.py").read_text(encoding="utf-8") == PLUGIN_SOURCE
+    assert out[1].startswith(f"{template}: the run's chat template behind a preamble") and "as flat JSON" in out[1]
+    assert out[2] == "Serve it with:"
+    assert out[3] == (f"vllm serve {families.dir('phi4-mini')} --enable-lora --lora-modules phi4-mini={run} "
+                      f"--max-lora-rank 32 --chat-template {template} --enable-auto-tool-choice "
+                      f"--tool-parser-plugin {plugin} --tool-call-parser philora_phi4_mini")
+    own = AutoTokenizer.from_pretrained(families.dir("phi4-mini")).chat_template
+    assert template.read_text(encoding="utf-8") == tools_template(own, "flat") and tools_template(own).endswith(own)
+    code, err = _cli(capsys, helpers, run, "--out", run / "p.py")  # the template beside it exists
+    assert code == 2 and err == f"philora: error: the chat template '{template}' already exists; pass --force to " \
+                                f"overwrite it"
+    assert main(["export", "tool-parser", str(run), "--out", str(run / "p.py"), "--tools-shape", "openai",
+                 "--force"]) == 0
+    assert (run / "p.py").read_text(encoding="utf-8") == PLUGIN_SOURCE
+    assert template.read_text(encoding="utf-8") == tools_template(own, "openai")
 
 
 @pytest.mark.parametrize("family, parser", [("qwen2", "hermes"), ("llama3", "llama3_json")])
@@ -226,7 +241,7 @@ def test_formats_vllm_reads_need_no_plugin(adapters, families, capsys, family, p
                      f"Serve it with:"
     assert out[1] == (f"vllm serve {families.dir(family)} --enable-lora --lora-modules {family}={run} "
                       f"--enable-auto-tool-choice --tool-call-parser {parser}")
-    assert not (run / PLUGIN_FILE).exists()
+    assert not (run / PLUGIN_FILE).exists() and not (run / TEMPLATE_FILE).exists()
 
 
 def test_export_errors_are_one_line(adapters, families, capsys, helpers, tmp_path):
@@ -244,3 +259,59 @@ def test_export_errors_are_one_line(adapters, families, capsys, helpers, tmp_pat
                                 f"(no adapter_config.json)"
     code, err = _cli(capsys, helpers, tmp_path / "nowhere", "--out", tmp_path / "y.py")
     assert code == 2 and err.startswith("philora: error: ") and "no such directory" in err
+
+
+# -----------------------------------------------------------------------------
+# the chat template for vllm serve --chat-template: an OpenAI request's tools where Phi-4-mini reads them
+
+FLAT = [{"name": "weather", "description": "Wetter in einer Stadt: Zürich", "parameters": {"city": {"type": "str"}}},
+        {"name": "now", "parameters": {}}]
+OPENAI = [{"type": "function", "function": t} for t in FLAT]
+
+
+def _vllm_normalized(tools):
+    """The request's tools as vLLM's server hands them to the template (ChatCompletionToolsParam.model_dump:
+    type, then function's name, description (null when missing), parameters; tests/export/test_verify.py
+    checks the whole path in real vLLM)."""
+    return [{"type": "function", "function": {"name": t["function"]["name"],
+                                              "description": t["function"].get("description"),
+                                              "parameters": t["function"].get("parameters")}} for t in tools]
+
+
+@pytest.mark.parametrize("tools", [FLAT, OPENAI], ids=["flat", "openai"])
+def test_tools_template_renders_the_trained_prompt(families, tools):
+    """transformers' apply_chat_template of the Phi-4-mini template: the conversation as training renders it
+    (data.formats + encoding.template_inputs: the tools on the system message as JSON text) equals the
+    OpenAI request (no tools on a message, the request's tools as vLLM normalizes them) through
+    tools_template, in the data's shape; without tools, or with the system message's own, it is the
+    model's template; with no system message the tools get an empty one."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(families.dir("phi4-mini"))
+    record = {"tools": tools, "messages": [{"role": "system", "content": "Use tools."},
+                                           {"role": "user", "content": "Wetter in Zürich?"},
+                                           {"role": "assistant", "content": "Sonnig."}]}
+    trained, kwargs = template_inputs(to_messages(record, "auto")[:-1])
+    want = tok.apply_chat_template(trained, add_generation_prompt=True, tokenize=False, **kwargs)
+    assert "<|tool|>" + json.dumps(tools, ensure_ascii=False) + "<|/tool|>" in want
+    assert reads_system_tools(tok.chat_template) and tools_shape(trained) == ("flat" if tools is FLAT else "openai")
+    fixed = tools_template(tok.chat_template, tools_shape(trained))
+    request, req_tools = openai_messages(trained), _vllm_normalized(openai_tools(trained))
+    assert all("tools" not in m for m in request) and openai_tools(trained) == OPENAI
+    assert tok.apply_chat_template(request, tools=req_tools, chat_template=fixed, add_generation_prompt=True,
+                                   tokenize=False) == want
+    assert "<|tool|>" not in tok.apply_chat_template(request, tools=req_tools, add_generation_prompt=True,
+                                                     tokenize=False)  # the model's own: the tools are lost
+    assert tok.apply_chat_template(request, chat_template=fixed, add_generation_prompt=True, tokenize=False) == \
+        tok.apply_chat_template(request, add_generation_prompt=True, tokenize=False)
+    assert tok.apply_chat_template(trained, tools=req_tools, chat_template=fixed, add_generation_prompt=True,
+                                   tokenize=False) == want
+    assert tok.apply_chat_template(request[1:], tools=req_tools, chat_template=fixed, add_generation_prompt=True,
+                                   tokenize=False) == want.replace("<|system|>Use tools.", "<|system|>")
+
+
+def test_templates_that_read_the_tools_variable_need_no_fix():
+    """Qwen2.5's and Llama 3.1's templates read the request's tools= (tests/fixtures/chat_templates)."""
+    d = Path(__file__).parents[1] / "fixtures" / "chat_templates"
+    for name in ("Qwen-Qwen2.5-7B-Instruct.jinja", "meta-llama-Llama-3.1-8B-Instruct.jinja"):
+        assert not reads_system_tools((d / name).read_text(encoding="utf-8"))
+    assert not reads_system_tools(None)

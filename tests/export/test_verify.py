@@ -111,6 +111,10 @@ def test_default_run_in_real_vllm(tiny_run, vllm_python, tmp_path):
     assert result["exit_code"] == 0 and e["status"] == "ok" and not e["failures"], e
     assert e["identical"] == N and e["stops_on_eot"] == result["reference"]["stops_on_eot"], e
     assert result["adapter_changes"] >= 1
+    # vllm serve's own rendering of each conversation as an OpenAI request is the trained prompt
+    assert e["prompts_same"] == e["prompts_checked"] == N
+    assert f"| vllm | {N}/{N} |" in (tmp_path / "verify.md").read_text() and f"| {N}/{N} same |" in \
+        (tmp_path / "verify.md").read_text()
 
 
 def _zeroed_copy(run: Path, out: Path) -> Path:
@@ -473,6 +477,26 @@ def test_phi4_mini_calls_in_real_vllm_with_the_plugin(tool_run, vllm_python, tmp
     for row, r in zip(e["per_prompt"], ref):
         assert row["tool_calls"] == r["tool_calls"] and all("invalid" not in c for c in r["tool_calls"])
     assert "vLLM philora_phi4_mini (plugin: philora export tool-parser)" in (tmp_path / "verify.md").read_text()
+    # the prompt vllm serve renders of an OpenAI request (tools as the request's tools) with the chat
+    # template philora export tool-parser writes is the trained one, tools block included
+    assert e["prompts_same"] == e["prompts_checked"] == 4
+
+
+def test_phi4_mini_prompt_in_real_vllm_without_the_chat_template(tool_run, vllm_python, tmp_path):
+    """Served with the model's own template (--vllm-chat-template: the run's tokenizer's), vllm serve
+    renders an OpenAI request with tools without them (vLLM drops a system message's 'tools', and the
+    template reads them nowhere else): every prompt fails as 'another prompt', at the tools block."""
+    from transformers import AutoTokenizer
+    own = tmp_path / "own.jinja"
+    own.write_text(AutoTokenizer.from_pretrained(tool_run).chat_template, encoding="utf-8")
+    lines = Lines()
+    result = verify(tool_run, engines=["vllm"], vllm_python=vllm_python, prompts=4, max_new_tokens=8,
+                    out=tmp_path, say=lines, vllm_chat_template=str(own))
+    e = _engine(result, "vllm")
+    assert result["exit_code"] == 1 and e["prompts_checked"] == 4 and e["prompts_same"] == 0, e
+    prompt_fails = [f for f in e["failures"] if "build another prompt" in f]
+    assert [f.split(":")[1].strip() for f in prompt_fails] == [f"prompt {n} (eval #{n})" for n in range(1, 5)]
+    assert all("trained: '<|tool|>[{\"name\"" in f for f in prompt_fails), prompt_fails
 
 
 def test_report_scores_function_calling(tool_run, tmp_path):

@@ -15,7 +15,10 @@ have built the same prompt from the conversation.
   own Jinja2 formatter, its tokenizer.
 * vLLM: another python (vLLM pins its own torch and transformers) runs ``VLLM_SCRIPT`` on a JSON
   request on stdin and prints one JSON line; vLLM stops as it would when serving (the model's
-  generation config and tokenizer eos). With a ``tool_parser`` (a ``--tool-call-parser``: vLLM's own,
+  generation config and tokenizer eos). Its prompt check is the server's: each conversation as an
+  OpenAI client sends it to ``vllm serve`` (toolparser.openai_messages: messages without a ``tools`` key, the tools
+  as the request's ``tools``) goes through the server's own ``OnlineRenderer.render_chat`` (vLLM's
+  request model, its tools normalization, ``--chat-template``, the tokenizer). With a ``tool_parser`` (a ``--tool-call-parser``: vLLM's own,
   or toolparser.py's plugin file, imported first as ``--tool-parser-plugin`` does) each reply's text
   goes through it as vLLM's server hands it over (detokenized without the stop token, special tokens
   skipped unless the parser's ``adjust_request`` keeps them), and its calls come back.
@@ -167,6 +170,44 @@ def tool_parser(req, tokenizer):
     return parser, error, skip, chat_request
 
 
+def server_prompts(req, llm):
+    # the ids vllm serve's /v1/chat/completions makes of each conversation: an OpenAI request (pydantic, as
+    # the server parses the body) through the server's own OnlineRenderer (its tools normalization, the
+    # --chat-template, the tokenizer); None where not asked or where this vLLM has no OnlineRenderer
+    chats = req.get("chats")
+    if not chats:
+        return [None] * len(req["prompts"])
+    import asyncio
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.renderers.chat_utils import load_chat_template
+        from vllm.renderers.online_renderer import OnlineRenderer
+    except ImportError:
+        return [None] * len(chats)
+    try:
+        online = OnlineRenderer(model_config=llm.model_config, renderer=llm.renderer, request_logger=None,
+                                chat_template=load_chat_template(req.get("chat_template")),
+                                chat_template_content_format="auto", enable_auto_tools=bool(req.get("tool_parser")),
+                                tool_parser=req.get("tool_parser"))
+    except Exception as e:
+        return ["vLLM's chat renderer does not start: %s: %s" % (type(e).__name__, e)] * len(chats)
+
+    async def one(chat):
+        try:
+            extra = {"tool_choice": "auto"} if chat["tools"] else {}
+            request = ChatCompletionRequest(model=req["model"], messages=chat["messages"], tools=chat["tools"], **extra)
+            got = await online.render_chat(request)
+        except Exception as e:
+            return "vLLM's server fails to render the chat request: %s: %s" % (type(e).__name__, e)
+        if not isinstance(got, tuple):  # an ErrorResponse, as the client would get it
+            return "vLLM's server answers the chat request with an error: %s" % getattr(getattr(got, "error", None), "message", got)
+        return [int(t) for t in got[1][0]["prompt_token_ids"]]
+
+    async def every():
+        return [await one(chat) for chat in chats]
+    return asyncio.run(every())
+
+
 def main():  # under __main__: vLLM starts its engine in spawned processes, which import this file
     req = json.load(sys.stdin)
     try:
@@ -184,6 +225,7 @@ def main():  # under __main__: vLLM starts its engine in spawned processes, whic
         kw.update(enable_lora=True, max_lora_rank=req["max_lora_rank"])
     llm = LLM(**kw)
     parser, parser_error, skip, chat_request = tool_parser(req, llm.get_tokenizer())
+    prompts = server_prompts(req, llm)
     lora = LoRARequest("run", 1, req["lora"]) if req["lora"] else None
     # the reply's text detokenized as the server does it for the parser (the stop token left out)
     params = SamplingParams(temperature=0.0, max_tokens=req["max_tokens"], skip_special_tokens=skip)
@@ -199,7 +241,7 @@ def main():  # under __main__: vLLM starts its engine in spawned processes, whic
                                         for t in (got.tool_calls if got.tools_called else [])]}
     print(json.dumps({"vllm": vllm.__version__, "tool_parser_error": parser_error, "skip_special_tokens": skip, "outputs": [
         {"token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason,
-         "stop_reason": o.outputs[0].stop_reason, "tool_calls": calls(o.outputs[0].text)} for o in outs]}))
+         "stop_reason": o.outputs[0].stop_reason, "tool_calls": calls(o.outputs[0].text), "prompt": own} for o, own in zip(outs, prompts)]}))
 
 
 if __name__ == "__main__":
@@ -210,18 +252,21 @@ if __name__ == "__main__":
 def vllm_request(model: str, tokenizer: str, lora: Optional[str], max_lora_rank: int, prompts: List[List[int]],
                  max_tokens: int, max_model_len: int, kv_token_bytes: int, dtype: str = "float32",
                  tool_parser: Optional[str] = None, tools: Optional[list] = None,
-                 tool_parser_plugin: Optional[str] = None) -> dict:
+                 tool_parser_plugin: Optional[str] = None, chats: Optional[List[dict]] = None,
+                 chat_template: Optional[str] = None) -> dict:
     """The JSON ``VLLM_SCRIPT`` reads on stdin (the contract a fake vLLM python imitates in the tests);
     ``kv_token_bytes``: the KV cache one token takes (vLLM's CPU backend otherwise reserves 92% of the
     machine's memory, and refuses to start when less is free): room for every prompt at full length,
     twice over for vLLM's block rounding; ``tool_parser``: vLLM's --tool-call-parser to read each
     reply's tool calls with (OpenAI-style ``tools`` go in the request it adjusts), loaded from the
-    ``--tool-parser-plugin`` file ``tool_parser_plugin`` when given (toolparser.py's)."""
+    ``--tool-parser-plugin`` file ``tool_parser_plugin`` when given (toolparser.py's); ``chats``: per prompt,
+    the OpenAI request's ``{"messages", "tools"}`` (toolparser.py) whose rendering by vLLM's server (with the
+    ``--chat-template`` file ``chat_template``, else the tokenizer's) comes back as each output's "prompt"."""
     kv_cache_bytes = max(64 << 20, 2 * kv_token_bytes * max_model_len * len(prompts))
     return {"model": model, "tokenizer": tokenizer, "lora": lora, "max_lora_rank": max_lora_rank,
             "prompts": prompts, "max_tokens": max_tokens, "max_model_len": max_model_len, "dtype": dtype,
             "kv_cache_bytes": kv_cache_bytes, "tool_parser": tool_parser, "tools": tools,
-            "tool_parser_plugin": tool_parser_plugin}
+            "tool_parser_plugin": tool_parser_plugin, "chats": chats, "chat_template": chat_template}
 
 
 def vllm_greedy(python: str, request: dict, timeout: float = 1800) -> List[dict]:
@@ -261,7 +306,7 @@ def _vllm_reply(o: dict, parser: Optional[str]) -> dict:
     stopped = o.get("finish_reason") == "stop"
     if stopped and isinstance(o.get("stop_reason"), int) and (not tokens or tokens[-1] != o["stop_reason"]):
         tokens.append(int(o["stop_reason"]))
-    out = {"tokens": tokens, "stopped": stopped}
+    out = {"tokens": tokens, "stopped": stopped, "prompt": o.get("prompt")}
     got = o.get("tool_calls")
     if parser and got is not None:
         out["tool_parser"] = parser

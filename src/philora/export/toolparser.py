@@ -19,15 +19,41 @@ the plugin answers the whole reply as content and no call, as vLLM's own parsers
 the content up to ``<|tool_call|>``, then each call whole once its JSON is complete (the closing tag, or
 a body that parses). ``<|tool_call|>`` is a special token, which the server strips from the text unless
 the parser's ``adjust_request`` turns ``skip_special_tokens`` off, as vLLM's hermes parser does.
-Hand-written: vLLM has no parser for this format.
+
+The tools, for a model whose template reads them from the system message. An OpenAI chat request
+carries the tool definitions as the request's ``tools`` (``[{"type": "function", "function": {...}}]``),
+each assistant call as ``tool_calls`` with its arguments as JSON text (``openai_messages``,
+``openai_tools``), and nothing else on a message: vLLM's request model drops a ``tools`` key on a system
+message, as llama-server does. philora's data carries the tools on the system message as JSON text
+(data/formats.py ``tools_json``), which templates that read the ``tools`` variable (Qwen2.5, Llama 3.1)
+get as ``tools=`` too (data/encoding.template_inputs). Phi-4-mini's template reads them only from the
+system message (``<|system|>{content}<|tool|>{tools}<|/tool|><|end|>``), so behind ``vllm serve`` a
+client's tools never reach the prompt (``philora verify``'s vLLM prompt check shows it). For such a
+template ``philora export tool-parser`` also writes ``tools_template`` for ``vllm serve --chat-template``:
+the run's own template, unchanged, behind a preamble that, when the request gives ``tools`` and the
+system message has none, sets the system message's ``tools`` to the JSON text training spliced in.
+vLLM normalizes the request's tools (its FunctionDefinition: ``name``, ``description``, ``parameters``
+in that order, a missing description as null, other keys dropped), so the preamble drops null fields
+and writes each tool in the data's shape: ``flat`` (``{"name", "description", "parameters"}``,
+Phi-4-mini's model card) or ``openai`` (``{"type": "function", "function": {...}}``); its ``tojson`` is
+``json.dumps(..., ensure_ascii=False)``, as ``tools_json``'s. The text is training's byte for byte when
+the data's tools are in that shape, keys in that order (name, description, parameters) and no others;
+with no system message the tools get an empty one.
+
+Hand-written: vLLM has no parser for this format, and neither vLLM nor the model ships a template that
+reads the request's tools for Phi-4-mini.
 """
 
+import json
 import re
 import shlex
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ..core.diskio import write_text
+import jinja2
+from jinja2 import meta
+
+from ..core.diskio import guard_output, write_text
 from ..core.errors import PhiloraError
 from ..model.adapter import read_adapter
 from ..model.families import TOOL_CALL_FORMATS, tool_call_format, vllm_tool_parser
@@ -172,6 +198,89 @@ PLUGIN_FILE = "philora_tool_parser.py"
 PLUGIN_NOTE = "plugin: philora export tool-parser"
 PLUGIN_FORMATS = ("phi4_mini",)  # tool-call formats no vLLM parser reads, which the plugin reads
 FORMATS = tuple(name for name, _, _ in TOOL_CALL_FORMATS)
+SHAPE_NOTE = {"flat": 'the data\'s tools as [{"name", "description", "parameters"}, ...] (Phi-4-mini\'s model card), '
+                      'keys in that order, no others (--tools-shape openai: {"type": "function", "function": ...})',
+              "openai": 'the data\'s tools as [{"type": "function", "function": {"name", "description", '
+                        '"parameters"}}, ...], keys in that order, no others'}
+
+
+TOOLS_SHAPES = ("flat", "openai")
+TEMPLATE_FILE = "philora_chat_template.jinja"
+# The preamble: {shape} is TOOLS_SHAPES' entry. Jinja's if-block does not scope, so ``messages`` is replaced
+# for the rest of the template; tuples' item 1 (the value) through rejectattr('1') drops null fields, in order.
+PREAMBLE = """{#- philora export tool-parser: the request's tools onto the system message, as JSON text, as trained
+(tools shape: {shape}); the model's own template follows, unchanged -#}
+{%- if tools and not (messages and messages[0]['role'] == 'system' and messages[0]['tools'] is defined
+      and messages[0]['tools']) -%}
+{%- set philora = namespace(tools=[]) -%}
+{%- for tool in tools -%}
+{%- set fn = tool['function'] if tool['function'] is defined else tool -%}
+{%- set fn = dict(fn.items() | rejectattr('1', 'none') | list) -%}
+{%- set philora.tools = philora.tools + [{wrap}] -%}
+{%- endfor -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set messages = [dict(messages[0], tools=philora.tools | tojson)] + messages[1:] -%}
+{%- else -%}
+{%- set messages = [{'role': 'system', 'content': '', 'tools': philora.tools | tojson}] + messages -%}
+{%- endif -%}
+{%- endif -%}
+"""
+WRAP = {"flat": "fn", "openai": "{'type': 'function', 'function': fn}"}
+
+
+def openai_tools(messages: List[dict]) -> Optional[list]:
+    """The conversation's tool definitions (the system message's JSON text) as an OpenAI request's
+    ``tools``: each wrapped as ``{"type": "function", "function": ...}`` where it is not; None if none."""
+    text = next((m["tools"] for m in messages if m.get("tools")), None)
+    try:
+        tools = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return None
+    tools = tools if isinstance(tools, list) else [tools] if tools else []
+    return [t if isinstance(t, dict) and "type" in t else {"type": "function", "function": t} for t in tools] or None
+
+
+def openai_messages(messages: List[dict]) -> List[dict]:
+    """The conversation as an OpenAI request's ``messages``: role, content, and an assistant's
+    ``tool_calls`` with an id and the arguments as JSON text (as clients send them); no ``tools`` key."""
+    out = []
+    for m in messages:
+        msg = {"role": m["role"], "content": m.get("content")}
+        if m.get("tool_calls"):
+            msg["tool_calls"] = [{"id": c.get("id", f"call_{k}"), "type": "function",
+                                  "function": {"name": c["function"]["name"],
+                                               "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
+                                 for k, c in enumerate(m["tool_calls"])]
+        out.append(msg)
+    return out
+
+
+def tools_shape(messages: List[dict]) -> str:
+    """``openai`` when the conversation's tools are given as ``{"type": "function", "function": ...}``,
+    else ``flat``."""
+    text = next((m["tools"] for m in messages if m.get("tools")), None)
+    try:
+        tools = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return "flat"
+    tools = tools if isinstance(tools, list) else [tools]
+    return "openai" if tools and all(isinstance(t, dict) and "function" in t for t in tools) else "flat"
+
+
+def reads_system_tools(template: Optional[str]) -> bool:
+    """Whether the template reads the tools from the system message and not from the ``tools`` variable
+    (Phi-4-mini's), so that an OpenAI request's tools never reach its prompt."""
+    if not template or not re.search(r"""message\[['"]tools['"]\]|message\.tools\b""", template):
+        return False
+    return "tools" not in meta.find_undeclared_variables(jinja2.Environment().parse(template))
+
+
+def tools_template(template: str, shape: str = "flat") -> str:
+    """The template for ``vllm serve --chat-template``: ``template`` behind ``PREAMBLE``, which writes the
+    request's ``tools`` (in ``shape``) onto the system message as the JSON text training put there."""
+    if shape not in TOOLS_SHAPES:
+        raise ValueError(f"tools shape {shape!r}: expected one of {', '.join(TOOLS_SHAPES)}")
+    return PREAMBLE.replace("{shape}", shape).replace("{wrap}", WRAP[shape]) + template
 
 
 def vllm_parser(fmt: Optional[str], name: Optional[str] = None) -> Tuple[Optional[str], bool]:
@@ -193,23 +302,27 @@ def own_parsers() -> str:
     return ", ".join(f"{f} (--tool-call-parser {vllm_tool_parser(f)})" for f in FORMATS if f not in PLUGIN_FORMATS)
 
 
-def serve_line(src, run: str, parser: str, plugin: Optional[Path]) -> str:
+def serve_line(src, run: str, parser: str, plugin: Optional[Path], template: Optional[Path] = None) -> str:
     """The ``vllm serve`` command for the run's adapter on its base, reading tool calls with ``parser``
-    (loaded from ``plugin`` when given); ``--max-lora-rank`` where vLLM's default is too small."""
+    (loaded from ``plugin`` when given), rendering with the ``--chat-template`` file ``template`` when
+    given; ``--max-lora-rank`` where vLLM's default is too small."""
     rank = max((A.shape[0] for A, _, _ in read_adapter(src.adapter_dir).modules.values()), default=0)
     words = ["vllm", "serve", src.model_cfg.name_or_path, "--enable-lora", "--lora-modules",
              f"{Path(run).resolve().name}={run}"]
     if rank > VLLM_DEFAULT_MAX_LORA_RANK:
         words += ["--max-lora-rank", str(next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), rank))]
+    words += ["--chat-template", str(template)] if template else []
     words += ["--enable-auto-tool-choice"] + (["--tool-parser-plugin", str(plugin)] if plugin else [])
     return " ".join(map(shlex.quote, words + ["--tool-call-parser", parser]))
 
 
-def export_tool_parser(run, out=None) -> Tuple[Optional[Path], List[str]]:
+def export_tool_parser(run, out=None, shape: str = "flat", force: bool = False) -> Tuple[Optional[Path], List[str]]:
     """``philora export tool-parser``: for a run whose model writes calls no vLLM parser reads, the plugin
-    at ``out`` (default: RUN/philora_tool_parser.py); (its path or None, the lines to print: the ``vllm
-    serve`` line). A format vLLM's own parser reads: no file, the line with that parser. A model
-    without a tool-call format: PhiloraError (one line)."""
+    at ``out`` (default: RUN/philora_tool_parser.py) and, where its chat template reads the tools only from
+    the system message (Phi-4-mini's), the ``--chat-template`` file beside it (tools_template:
+    the request's tools in ``shape``; an existing one replaced only with ``force``); (the plugin's path or
+    None, the lines to print: the ``vllm serve`` line). A format vLLM's own parser reads: no file, the
+    line with that parser. A model without a tool-call format: PhiloraError (one line)."""
     run = str(run)
     src = resolve_source(run)
     if src.adapter_dir is None:
@@ -224,7 +337,16 @@ def export_tool_parser(run, out=None) -> Tuple[Optional[Path], List[str]]:
     if not plugin:
         return None, [f"{run}: vLLM's own {parser} parser reads this model's {fmt} tool calls; no plugin "
                       f"needed. Serve it with:", serve_line(src, run, parser, None)]
-    path = write_plugin(Path(out) if out is not None else Path(run) / PLUGIN_FILE)
+    path = Path(out) if out is not None else Path(run) / PLUGIN_FILE
+    template, lines = None, []
+    if reads_system_tools(tok.chat_template):
+        template = guard_output(path.parent / TEMPLATE_FILE, force, directory=False, name="the chat template")
+        write_text(template, tools_template(tok.chat_template, shape))
+        lines = [f"{template}: the run's chat template behind a preamble that puts an OpenAI request's tools onto the "
+                 f"system message as training did (its template reads them nowhere else; vLLM drops a message's "
+                 f"'tools'), as {shape} JSON: {SHAPE_NOTE[shape]}"]
+    path = write_plugin(path)
     return path, [f"{path}: vLLM tool parser {parser} for the {fmt} tool calls this model writes (vLLM's own "
-                  f"{vllm_tool_parser(fmt)} reads none of them). Serve it with:", serve_line(src, run, parser, path),
+                  f"{vllm_tool_parser(fmt)} reads none of them)."] + lines + [
+                  "Serve it with:", serve_line(src, run, parser, path, template),
                   f"Check it in vLLM: philora verify {shlex.quote(run)} --vllm-python PATH (a python with vllm)"]

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from ..core.diskio import write_text
 from ..core.errors import PhiloraError, first_line
@@ -42,7 +42,8 @@ from .adapter_check import VLLM_MAX_LORA_RANKS
 from .engines import NotInstalled, hf_greedy, llama_cpp_greedy, llama_cpp_module, vllm_greedy, vllm_request
 from .agreement import compare_calls, compare_engine, markdown
 from .gguf import export_gguf
-from .toolparser import PLUGIN_FILE, vllm_parser, write_plugin
+from .toolparser import (PLUGIN_FILE, TEMPLATE_FILE, openai_messages, openai_tools, reads_system_tools, tools_shape,
+                         tools_template, vllm_parser, write_plugin)
 
 ENGINES = ("peft", "merged", "gguf-f32", "gguf-q8_0")  # the default; "vllm" joins with --vllm-python
 # The reference's top-1 minus top-2 logit below which another engine may flip a token by rounding:
@@ -160,35 +161,47 @@ def _export(run, base, outtype, prompts, max_new_tokens, context, tmp):
     return _gguf(path, prompts, max_new_tokens, context)
 
 
-def _openai_tools(prompts) -> Optional[list]:
-    """The first prompt's tool definitions as an OpenAI-style request's ``tools``, if any."""
-    text = next((m["tools"] for p in prompts for m in p["messages"] if m.get("tools")), None)
-    try:
-        tools = json.loads(text) if isinstance(text, str) else text
-    except ValueError:
-        return None
-    tools = tools if isinstance(tools, list) else [tools] if tools else []
-    return [t if isinstance(t, dict) and "type" in t else {"type": "function", "function": t} for t in tools] or None
+def _vllm_template(tok, prompts, chat_template: Optional[str], tmp) -> Tuple[Optional[str], Optional[str]]:
+    """(the ``--chat-template`` file vLLM serves with, a line saying why): ``chat_template`` when given; for
+    a template that reads tools only from the system message (Phi-4-mini's), the one ``philora export
+    tool-parser`` writes, in the shape of the prompts' tools; else None (the tokenizer's own)."""
+    if chat_template:
+        if not Path(chat_template).is_file():
+            raise PhiloraError(f"--vllm-chat-template {chat_template}: no such file")
+        return chat_template, None
+    if not reads_system_tools(tok.chat_template):
+        return None, None
+    shape = tools_shape(next((p["messages"] for p in prompts if any(m.get("tools") for m in p["messages"])), []))
+    path = write_text(Path(tmp) / TEMPLATE_FILE, tools_template(tok.chat_template, shape))
+    return str(path), (f"vllm: the chat template philora export tool-parser writes (the request's tools onto "
+                       f"the system message, {shape} shape), as --chat-template")
 
 
-def _vllm(python, src, prompts, max_new_tokens, dtype, fmt, tool_parser, tmp):
+def _vllm(python, ref, tool_parser, chat_template, tmp):
     """vLLM serving the adapter; a tool-calling run's calls read by ``tool_parser`` (default: the parser
-    that reads the format, toolparser.py's plugin where vLLM has none)."""
+    that reads the format, toolparser.py's plugin where vLLM has none); each prompt also rendered as
+    ``vllm serve`` renders an OpenAI request of the conversation (with ``_vllm_template``'s template)."""
+    src, prompts, max_new_tokens, dtype, fmt = (ref[k] for k in ("src", "prompts", "max_new_tokens", "dtype", "fmt"))
     adapter = read_adapter(src.adapter_dir)
     rank = max(A.shape[0] for A, _, _ in adapter.modules.values())
     base = src.model_cfg.name_or_path  # load_source resolved it (a GGUF base: the converted directory)
     c = model_config(base, src.model_cfg)  # K and V per layer, per token
     kv_token_bytes = 2 * c.num_hidden_layers * kv_heads(c) * head_dim(c) * (4 if dtype == "float32" else 2) if c else 0
     parser, plugin = vllm_parser(fmt, tool_parser)
+    template, note = _vllm_template(ref["tok"], prompts, chat_template, tmp)
+    if note:
+        ref["say"](f"verify: {note}")
+    chats = [{"messages": openai_messages(p["messages"]), "tools": openai_tools(p["messages"]) if fmt else None}
+             for p in prompts]
     request = vllm_request(base, str(src.tokenizer_path or base), str(src.adapter_dir),
                            next(r for r in VLLM_MAX_LORA_RANKS if r >= rank), [p["ids"] for p in prompts],
                            max_new_tokens, max(len(p["ids"]) for p in prompts) + max_new_tokens, kv_token_bytes,
-                           dtype, parser, _openai_tools(prompts) if fmt else None,
-                           str(write_plugin(Path(tmp) / PLUGIN_FILE)) if plugin else None)
+                           dtype, parser, next((c["tools"] for c in chats if c["tools"]), None),
+                           str(write_plugin(Path(tmp) / PLUGIN_FILE)) if plugin else None, chats, template)
     return vllm_greedy(python, request)
 
 
-def _engine_plan(run, engines, models, vllm_python, vllm_tool_parser=None):
+def _engine_plan(run, engines, models, vllm_python, vllm_tool_parser=None, vllm_chat_template=None):
     """[(name, run(ref, tmp))] in the order given, checked before any model loads; ``ref`` holds the
     reference's src, prompts, stops, max_new_tokens, dtype and context; tmp is a temporary directory."""
     names = list(engines) if engines is not None else list(ENGINES) + (["vllm"] if vllm_python else [])
@@ -204,8 +217,7 @@ def _engine_plan(run, engines, models, vllm_python, vllm_tool_parser=None):
         elif name == "vllm":
             if not vllm_python:
                 raise PhiloraError("--engines vllm needs --vllm-python PATH (a python with vllm installed)")
-            plan.append((name, lambda ref, tmp: _vllm(vllm_python, ref["src"], ref["prompts"], ref["max_new_tokens"],
-                                                      ref["dtype"], ref["fmt"], vllm_tool_parser, tmp)))
+            plan.append((name, lambda ref, tmp: _vllm(vllm_python, ref, vllm_tool_parser, vllm_chat_template, tmp)))
         else:
             raise PhiloraError(f"--engines: unknown engine {name!r} (peft, merged, gguf-f32, gguf-f16, gguf-bf16, "
                                f"gguf-q8_0, gguf-q4_k_m, ..., vllm)")
@@ -219,9 +231,9 @@ def _engine_plan(run, engines, models, vllm_python, vllm_tool_parser=None):
                 p, ref["prompts"], ref["max_new_tokens"])))
         else:
             raise PhiloraError(f"--model {m}: not a .gguf file or a model directory (no config.json)")
-    if vllm_tool_parser and "vllm" not in names:
-        raise PhiloraError(f"--vllm-tool-parser {vllm_tool_parser} is for the vllm engine (--vllm-python PATH, and "
-                           f"vllm in --engines)")
+    for flag, value in (("--vllm-tool-parser", vllm_tool_parser), ("--vllm-chat-template", vllm_chat_template)):
+        if value and "vllm" not in names:
+            raise PhiloraError(f"{flag} {value} is for the vllm engine (--vllm-python PATH, and vllm in --engines)")
     return plan
 
 
@@ -264,21 +276,22 @@ def with_tool_calls(replies: List[dict], tok, fmt: Optional[str], engine: str) -
 def verify(run, engines: Optional[Sequence[str]] = None, prompts: Union[int, str, None] = None,
            out=None, margin: Optional[float] = None, max_new_tokens: int = MAX_NEW_TOKENS,
            models: Sequence[str] = (), vllm_python: Optional[str] = None, say: Callable = None,
-           vllm_tool_parser: Optional[str] = None) -> dict:
+           vllm_tool_parser: Optional[str] = None, vllm_chat_template: Optional[str] = None) -> dict:
     """Verify the run (or PEFT adapter directory) ``run`` in ``engines`` (default ``ENGINES``, plus
     vLLM with ``vllm_python``) and in the exported files / model directories ``models``, on the first
     ``prompts`` held-out prompts (or those of a file); vLLM reads a tool-calling run's calls with its
-    ``vllm_tool_parser`` (default: toolparser.vllm_parser's). Writes verify.md / verify.json to ``out`` (the
+    ``vllm_tool_parser`` (default: toolparser.vllm_parser's) and renders its prompts with the
+    ``vllm_chat_template`` file (default: ``_vllm_template``'s). Writes verify.md / verify.json to ``out`` (the
     run directory by default); returns the result, whose "exit_code" is 1 on a real disagreement."""
     say = say if say is not None else (lambda line: print(line, file=sys.stderr))
     run = str(run)
     if resolve_source(run).adapter_dir is None:
         raise PhiloraError(f"{run}: no adapter to verify (no adapter_config.json); verify takes a run or adapter directory")
-    plan = _engine_plan(run, engines, models, vllm_python, vllm_tool_parser)
+    plan = _engine_plan(run, engines, models, vllm_python, vllm_tool_parser, vllm_chat_template)
     src, tok, plist, stops, ref, base, seconds, dtype, context = _reference(run, prompts, max_new_tokens, say)
     fmt = tool_call_format(tok)
     shared = dict(src=src, prompts=plist, stops=stops, max_new_tokens=max_new_tokens, dtype=dtype, context=context,
-                  fmt=fmt)
+                  fmt=fmt, tok=tok, say=say)
     if fmt:
         with_tool_calls(ref, tok, fmt, "reference")
     eot = (end_of_turn_ids(tok) or [None])[0]
@@ -337,6 +350,9 @@ def add_arguments(p) -> None:
     p.add_argument("--vllm-tool-parser", default=None, metavar="NAME",
                    help="vLLM's --tool-call-parser to read a tool-calling run's calls with (default: the one that "
                         "reads the model's format; for Phi-4-mini philora's plugin, philora export tool-parser)")
+    p.add_argument("--vllm-chat-template", default=None, metavar="FILE",
+                   help="the template vllm serve --chat-template gets (default: the run's own; for one that reads tools "
+                        "only from the system message, Phi-4-mini's, the one philora export tool-parser writes)")
     p.add_argument("--json", action="store_true", help="the result as one JSON object on stdout")
     p.add_argument("--out", default=None, help="directory for verify.md / verify.json (default: the run)")
 
@@ -347,7 +363,7 @@ def verify_cli(args) -> int:
     say = lambda line: print(line, file=sys.stderr)  # noqa: E731
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         result = verify(args.run, engines, args.prompts, args.out, args.margin, args.max_new_tokens,
-                        args.model, args.vllm_python, say, args.vllm_tool_parser)
+                        args.model, args.vllm_python, say, args.vllm_tool_parser, args.vllm_chat_template)
     print(json.dumps(result, ensure_ascii=False) if args.json else markdown(result))
     return result["exit_code"]
 
