@@ -4,7 +4,10 @@ deliberately broken serving copies fail naming the engine and the prompt (an ada
 way, a stop token lost from the generation config or the GGUF, a wrong chat template in the GGUF,
 a vLLM that drops the LoRA); a missing engine is one line and the others run; bad input is one line.
 A Phi-4-mini-shape tool-calling run verifies in llama.cpp with its tool calls compared; a vLLM whose
-tool parser reads other calls fails; its eval report scores function calling.
+tool parser reads other calls fails; its eval report scores function calling. Real vLLM (where
+.venv-vllm has it): the default run and the tool run give the reference's tokens, and vllm serve's own
+rendering of each conversation sent as an OpenAI request is the trained prompt (for the tool run with the
+chat template philora export tool-parser writes; with the model's own the tools are lost: it fails).
 
 The reference's replies are checked against transformers' own ``generate`` (philora.model.decoding);
 vLLM is imitated by a fake python that keeps the script's stdin/stdout contract and decodes with
@@ -302,8 +305,8 @@ def test_engines_not_installed_are_one_line_each(tiny_run, tmp_path, monkeypatch
 
 
 def test_bad_input_is_one_line(tiny_run, tiny_model_dir, tmp_path, helpers):
-    """A directory without an adapter, an unknown engine, a prompts file that is not there: one-line
-    errors; a prompt longer than the model's context: one line, and the other prompts are verified."""
+    """A directory without an adapter, an unknown engine, a vLLM option without vLLM, a chat template or
+    prompts file that is not there: one-line errors; a prompt longer than the model's context: one line, and the other prompts are verified."""
     with pytest.raises(PhiloraError) as e:
         verify(tiny_model_dir, prompts=1)
     helpers.one_line_error(e, "no adapter to verify")
@@ -314,6 +317,10 @@ def test_bad_input_is_one_line(tiny_run, tiny_model_dir, tmp_path, helpers):
         verify(tiny_run, engines=["peft"], vllm_tool_parser="hermes", prompts=1, max_new_tokens=4, out=tmp_path,
                say=Lines())
     helpers.one_line_error(e, "--vllm-tool-parser hermes is for the vllm engine")
+    with pytest.raises(PhiloraError) as e:
+        verify(tiny_run, engines=["vllm"], vllm_python="python", vllm_chat_template=str(tmp_path / "no.jinja"),
+               prompts=1, max_new_tokens=4, out=tmp_path, say=Lines())
+    helpers.one_line_error(e, f"--vllm-chat-template {tmp_path / 'no.jinja'}: no such file")
     with pytest.raises(PhiloraError) as e:
         verify(tiny_run, prompts=str(tmp_path / "missing.jsonl"))
     helpers.one_line_error(e, "missing.jsonl: no such file")

@@ -242,6 +242,9 @@ def test_tool_calling_run_verifies_in_real_vllm(tool_run, vllm_python, tmp_path)
     assert e["tool_calls"]["same"] == e["tool_calls"]["prompts"] == 3
     for row, r in zip(e["per_prompt"], result["reference"]["replies"]):
         assert row["tool_calls"] == r["tool_calls"]
+    # vllm serve's rendering of each conversation as an OpenAI request (the request's tools, normalized by
+    # vLLM, through the template's tools= branch) is the trained prompt, tools included
+    assert e["prompts_same"] == e["prompts_checked"] == 4
 
 
 def _rewrite_template(src: Path, dst: Path, template: str) -> Path:

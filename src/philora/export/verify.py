@@ -8,7 +8,9 @@ exported file or model directory given. Token ids are compared with the referenc
 prompts with identical tokens, the first divergence and the reference's top-1 minus top-2 logit
 there (below the engine's threshold a rounding may flip the token: a near-tie, not a failure),
 replies that end on the chat template's end-of-turn token, whether the engine's own template and
-tokenizer build the same prompt, and the time taken. Real disagreements fail (exit 1): a
+tokenizer build the same prompt (vLLM: as ``vllm serve`` renders the conversation sent as an OpenAI
+request, tools as the request's ``tools``; for a template that reads tools only from the system message,
+Phi-4-mini's, with the ``--chat-template`` file ``philora export tool-parser`` writes), and the time taken. Real disagreements fail (exit 1): a
 divergence above the threshold, a reply that runs past the reference's stop (a stop token lost in
 export) or stops early, a prompt the engine renders differently, an engine whose replies are the
 base model's (it ignores the adapter), an engine that fails. An engine that is not installed is
@@ -165,9 +167,7 @@ def _vllm_template(tok, prompts, chat_template: Optional[str], tmp) -> Tuple[Opt
     """(the ``--chat-template`` file vLLM serves with, a line saying why): ``chat_template`` when given; for
     a template that reads tools only from the system message (Phi-4-mini's), the one ``philora export
     tool-parser`` writes, in the shape of the prompts' tools; else None (the tokenizer's own)."""
-    if chat_template:
-        if not Path(chat_template).is_file():
-            raise PhiloraError(f"--vllm-chat-template {chat_template}: no such file")
+    if chat_template:  # _engine_plan checked that it is a file
         return chat_template, None
     if not reads_system_tools(tok.chat_template):
         return None, None
@@ -217,6 +217,8 @@ def _engine_plan(run, engines, models, vllm_python, vllm_tool_parser=None, vllm_
         elif name == "vllm":
             if not vllm_python:
                 raise PhiloraError("--engines vllm needs --vllm-python PATH (a python with vllm installed)")
+            if vllm_chat_template and not Path(vllm_chat_template).is_file():
+                raise PhiloraError(f"--vllm-chat-template {vllm_chat_template}: no such file")
             plan.append((name, lambda ref, tmp: _vllm(vllm_python, ref, vllm_tool_parser, vllm_chat_template, tmp)))
         else:
             raise PhiloraError(f"--engines: unknown engine {name!r} (peft, merged, gguf-f32, gguf-f16, gguf-bf16, "
