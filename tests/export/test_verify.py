@@ -455,18 +455,28 @@ def test_tool_calls_that_differ_fail(tool_run, tmp_path):
                                  for f in e["failures"])
 
 
-def test_phi4_mini_calls_in_real_vllm(tool_run, vllm_python, tmp_path):
-    """The Phi-4-mini-shape run in real vLLM with vLLM's own phi4_mini_json parser (--vllm-tool-parser):
-    the same tokens as the reference, calls included, yet the parser reads no call from Phi-4-mini's
-    <|tool_call|>[...]<|/tool_call|> (it looks for functools[...]): exit 1 naming vLLM, the prompt and
-    the parser. The mismatch philora's plugin (philora export tool-parser) fixes: next test."""
+def test_phi4_mini_as_vllm_ships_it_fails_twice(tool_run, vllm_python, tmp_path):
+    """The Phi-4-mini-shape run in real vLLM as vLLM ships Phi-4-mini support: the model's own template
+    (--vllm-chat-template: the run's tokenizer's) and vLLM's phi4_mini_json parser (--vllm-tool-parser).
+    Both fail, each caught (exit 1 naming vLLM and each prompt): vllm serve renders an OpenAI request
+    with tools without them (vLLM drops a system message's 'tools', and the template reads them nowhere
+    else), and from the reference's own tokens the parser reads no call (it looks for functools[...]).
+    What ``philora export tool-parser`` fixes: the next test."""
+    from transformers import AutoTokenizer
+    own = tmp_path / "own.jinja"
+    own.write_text(AutoTokenizer.from_pretrained(tool_run).chat_template, encoding="utf-8")
     result = verify(tool_run, engines=["vllm"], vllm_python=vllm_python, prompts=4, max_new_tokens=40,
-                    out=tmp_path, say=Lines(), vllm_tool_parser="phi4_mini_json")
+                    out=tmp_path, say=Lines(), vllm_tool_parser="phi4_mini_json", vllm_chat_template=str(own))
     e = _engine(result, "vllm")
     assert e["status"] != "skipped" and e["identical"] == 4 and result["exit_code"] == 1, e
+    assert e["prompts_checked"] == 4 and e["prompts_same"] == 0
+    prompt_fails = [f for f in e["failures"] if "build another prompt" in f]
+    assert [f.split(":")[1].strip() for f in prompt_fails] == [f"prompt {n} (eval #{n})" for n in range(1, 5)]
+    assert all("trained: '<|tool|>[{\"name\"" in f for f in prompt_fails), prompt_fails
     assert e["tool_calls"]["parser"] == "vLLM phi4_mini_json" and e["tool_calls"]["same"] == 0
-    assert e["tool_calls"]["prompts"] >= 3 and len(e["failures"]) == e["tool_calls"]["prompts"]
-    assert all("tool calls read by vLLM phi4_mini_json: no call; the reference's: " in f for f in e["failures"])
+    call_fails = [f for f in e["failures"] if "tool calls read by vLLM phi4_mini_json: no call; the reference's: " in f]
+    assert len(call_fails) == e["tool_calls"]["prompts"] >= 3
+    assert len(e["failures"]) == len(prompt_fails) + len(call_fails)
 
 
 def test_phi4_mini_calls_in_real_vllm_with_the_plugin(tool_run, vllm_python, tmp_path):
@@ -487,23 +497,6 @@ def test_phi4_mini_calls_in_real_vllm_with_the_plugin(tool_run, vllm_python, tmp
     # the prompt vllm serve renders of an OpenAI request (tools as the request's tools) with the chat
     # template philora export tool-parser writes is the trained one, tools block included
     assert e["prompts_same"] == e["prompts_checked"] == 4
-
-
-def test_phi4_mini_prompt_in_real_vllm_without_the_chat_template(tool_run, vllm_python, tmp_path):
-    """Served with the model's own template (--vllm-chat-template: the run's tokenizer's), vllm serve
-    renders an OpenAI request with tools without them (vLLM drops a system message's 'tools', and the
-    template reads them nowhere else): every prompt fails as 'another prompt', at the tools block."""
-    from transformers import AutoTokenizer
-    own = tmp_path / "own.jinja"
-    own.write_text(AutoTokenizer.from_pretrained(tool_run).chat_template, encoding="utf-8")
-    lines = Lines()
-    result = verify(tool_run, engines=["vllm"], vllm_python=vllm_python, prompts=4, max_new_tokens=8,
-                    out=tmp_path, say=lines, vllm_chat_template=str(own))
-    e = _engine(result, "vllm")
-    assert result["exit_code"] == 1 and e["prompts_checked"] == 4 and e["prompts_same"] == 0, e
-    prompt_fails = [f for f in e["failures"] if "build another prompt" in f]
-    assert [f.split(":")[1].strip() for f in prompt_fails] == [f"prompt {n} (eval #{n})" for n in range(1, 5)]
-    assert all("trained: '<|tool|>[{\"name\"" in f for f in prompt_fails), prompt_fails
 
 
 def test_report_scores_function_calling(tool_run, tmp_path):
