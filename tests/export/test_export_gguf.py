@@ -135,6 +135,25 @@ def test_run_exports_merged_tensors_and_modelfile(phi3_run, phi3_merged, gguf_mo
     assert not list(tmp_path.glob(".philora-export-*")) and not list(tmp_path.glob("*.part"))
 
 
+def test_a_template_reading_tools_only_from_the_system_message_goes_in_behind_the_preamble(families, gguf_models,
+                                                                                        tmp_path, capsys):
+    """Phi-4-mini's template reads the tools only from the system message, which servers drop (a request's
+    tools come as ``tools``), so the GGUF carries it behind toolparser's preamble in the data's tools shape,
+    and the export says so; the converter tests above hold the other templates byte for byte."""
+    from transformers import AutoTokenizer
+    from philora.export.toolparser import reads_system_tools, tools_template
+    model = families.dir("phi4-mini")
+    own = AutoTokenizer.from_pretrained(model).chat_template
+    assert reads_system_tools(own)
+    capsys.readouterr()
+    fields, _ = gguf_models.read(export_gguf(model, tmp_path / "flat" / "m.gguf", outtype="f32"))
+    assert fields["tokenizer.chat_template"] == tools_template(own, "flat") and fields["tokenizer.chat_template"] != own
+    assert "chat template: the model's own behind a preamble putting a request's tools onto the system message " \
+           "as trained (flat JSON;" in capsys.readouterr().out
+    fields, _ = gguf_models.read(export_gguf(model, tmp_path / "openai" / "m.gguf", outtype="f32", tools_shape="openai"))
+    assert fields["tokenizer.chat_template"] == tools_template(own, "openai")
+
+
 def _one_line_error(match, fn, *args, **kwargs):
     with pytest.raises(PhiloraError, match=match) as e:
         fn(*args, **kwargs)

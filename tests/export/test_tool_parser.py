@@ -12,6 +12,7 @@ adapter gets the file and the ``vllm serve`` line, Qwen2.5 (hermes) and Llama 3 
 the line with vLLM's own parser, a model without a tool-call format a one-line error.
 """
 
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -278,12 +279,21 @@ def _vllm_normalized(tools):
                                               "parameters": t["function"].get("parameters")}} for t in tools]
 
 
+def _llama_server_normalized(tools):
+    """The request's tools as llama-server hands them to the template (llama.cpp 0c1e570, common/chat.cpp
+    common_chat_tools_parse_oaicompat + common_chat_tools_to_json_oaicompat: type, then function's name,
+    description ("" when missing), parameters; other keys dropped)."""
+    return [{"type": "function", "function": {"name": t["function"]["name"],
+                                              "description": t["function"].get("description", ""),
+                                              "parameters": t["function"].get("parameters", {})}} for t in tools]
+
+
 @pytest.mark.parametrize("tools", [FLAT, OPENAI], ids=["flat", "openai"])
 def test_tools_template_renders_the_trained_prompt(families, tools):
     """transformers' apply_chat_template of the Phi-4-mini template: the conversation as training renders it
     (data.formats + encoding.template_inputs: the tools on the system message as JSON text) equals the
-    OpenAI request (no tools on a message, the request's tools as vLLM normalizes them) through
-    tools_template, in the data's shape; without tools, or with the system message's own, it is the
+    OpenAI request (no tools on a message, the request's tools as vLLM and llama-server normalize them, and
+    as sent: llama-cpp-python's formatter too) through tools_template, in the data's shape; without tools, or with the system message's own, it is the
     model's template; with no system message the tools get an empty one."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(families.dir("phi4-mini"))
@@ -297,8 +307,13 @@ def test_tools_template_renders_the_trained_prompt(families, tools):
     fixed = tools_template(tok.chat_template, tools_shape(trained))
     request, req_tools = openai_messages(trained), _vllm_normalized(openai_tools(trained))
     assert all("tools" not in m for m in request) and openai_tools(trained) == OPENAI
-    assert tok.apply_chat_template(request, tools=req_tools, chat_template=fixed, add_generation_prompt=True,
-                                   tokenize=False) == want
+    for served in (req_tools, _llama_server_normalized(OPENAI), OPENAI):  # vLLM's, llama-server's, the client's
+        assert tok.apply_chat_template(request, tools=served, chat_template=fixed, add_generation_prompt=True,
+                                       tokenize=False) == want
+    if importlib.util.find_spec("llama_cpp"):  # llama-cpp-python's own Jinja2 formatter, as a GGUF's template
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        assert Jinja2ChatFormatter(template=fixed, eos_token=tok.eos_token, bos_token=tok.bos_token or "")(
+            messages=request, tools=OPENAI).prompt == want
     assert "<|tool|>" not in tok.apply_chat_template(request, tools=req_tools, add_generation_prompt=True,
                                                      tokenize=False)  # the model's own: the tools are lost
     assert tok.apply_chat_template(request, chat_template=fixed, add_generation_prompt=True, tokenize=False) == \

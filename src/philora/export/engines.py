@@ -11,8 +11,10 @@ have built the same prompt from the conversation.
   cache, keeping each step's top-1 minus top-2 logit (the margin a rounding must overcome to flip
   the token), stopping on the ids it is given.
 * llama.cpp (llama-cpp-python): the file as llama.cpp reads it: its own end-of-generation tokens
-  (``llama_vocab_is_eog``, from the file's metadata), its chat template through llama-cpp-python's
-  own Jinja2 formatter, its tokenizer.
+  (``llama_vocab_is_eog``, from the file's metadata), its tokenizer, and its chat template through
+  llama-cpp-python's own Jinja2 formatter given the conversation as an OpenAI client sends it
+  (toolparser.openai_messages, the request's ``tools=``), as vLLM's check below: llama-server drops a
+  message's ``tools`` too.
 * vLLM: another python (vLLM pins its own torch and transformers) runs ``VLLM_SCRIPT`` on a JSON
   request on stdin and prints one JSON line; vLLM stops as it would when serving (the model's
   generation config and tokenizer eos). Its prompt check is the server's: each conversation as an
@@ -26,9 +28,10 @@ have built the same prompt from the conversation.
 Tool calls elsewhere: transformers has no tool-call parser, and llama-cpp-python's chat handlers
 parse none (a Jinja2 template's handler returns the reply as content; only a ``tool_choice`` naming
 one function constrains the arguments with a grammar), so verify reads those engines' calls with
-philora's parser of the model's format (use/toolcalls.py) and says so. Phi-4-mini's template reads
-``tools`` from the system message, not from the request's ``tools=``: the prompt check passes the
-conversation as trained, tools on the system message (and as ``tools=`` too).
+philora's parser of the model's format (use/toolcalls.py) and says so. Phi-4-mini's own template reads
+``tools`` only from the system message, so a client's tools never reach its prompt and the check fails
+("another prompt", at the tools block); ``philora export gguf`` writes such a template behind
+toolparser.py's preamble, which puts them there as trained.
 
 Hand-written: no library compares engines token by token.
 """
@@ -42,7 +45,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..core.errors import PhiloraError, first_line
-from .toolparser import PLUGIN_NOTE
+from .toolparser import PLUGIN_NOTE, openai_messages, openai_tools
 
 
 class NotInstalled(PhiloraError):
@@ -82,8 +85,10 @@ def llama_cpp_module():
 
 
 def _llama_prompt(llama_cpp, llm, vocab, messages: List[dict]) -> Optional[List[int]]:
-    """The ids llama-cpp-python's chat handler makes of ``messages`` from the file's own chat
-    template (as ``create_chat_completion`` does); None when the file has no template."""
+    """The ids llama-cpp-python's chat handler makes (as ``create_chat_completion`` does) from the file's
+    own chat template of ``messages`` sent as an OpenAI request: toolparser.openai_messages (no ``tools``
+    on a message, calls as ``tool_calls``), the tools as ``tools=`` (openai_tools); None when the file
+    has no template."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
@@ -92,12 +97,7 @@ def _llama_prompt(llama_cpp, llm, vocab, messages: List[dict]) -> Optional[List[
     eos, bos = llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_bos(vocab)
     formatter = Jinja2ChatFormatter(template=template, eos_token=text(eos) if eos >= 0 else "",
                                     bos_token=text(bos) if bos >= 0 else "", add_generation_prompt=True)
-    tools = next((m["tools"] for m in messages if m.get("tools")), None)
-    try:  # the request's tools= is a list; a message carries them as JSON text, as trained
-        tools = json.loads(tools) if isinstance(tools, str) else tools
-    except ValueError:
-        pass
-    chat = [{k: m[k] for k in ("role", "content", "tools", "tool_calls") if k in m} for m in messages]
+    tools, chat = openai_tools(messages), openai_messages(messages)
     try:
         rendered = formatter(messages=chat, tools=tools) if tools else formatter(messages=chat)
     except Exception as e:  # noqa: BLE001 (a template llama.cpp's Jinja cannot run is a finding, not a crash)

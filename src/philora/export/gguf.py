@@ -31,6 +31,7 @@ from ..model.families import head_dim, kv_heads
 from ..model.loading import load_tokenizer, resolve_path, resolve_source
 from ..use.merge import merge
 from .ollama import modelfile_path, write_modelfile
+from .toolparser import served_template
 from .vocab import add_vocab, build_vocab, end_of_turn
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -228,13 +229,19 @@ def _config(model_dir: Path):
     return raw, arch, AutoConfig.from_pretrained(str(model_dir))
 
 
-def write_model(model_dir: Path, out: Path, outtype: str, name_from: Path):
-    """Write the HF model in ``model_dir`` (safetensors) as a GGUF file; returns its HF tokenizer."""
+def write_model(model_dir: Path, out: Path, outtype: str, name_from: Path, tools_shape: str = "flat"):
+    """Write the HF model in ``model_dir`` (safetensors) as a GGUF file, its chat template as a server
+    renders a request's tools with as trained (toolparser.served_template, ``tools_shape``: the data's
+    tools' shape); returns its HF tokenizer."""
     gguf = _gguf()
     raw, arch, hf = _config(model_dir)
     ftype, want = _types(outtype)
     tok = load_tokenizer(str(model_dir), chat=False)
     vocab = build_vocab(model_dir, hf.vocab_size, tok)
+    vocab.chat_template = served_template(vocab.chat_template, tools_shape)
+    if vocab.chat_template != tok.chat_template:
+        print(f"chat template: the model's own behind a preamble putting a request's tools onto the system "
+              f"message as trained ({tools_shape} JSON; servers drop a message's tools, it reads them nowhere else)")
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
     extra = _hparams(w, arch, hf, raw)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], hf.num_hidden_layers)
@@ -338,10 +345,10 @@ def _tokenizer_model(merged: Path, src, base_path: str) -> None:
 
 
 def export_gguf(source, out, outtype: str = "f16", force: bool = False, adapter_only: bool = False,
-                base: Optional[str] = None) -> Path:
+                base: Optional[str] = None, tools_shape: str = "flat") -> Path:
     """Export ``source`` (a philora run / PEFT adapter directory, or a model directory) to the GGUF
-    file ``out`` and write an Ollama ``Modelfile`` beside it; returns ``out``."""
-
+    file ``out`` and write an Ollama ``Modelfile`` beside it; returns ``out``. A chat template that reads
+    tools only from the system message goes in behind toolparser's preamble (``tools_shape``)."""
     llama_cpp = ftype = None
     if outtype not in OUTTYPES:
         if adapter_only:
@@ -362,16 +369,15 @@ def export_gguf(source, out, outtype: str = "f16", force: bool = False, adapter_
     out = _check_out(out, force)
     part = out.with_name(out.name + ".part")
     try:
-        modelfile = _export(source, src, base_path, out, part, outtype, adapter_only, llama_cpp, ftype)
+        modelfile = _export(source, src, base_path, out, part, outtype, adapter_only, llama_cpp, ftype, tools_shape)
     finally:
         part.unlink(missing_ok=True)
-    size = out.stat().st_size / 2**20
-    print(f"wrote {out} ({size:.1f} MiB, {outtype}{', LoRA adapter' if adapter_only else ''}) and {modelfile}")
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {outtype}{', LoRA adapter' if adapter_only else ''}) and {modelfile}")
     return out
 
 
 def _export(source, src, base_path: Path, out: Path, part: Path, outtype: str, adapter_only: bool,
-            llama_cpp, ftype) -> Path:
+            llama_cpp, ftype, shape: str) -> Path:
     with tempfile.TemporaryDirectory(prefix=".philora-export-", dir=out.parent) as tmp:
         if adapter_only:
             write_adapter(read_adapter(src.adapter_dir), base_path, part, outtype)
@@ -384,9 +390,9 @@ def _export(source, src, base_path: Path, out: Path, part: Path, outtype: str, a
                 _tokenizer_model(model_dir, src, str(base_path))
             name_from = Path(source) if src.adapter_dir is not None else base_path
             if llama_cpp is None:
-                tok = write_model(model_dir, part, outtype, name_from)
+                tok = write_model(model_dir, part, outtype, name_from, shape)
             else:  # llama.cpp quantizes from a bf16 file (no precision lost for bf16 bases)
-                tok = write_model(model_dir, Path(tmp) / "bf16.gguf", "bf16", name_from)
+                tok = write_model(model_dir, Path(tmp) / "bf16.gguf", "bf16", name_from, shape)
                 _quantize(llama_cpp, ftype, Path(tmp) / "bf16.gguf", part, outtype)
         modelfile = write_modelfile(out, model_dir, tok, end_of_turn(tok),
                                     base_from=str(base_path.resolve()) if adapter_only else None)

@@ -32,13 +32,18 @@ client's tools never reach the prompt (``philora verify``'s vLLM prompt check sh
 template ``philora export tool-parser`` also writes ``tools_template`` for ``vllm serve --chat-template``:
 the run's own template, unchanged, behind a preamble that, when the request gives ``tools`` and the
 system message has none, sets the system message's ``tools`` to the JSON text training spliced in.
-vLLM normalizes the request's tools (its FunctionDefinition: ``name``, ``description``, ``parameters``
-in that order, a missing description as null, other keys dropped), so the preamble drops null fields
-and writes each tool in the data's shape: ``flat`` (``{"name", "description", "parameters"}``,
+``philora export gguf`` writes the same template into the GGUF (``tokenizer.chat_template``) for llama.cpp:
+llama-server drops a message's ``tools`` as vLLM does, and both it and llama-cpp-python's chat handler
+give the template the request's ``tools``.
+The servers normalize the request's tools (``name``, ``description``, ``parameters`` in that order, other
+keys dropped; a missing description is null in vLLM's FunctionDefinition, ``""`` in llama-server's
+common_chat_tools_parse_oaicompat), so the preamble drops null fields and an empty description, and
+writes each tool in the data's shape: ``flat`` (``{"name", "description", "parameters"}``,
 Phi-4-mini's model card) or ``openai`` (``{"type": "function", "function": {...}}``); its ``tojson`` is
 ``json.dumps(..., ensure_ascii=False)``, as ``tools_json``'s. The text is training's byte for byte when
 the data's tools are in that shape, keys in that order (name, description, parameters) and no others;
-with no system message the tools get an empty one.
+with no system message the tools get an empty one. (A data set whose tools carry ``"description": ""``
+gets it dropped: no server tells it from a missing one.)
 
 Hand-written: vLLM has no parser for this format, and neither vLLM nor the model ships a template that
 reads the request's tools for Phi-4-mini.
@@ -207,15 +212,23 @@ SHAPE_NOTE = {"flat": 'the data\'s tools as [{"name", "description", "parameters
 TOOLS_SHAPES = ("flat", "openai")
 TEMPLATE_FILE = "philora_chat_template.jinja"
 # The preamble: {shape} is TOOLS_SHAPES' entry. Jinja's if-block does not scope, so ``messages`` is replaced
-# for the rest of the template; tuples' item 1 (the value) through rejectattr('1') drops null fields, in order.
-PREAMBLE = """{#- philora export tool-parser: the request's tools onto the system message, as JSON text, as trained
+# for the rest of the template. Loops, namespace(), dict(pairs) and dict(mapping, key=value) only: constructs
+# both Python's jinja2 (transformers, vLLM, llama-cpp-python) and llama.cpp's own C++ Jinja engine (llama-server,
+# common/jinja/) run; that engine reads ``rejectattr('1', 'none')`` as a test named '1' and fails.
+PREAMBLE = """{#- philora: the request's tools onto the system message, as JSON text, as trained
 (tools shape: {shape}); the model's own template follows, unchanged -#}
 {%- if tools and not (messages and messages[0]['role'] == 'system' and messages[0]['tools'] is defined
       and messages[0]['tools']) -%}
 {%- set philora = namespace(tools=[]) -%}
 {%- for tool in tools -%}
 {%- set fn = tool['function'] if tool['function'] is defined else tool -%}
-{%- set fn = dict(fn.items() | rejectattr('1', 'none') | list) -%}
+{%- set kept = namespace(pairs=[]) -%}
+{%- for key, value in fn.items() -%}
+{%- if value is not none and not (key == 'description' and value == '') -%}
+{%- set kept.pairs = kept.pairs + [[key, value]] -%}
+{%- endif -%}
+{%- endfor -%}
+{%- set fn = dict(kept.pairs) -%}
 {%- set philora.tools = philora.tools + [{wrap}] -%}
 {%- endfor -%}
 {%- if messages and messages[0]['role'] == 'system' -%}
@@ -276,11 +289,21 @@ def reads_system_tools(template: Optional[str]) -> bool:
 
 
 def tools_template(template: str, shape: str = "flat") -> str:
-    """The template for ``vllm serve --chat-template``: ``template`` behind ``PREAMBLE``, which writes the
-    request's ``tools`` (in ``shape``) onto the system message as the JSON text training put there."""
+    """The template for ``vllm serve --chat-template`` and a GGUF's ``tokenizer.chat_template``: ``template``
+    behind ``PREAMBLE``, which writes the request's ``tools`` (in ``shape``) onto the system message as the
+    JSON text training put there."""
     if shape not in TOOLS_SHAPES:
         raise ValueError(f"tools shape {shape!r}: expected one of {', '.join(TOOLS_SHAPES)}")
     return PREAMBLE.replace("{shape}", shape).replace("{wrap}", WRAP[shape]) + template
+
+
+def served_template(template, shape: str = "flat"):
+    """The chat template a server renders a request's tools with as trained: ``tools_template`` for one
+    that reads them only from the system message (``reads_system_tools``), else ``template`` itself (a
+    dict of named templates: each so)."""
+    if isinstance(template, dict):
+        return {name: served_template(t, shape) for name, t in template.items()}
+    return tools_template(template, shape) if reads_system_tools(template) else template
 
 
 def vllm_parser(fmt: Optional[str], name: Optional[str] = None) -> Tuple[Optional[str], bool]:
