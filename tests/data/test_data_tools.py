@@ -59,8 +59,6 @@ def test_openai_records_become_template_messages():
      "message 2 tool call 1 'arguments' must be an object, got list"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " ", "tool_calls": []}]},
      "message 2 has empty content"),
-    ({"tools": TOOLS, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
-     "'tools' ride on the system message, and this record has none"),
     ({"tools": TOOLS, "messages": [{"role": "system", "content": "s", "tools": TOOLS},
                                    {"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
      "'tools' given twice"),
@@ -123,3 +121,46 @@ def test_tool_calls_render_as_the_template_writes_them_and_are_trained(family, p
     assert [tok.decode(r, skip_special_tokens=False) for r in runs] == want
     text = tok.decode(ids, skip_special_tokens=False)
     assert '"temp' in text and text.count('"name": "weather"') == 2  # the tool's result, its definition, the call
+
+
+PHI4_MINI_TOOLS = ("{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and "
+                   "message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' "
+                   "+ message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + "
+                   "message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")  # Phi-4-mini's, as families.json
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_record_tools_without_a_system_message(family, phi3_tokenizer_dir):
+    """OpenAI-style records often have tools and no system message: Qwen2.5's and Llama 3.1's templates
+    take them as tools= (writing their own system block), as transformers renders them."""
+    template, special, plain, _ = FAMILIES[family]
+    tok = _tokenizer(phi3_tokenizer_dir, template, special, plain)
+    record = {"tools": TOOLS, "messages": [{"role": "user", "content": "Weather in Paris?"},
+                                           {"role": "assistant", "tool_calls": [CALL]}]}
+    msgs = to_messages(record, "auto", "f.jsonl:4")
+    ids = encode_chat(msgs, tok, where="f.jsonl:4")["input_ids"]
+    plain_msgs = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]}]
+    want = tok.apply_chat_template(plain_msgs, tools=TOOLS, tokenize=True, return_dict=True)["input_ids"]
+    assert ids == want and '"weather"' in tok.decode(ids)
+
+
+def test_tools_the_template_does_not_render_are_refused(phi3_tokenizer_dir):
+    """Tools a template never shows the model would train calls to functions the prompt never named:
+    Phi-4-mini's template reads them only from a system message, so a record's tools with no system
+    message are refused, naming the record; on a system message they render. A template with no tools
+    at all (Phi-3's) refuses them either way."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
+    tok.chat_template = PHI4_MINI_TOOLS
+    turns = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "ok"}]
+    no_system = to_messages({"tools": TOOLS, "messages": turns}, "auto", "f.jsonl:5")
+    with pytest.raises(DataError) as e:
+        encode_chat(no_system, tok, where="f.jsonl:5")
+    assert str(e.value).startswith("f.jsonl:5: the chat template renders none of the 'tools' (given on the first")
+    assert "\n" not in str(e.value)
+    system = to_messages({"tools": TOOLS, "messages": [{"role": "system", "content": "s"}] + turns}, "auto", "f.jsonl:6")
+    assert "<|tool|>" in tok.decode(encode_chat(system, tok, where="f.jsonl:6")["input_ids"])
+    phi3 = AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
+    with pytest.raises(DataError, match="f.jsonl:6: the chat template renders none of the 'tools' .given on the system"):
+        encode_chat(system, phi3, where="f.jsonl:6")

@@ -41,7 +41,7 @@ from .formats import FORMATS, DataError, detect_format, to_messages  # noqa: F40
 from .records import (SAMPLE_EVAL, SAMPLE_TRAIN, MissingSplit, is_dataset_name, kind_of, label,  # noqa: F401
                       load_records, open_dataset, parse_json, raw_batches, record_name, resolve)
 
-ENCODING_VERSION = 2  # bump whenever encode_chat's output or the stored columns change
+ENCODING_VERSION = 3  # bump whenever encode_chat's output or the stored columns change
 KEPT, TRUNCATED, TOO_LONG, NO_LABELS, BAD = range(5)  # the status of a record's row
 PROGRESS_ROWS = 20000  # sources this large show datasets' progress bar while tokenizing
 
@@ -126,7 +126,7 @@ def _encode_rows(batch: dict, indices: List[int], prefix: Optional[str], fmt: st
             record = parse_json(batch["raw"][j], where) if prefix is None else {k: v[j] for k, v in batch.items()}
             messages = to_messages(record, fmt, where)
             try:
-                ex = encode_chat(messages, tokenizer)
+                ex = encode_chat(messages, tokenizer, where=where)
             except jinja2.TemplateError as e:  # e.g. "roles must alternate user/assistant"
                 raise DataError(f"{where}: the chat template rejects this conversation: {first_line(e)}") from None
         except DataError as e:

@@ -29,6 +29,8 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .formats import DataError
+
 IGNORE_INDEX = -100  # the label of a position that is not trained on (as torch's cross_entropy)
 TEMPLATE_KEYS = ("role", "content", "tools", "tool_calls")  # what a chat template reads of a message
 PROBE = "philora probe reply"  # a plain reply put in place of a tool-calling turn to find where it ends
@@ -50,9 +52,12 @@ def template_inputs(messages: Sequence[dict]) -> Tuple[List[dict], dict]:
     return chat, {"tools": tools if isinstance(tools, list) else [tools]}
 
 
-def encode_chat(messages: List[dict], tokenizer, max_length: Optional[int] = None) -> Dict[str, List[int]]:
-    """Token ids of the chat template and labels: -100 except assistant contents and their end-of-turn token."""
+def encode_chat(messages: List[dict], tokenizer, max_length: Optional[int] = None,
+                where: str = "conversation") -> Dict[str, List[int]]:
+    """Token ids of the chat template and labels: -100 except assistant contents and their end-of-turn
+    token. DataError (naming ``where``) for tools the template does not render."""
     chat, kwargs = template_inputs(messages)
+    _check_tools_rendered(chat, tokenizer, kwargs, where)
     enc = _encode_with_offsets(chat, tokenizer, kwargs)
     ids = _as_ids(enc if enc is not None else tokenizer.apply_chat_template(chat, tokenize=True, **kwargs))
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
@@ -63,6 +68,20 @@ def encode_chat(messages: List[dict], tokenizer, max_length: Optional[int] = Non
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "labels": labels}
+
+
+def _check_tools_rendered(chat, tokenizer, kwargs, where: str) -> None:
+    """A conversation with tool definitions must show them to the model: the template's rendering
+    differs with and without them (Phi-4-mini's template reads them only from a system message,
+    Qwen2.5's and Llama 3.1's only from ``tools=``); otherwise training would silently teach calls
+    to functions the prompt never named."""
+    if not any(m.get("tools") for m in chat):
+        return
+    bare = [{k: v for k, v in m.items() if k != "tools"} for m in chat]
+    if tokenizer.apply_chat_template(chat, tokenize=False, **kwargs) == tokenizer.apply_chat_template(bare, tokenize=False):
+        on = "the first message" if chat[0]["role"] != "system" else "the system message"
+        raise DataError(f"{where}: the chat template renders none of the 'tools' (given on {on}; a template "
+                        f"such as Phi-4-mini's reads them only from a system message: add one)")
 
 
 def _as_ids(out):  # apply_chat_template returns a BatchEncoding (transformers 5) or a list (4.x)

@@ -130,10 +130,11 @@ def _message(turn, role_key, content_key, roles, name, where):
 
 
 def _record_tools(tools, msgs: List[dict], where: str) -> List[dict]:
-    """A record's top-level "tools" (as OpenAI-style datasets keep them), onto its system message."""
-    if msgs[0]["role"] != "system":
-        raise DataError(f"{where}: 'tools' ride on the system message, and this record has none (add "
-                        f"{{\"role\": \"system\", ...}} first)")
+    """A record's top-level "tools" (as OpenAI-style datasets keep them), onto its first message: the
+    system message where there is one (Phi-4-mini's template reads them there); otherwise the first
+    turn carries them for ``encoding.template_inputs`` to pass as ``tools=`` (Qwen2.5's and Llama 3.1's
+    templates read that variable and write their own system block), and a template that renders them
+    from neither is refused when the record is encoded."""
     if "tools" in msgs[0]:
         raise DataError(f"{where}: 'tools' given twice (the record's and its system message's)")
     return [dict(msgs[0], tools=tools_json(tools, "system", "the record's", where))] + msgs[1:]

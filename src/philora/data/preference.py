@@ -130,7 +130,7 @@ def encode_pair(prompt: List[dict], chosen: List[dict], rejected: List[dict], to
     pair, status, longest = {}, KEPT, 0
     for side, completion in (("chosen", chosen), ("rejected", rejected)):
         try:
-            ex = encode_chat(prompt + completion, tokenizer)
+            ex = encode_chat(prompt + completion, tokenizer, where=f"{where} ({side})")
         except jinja2.TemplateError as e:  # e.g. "roles must alternate user/assistant"
             raise DataError(f"{where}: the chat template rejects the {side} conversation: {first_line(e)}") from None
         mask = np.asarray([t != IGNORE_INDEX for t in ex["labels"]], dtype=np.uint8)
