@@ -41,7 +41,7 @@ def test_openai_records_become_template_messages():
     assert "tool_calls" not in to_messages(_record(content="ok"))[2]  # Llama 3.1 tests `'tool_calls' in message`
     assert template_inputs([{"role": "system", "content": "s", "tools": "free text"}])[1] == {}
     one = [{"role": "system", "content": "s", "tools": '{"name": "f"}'}]
-    assert template_inputs(one)[1] == {"tools": [{"name": "f"}]}
+    assert template_inputs(one)[1] == {"tools": [{"type": "function", "function": {"name": "f"}}]}  # as served
 
 
 @pytest.mark.parametrize("record, needle", [
@@ -164,3 +164,36 @@ def test_tools_the_template_does_not_render_are_refused(phi3_tokenizer_dir):
     phi3 = AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
     with pytest.raises(DataError, match="f.jsonl:6: the chat template renders none of the 'tools' .given on the system"):
         encode_chat(system, phi3, where="f.jsonl:6")
+
+
+def test_tools_are_trained_as_servers_render_them(phi3_tokenizer_dir):
+    """Servers hand templates OpenAI-shaped tools ({"type", "function": {"name", "description",
+    "parameters"}}, in that order, nothing else): a flat or reordered tool is trained in that shape;
+    tools given as JSON text are written out as json.dumps does (as a template's tojson)."""
+    from philora.data.encoding import served_tool
+    flat = {"parameters": {"type": "object"}, "extra": 1, "description": "d", "name": "f"}
+    want = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+    assert json.dumps(served_tool(flat)) == json.dumps(want)
+    assert json.dumps(served_tool({"type": "function", "function": flat})) == json.dumps(want)
+    assert served_tool("free text") == "free text"
+    msgs = to_messages({"tools": '[{"name":"f","parameters":{}}]', "messages": [
+        {"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]})
+    assert msgs[0]["tools"] == '[{"name": "f", "parameters": {}}]'
+    assert template_inputs(msgs)[1] == {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}
+
+
+def test_data_check_warns_of_tools_without_description(tmp_path, phi3_tokenizer_dir, capsys):
+    """A tool with no description: vLLM renders null, llama-server "" where training had none, so the
+    served prompt cannot be the trained one: data check says how many conversations have one."""
+    from philora.cli import main
+    tok = _tokenizer(phi3_tokenizer_dir, *FAMILIES["qwen2.5"][:3])
+    tok.save_pretrained(tmp_path / "tok")
+    bare = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    recs = [{"tools": TOOLS if i % 2 else bare, "messages": [{"role": "user", "content": f"q{i}"},
+                                                           {"role": "assistant", "content": f"a{i}"}]} for i in range(6)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    code = main(["data", "check", f"model.name_or_path={tmp_path / 'tok'}", f"data.train={tmp_path / 'd.jsonl'}",
+                 "data.eval_fraction=0"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "warning: 6 conversations define a tool with no \"description\"" in out  # TOOLS has none either

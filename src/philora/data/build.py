@@ -41,7 +41,7 @@ from .formats import FORMATS, DataError, detect_format, to_messages  # noqa: F40
 from .records import (SAMPLE_EVAL, SAMPLE_TRAIN, MissingSplit, is_dataset_name, kind_of, label,  # noqa: F401
                       load_records, open_dataset, parse_json, raw_batches, record_name, resolve)
 
-ENCODING_VERSION = 3  # bump whenever encode_chat's output or the stored columns change
+ENCODING_VERSION = 4  # bump whenever encode_chat's output or the stored columns change
 KEPT, TRUNCATED, TOO_LONG, NO_LABELS, BAD = range(5)  # the status of a record's row
 PROGRESS_ROWS = 20000  # sources this large show datasets' progress bar while tokenizing
 

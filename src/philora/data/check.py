@@ -72,7 +72,28 @@ def source_report(table, role: str, path: str, split: str, weight: float, fmt: s
         "over_max_length": int((full > max_length).sum()),
         "histogram": _histogram(full[status <= NO_LABELS], max_length),
         "bad_records": errors, "_hashes": hashes,
+        "tools_without_description": _tools_without_description(table.column("messages").take(kept).to_pylist()),
     }
+
+
+def _tools_without_description(conversations: List[Optional[str]]) -> int:
+    """Conversations with a function definition that has no "description": servers fill one in (vLLM
+    null, llama-server ""), so the prompt they build is not the trained one (encoding.served_tool)."""
+    count = 0
+    for text in conversations:
+        if not text or '"tools"' not in text:
+            continue
+        for m in json.loads(text):
+            try:
+                tools = json.loads(m["tools"]) if isinstance(m.get("tools"), str) else m.get("tools")
+            except ValueError:
+                continue
+            tools = tools if isinstance(tools, list) else [tools]
+            fns = [t.get("function", t) for t in tools if isinstance(t, dict)]
+            if any(isinstance(f, dict) and "name" in f and "description" not in f for f in fns):
+                count += 1
+                break
+    return count
 
 
 def _total(reports: List[dict]) -> dict:
@@ -158,6 +179,9 @@ def text(report: dict) -> str:
             out.append("  tokens per example: " + ", ".join(f"{k} {v}" for k, v in r["lengths"].items()))
         if "per_epoch" in r:
             out.append(f"  per epoch: {r['per_epoch']['examples']} examples, {r['per_epoch']['label_tokens']} label tokens")
+        if r.get("tools_without_description"):
+            out.append(f"  warning: {r['tools_without_description']} conversations define a tool with no \"description\": "
+                       f"servers fill one in (vLLM null, llama-server \"\"), so their prompt is not the trained one")
     if sum(r["role"] == "train" for r in report["sources"]) > 1:
         out.append("train total:")
         counts(report["train"], "  ")

@@ -49,7 +49,19 @@ def template_inputs(messages: Sequence[dict]) -> Tuple[List[dict], dict]:
         tools = None
     if not isinstance(tools, (list, dict)) or not tools:
         return chat, {}
-    return chat, {"tools": tools if isinstance(tools, list) else [tools]}
+    return chat, {"tools": [served_tool(t) for t in (tools if isinstance(tools, list) else [tools])]}
+
+
+def served_tool(tool):
+    """A tool definition as OpenAI-compatible servers hand it to the template (vLLM, llama-server):
+    ``{"type": "function", "function": {"name", "description", "parameters"}}`` in that order, a flat
+    ``{"name", ...}`` wrapped, other keys dropped; so the ``tools=`` a template renders in training
+    is the one it renders when served. A missing description stays missing: vLLM then renders null
+    and llama-server "", so no training text matches both (``philora data check`` says so)."""
+    fn = tool.get("function", tool) if isinstance(tool, dict) else None
+    if not isinstance(fn, dict) or "name" not in fn:
+        return tool  # not a function definition: as given
+    return {"type": "function", "function": {k: fn[k] for k in ("name", "description", "parameters") if k in fn}}
 
 
 def encode_chat(messages: List[dict], tokenizer, max_length: Optional[int] = None,

@@ -173,12 +173,15 @@ def tools_json(tools, role: str, name: str, where: str) -> str:
     """A system message's tool definitions as the JSON text templates splice in."""
     if role != "system":
         raise DataError(f"{where}: {name} has 'tools', which go on the system message (role {role!r})")
-    if isinstance(tools, (list, dict)):
-        return json.dumps(tools, ensure_ascii=False)
-    if not isinstance(tools, str) or not tools.strip():
+    if not isinstance(tools, (list, dict, str)) or isinstance(tools, str) and not tools.strip():
         raise DataError(f"{where}: {name} 'tools' must be a JSON string, list or object, got "
                         f"{type(tools).__name__ if not isinstance(tools, str) else 'an empty string'}")
-    return tools
+    if isinstance(tools, str):
+        try:  # JSON text written out as json.dumps does, as a server's template (tojson) writes it
+            tools = json.loads(tools)
+        except ValueError:
+            return tools  # free text for a template to splice in, as given
+    return json.dumps(tools, ensure_ascii=False)
 
 
 def _text(record, key, where, optional=False):
