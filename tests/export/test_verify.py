@@ -3,7 +3,8 @@ tiny model on the sample data) verifies in peft, the merged model and GGUF f32 /
 deliberately broken serving copies fail naming the engine and the prompt (an adapter zeroed on the
 way, a stop token lost from the generation config or the GGUF, a wrong chat template in the GGUF,
 a vLLM that drops the LoRA); a missing engine is one line and the others run; bad input is one line.
-A Phi-4-mini-shape tool-calling run verifies in llama.cpp with its tool calls compared; a vLLM whose
+A Phi-4-mini-shape tool-calling run verifies in llama.cpp with its tool calls compared, each prompt rendered
+from the OpenAI request by the export's template (the model's own loses the tools: it fails); a vLLM whose
 tool parser reads other calls fails; its eval report scores function calling. Real vLLM (where
 .venv-vllm has it): the default run and the tool run give the reference's tokens, and vllm serve's own
 rendering of each conversation sent as an OpenAI request is the trained prompt (for the tool run with the
@@ -410,9 +411,11 @@ def tool_run(tmp_path_factory):
 
 
 def test_tool_calling_run_verifies_in_llama_cpp(tool_run, tmp_path):
-    """GGUF f32 / q8_0 of the Phi-4-mini-shape run in llama.cpp: the same tokens, the prompt its own template
-    builds (tools on the system message) is the trained one, and the calls (read by philora's phi4_mini
-    parser: llama-cpp-python's handler parses none) equal the reference's: name and arguments."""
+    """GGUF f32 / q8_0 of the Phi-4-mini-shape run in llama.cpp: the same tokens, the prompt llama-cpp-python
+    builds from each conversation sent as an OpenAI request (the tools as the request's tools=, none on a
+    message) with the export's template (the model's behind toolparser's preamble) is the trained one, and
+    the calls (read by philora's phi4_mini parser: llama-cpp-python's handler parses none) equal the
+    reference's: name and arguments."""
     pytest.importorskip("llama_cpp", reason="llama_cpp is not importable (scripts/setup.sh --tests)")
     result = verify(tool_run, engines=["gguf-f32", "gguf-q8_0"], prompts=4, max_new_tokens=40, out=tmp_path, say=Lines())
     assert result["exit_code"] == 0 and result["tool_call_format"] == "phi4_mini", \
@@ -453,6 +456,30 @@ def test_tool_calls_that_differ_fail(tool_run, tmp_path):
     assert e["tool_calls"]["parser"] == "vLLM phi4_mini_json" and e["tool_calls"]["same"] == 0
     assert e["failures"] and all("tool calls read by vLLM phi4_mini_json: no call; the reference's: " in f
                                  for f in e["failures"])
+
+
+def test_gguf_with_the_models_own_template_loses_the_tools(tool_run, tmp_path):
+    """The export's GGUF carries Phi-4-mini's template behind toolparser's preamble and builds the trained
+    prompt from every OpenAI request; the same file carrying the model's own template (which reads the tools
+    only from the system message, where no client can put them: llama-server drops them) builds another
+    prompt for each, at the tools block: exit 1 naming the file and every prompt (tokens in, the replies
+    still agree)."""
+    pytest.importorskip("llama_cpp", reason="llama_cpp is not importable (scripts/setup.sh --tests)")
+    import gguf
+    from transformers import AutoTokenizer
+    from philora.export.gguf import export_gguf
+    from philora.export.toolparser import tools_template
+    own = AutoTokenizer.from_pretrained(tool_run).chat_template
+    fixed = export_gguf(tool_run, tmp_path / "fixed.gguf", outtype="f32")
+    assert gguf.GGUFReader(str(fixed)).fields["tokenizer.chat_template"].contents() == tools_template(own, "flat")
+    bad = _rewrite_gguf(fixed, tmp_path / "own.gguf", {"tokenizer.chat_template": (gguf.GGUFValueType.STRING, own, None)})
+    result = verify(tool_run, engines=[], models=[fixed, bad], prompts=4, max_new_tokens=40, out=tmp_path, say=Lines())
+    good, e = _engine(result, "gguf:fixed.gguf"), _engine(result, "gguf:own.gguf")
+    assert good["prompts_checked"] == good["prompts_same"] == good["identical"] == 4 and not good["failures"], good
+    assert result["exit_code"] == 1 and e["prompts_checked"] == 4 and e["prompts_same"] == 0 and e["identical"] == 4
+    assert [f.split(": its own chat template")[0] for f in e["failures"]] == \
+        [f"gguf:own.gguf: prompt {n} (eval #{n})" for n in range(1, 5)]
+    assert all("build another prompt" in f and "trained: '<|tool|>[{\"name\"" in f for f in e["failures"]), e["failures"]
 
 
 def test_phi4_mini_as_vllm_ships_it_fails_twice(tool_run, vllm_python, tmp_path):
