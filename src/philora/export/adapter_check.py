@@ -23,6 +23,20 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 
 
+def adapter_rank(adapter) -> int:
+    """The largest rank among an adapter's (model.adapter.read_adapter's) LoRA modules; 0 with none."""
+    return max((A.shape[0] for A, _, _ in adapter.modules.values()), default=0)
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The ``--max-lora-rank`` vLLM serves a rank-``rank`` adapter with: the smallest it accepts that holds
+    it; beyond its largest, PhiloraError (one line)."""
+    fits = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
+    if not fits:
+        raise PhiloraError(f"rank {rank} is beyond vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
+    return fits[0]
+
+
 def _target_matches(target_modules, names: List[str]) -> List[str]:
     """Entries of a PEFT target_modules list that match none of the model's module names."""
     if not isinstance(target_modules, list):
@@ -40,13 +54,15 @@ def check(adapter_dir, base: Optional[str] = None) -> Tuple[List[str], List[str]
         errors.append(f"DoRA (use_dora): vLLM cannot serve DoRA adapters; to deploy, merge it "
                       f"(philora merge {adapter_dir} --out DIR) and serve the merged model")
     modules = adapter.modules
-    ranks = [A.shape[0] for A, _, _ in modules.values()]
+    ranks = [adapter_rank(adapter)]
     ranks += [v for v in [cfg.get("r"), *(cfg.get("rank_pattern") or {}).values()] if isinstance(v, int)]
     top = max(ranks, default=0)
-    if top > VLLM_MAX_LORA_RANKS[-1]:
-        errors.append(f"rank {top} is beyond vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
-    elif top > VLLM_DEFAULT_MAX_LORA_RANK:
-        need = min(c for c in VLLM_MAX_LORA_RANKS if c >= top)
+    try:
+        need = vllm_max_lora_rank(top)
+    except PhiloraError as e:
+        errors.append(str(e))
+        need = None
+    if need is not None and top > VLLM_DEFAULT_MAX_LORA_RANK:
         warnings.append(f"rank {top}: serve with vLLM --max-lora-rank {need} (its default is "
                         f"{VLLM_DEFAULT_MAX_LORA_RANK}; allowed: {', '.join(map(str, VLLM_MAX_LORA_RANKS))})")
     if modules and not errors and len({round(adapter.scaling(n), 9) for n in modules}) > 1:
