@@ -129,14 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="f32, f16 (default), bf16, q8_0; q4_k_m, q5_k_m, q6_k, ... with llama-cpp-python installed")
     q.add_argument("--adapter-only", action="store_true", help="the LoRA alone as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER)")
     q.add_argument("--base", default=None, help="base model for an adapter (default: the run's / adapter's own)")
+    q.add_argument("--tools-shape", choices=("flat", "openai"), default=None,
+                   help="for a template that reads tools from the system message (Phi-4-mini): how the training data "
+                        "gave them, [{name, description, parameters}] (flat) or [{type, function}] (default: the "
+                        "run's data's)")
     q.add_argument("--force", action="store_true", help="overwrite an existing output file and Modelfile")
     q = esub.add_parser("tool-parser", help="a vLLM tool-parser plugin that reads the tool calls the model was "
                                             "trained to write (Phi-4-mini), and the vllm serve line")
     q.add_argument("source", help="a philora run or PEFT adapter directory")
     q.add_argument("--out", default=None, help="the plugin file to write (default: SOURCE/philora_tool_parser.py)")
-    q.add_argument("--tools-shape", choices=("flat", "openai"), default="flat",
+    q.add_argument("--tools-shape", choices=("flat", "openai"), default=None,
                    help="for a template that reads tools from the system message (Phi-4-mini): how the training "
-                        "data gave them, [{name, description, parameters}] (flat, default) or [{type, function}]")
+                        "data gave them, [{name, description, parameters}] (flat) or [{type, function}] (default: "
+                        "the run's data's)")
     q.add_argument("--force", action="store_true", help="overwrite an existing plugin file and chat template")
 
     sub.add_parser("verify", help="the run's held-out prompts in peft, the merged model, GGUF (llama.cpp), vLLM: "
@@ -234,14 +239,17 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "export":
         if args.export_format == "gguf":
             from .export.gguf import export_gguf
+            from .export.toolparser import data_tools_shape, run_tokenizer
+            from .model.loading import resolve_source
+            src = resolve_source(args.source, args.base)  # the shape: the flag, else the run's data's
+            shape = args.tools_shape or ("flat" if args.adapter_only or src.run_cfg is None
+                                         else data_tools_shape(src, run_tokenizer(src)))
             export_gguf(args.source, args.out, outtype=args.outtype, force=args.force,
-                        adapter_only=args.adapter_only, base=args.base)
+                        adapter_only=args.adapter_only, base=args.base, tools_shape=shape)
             return 0
         if args.export_format == "tool-parser":
-            from .export.toolparser import PLUGIN_FILE, export_tool_parser
-            out = args.out or str(Path(args.source) / PLUGIN_FILE)
-            guard_output(out, args.force, directory=False)
-            print("\n".join(export_tool_parser(args.source, out, args.tools_shape, args.force)[1]))
+            from .export.toolparser import export_tool_parser
+            print("\n".join(export_tool_parser(args.source, args.out, args.tools_shape, args.force)[1]))
             return 0
         build_parser().parse_args(["export", "--help"])
     if args.command == "adapter":

@@ -240,7 +240,8 @@ def test_formats_vllm_reads_need_no_plugin(adapters, families, capsys, family, p
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0] == f"{run}: vLLM's own {parser} parser reads this model's {parser} tool calls; no plugin needed. " \
                      f"Serve it with:"
-    assert out[1] == (f"vllm serve {families.dir(family)} --enable-lora --lora-modules {family}={run} "
+    tokenizer = f"--tokenizer {run} " if family == "qwen2" else ""  # the run's own tokenizer, where it has one
+    assert out[1] == (f"vllm serve {families.dir(family)} {tokenizer}--enable-lora --lora-modules {family}={run} "
                       f"--enable-auto-tool-choice --tool-call-parser {parser}")
     assert not (run / PLUGIN_FILE).exists() and not (run / TEMPLATE_FILE).exists()
 
@@ -260,6 +261,63 @@ def test_export_errors_are_one_line(adapters, families, capsys, helpers, tmp_pat
                                 f"(no adapter_config.json)"
     code, err = _cli(capsys, helpers, tmp_path / "nowhere", "--out", tmp_path / "y.py")
     assert code == 2 and err.startswith("philora: error: ") and "no such directory" in err
+
+
+def test_serve_line_and_plugin_as_verify_serves_them(adapters, families, tmp_path, monkeypatch, helpers):
+    """Through the API, a run given by a relative path: the serve line names the adapter and the run's
+    tokenizer by absolute path (vllm serve may start elsewhere); an existing plugin file is replaced only with
+    force, as the template beside it (the CLI guarded the plugin itself before)."""
+    from philora.core.errors import PhiloraError
+    from philora.export.toolparser import export_tool_parser
+    monkeypatch.chdir(adapters["qwen2"].parent)
+    _, lines = export_tool_parser("qwen2")
+    run = adapters["qwen2"]
+    assert lines[1] == (f"vllm serve {families.dir('qwen2')} --tokenizer {run} --enable-lora --lora-modules "
+                        f"qwen2={run} --enable-auto-tool-choice --tool-call-parser hermes")
+    taken = tmp_path / "taken.py"
+    taken.write_text("x")
+    with pytest.raises(PhiloraError) as e:
+        export_tool_parser(adapters["phi4-mini"], taken)
+    helpers.one_line_error(e, f"--out '{taken}' already exists; pass --force")
+    assert taken.read_text() == "x"
+
+
+def test_tools_shape_defaults_to_the_runs_data(adapters, families, tmp_path, capsys):
+    """A Phi-4-mini run whose data gave the tools as {"type": "function", ...}: export tool-parser and
+    export gguf without --tools-shape write the template in that shape (flat before: the verify of such a
+    run passed in vLLM and failed in every GGUF); --tools-shape overrides it."""
+    import shutil
+    import gguf
+    from transformers import AutoTokenizer
+    from philora.cli import main
+    from philora.core.config import Config, DataConfig, ModelConfig, save_config
+    run = tmp_path / "run"
+    shutil.copytree(adapters["phi4-mini"], run, ignore=shutil.ignore_patterns("philora_*"))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"tools": OPENAI, "messages": [
+        {"role": "system", "content": "Use tools."}, {"role": "user", "content": f"Wetter {i}?"},
+        {"role": "assistant", "content": "Sonnig."}]}) + "\n" for i in range(4)))
+    save_config(Config(model=ModelConfig(name_or_path=str(families.dir("phi4-mini"))),
+                       data=DataConfig(train=str(data), eval=str(data), max_length=256)), run / "config.yaml")
+    own = AutoTokenizer.from_pretrained(families.dir("phi4-mini")).chat_template
+    assert main(["export", "tool-parser", str(run)]) == 0
+    assert (run / TEMPLATE_FILE).read_text(encoding="utf-8") == tools_template(own, "openai")
+    assert "as openai JSON" in capsys.readouterr().out
+    for flag, shape in (([], "openai"), (["--tools-shape", "flat"], "flat")):
+        out = tmp_path / shape / "m.gguf"
+        assert main(["export", "gguf", str(run), "--out", str(out), "--outtype", "f32", *flag]) == 0
+        assert gguf.GGUFReader(str(out)).fields["tokenizer.chat_template"].contents() == tools_template(own, shape)
+
+
+def test_reads_system_tools_takes_what_servers_take():
+    """A dict of named templates (any of them), {% break %} (transformers' loopcontrols); a template Jinja
+    cannot parse reads no tools (a traceback from export gguf before)."""
+    reads = "{% for message in messages %}{{ message['tools'] }}{% break %}{% endfor %}"
+    assert reads_system_tools(reads)
+    assert reads_system_tools({"default": "{{ messages }}", "tool_use": reads})
+    assert not reads_system_tools({"default": "{{ messages }}"})
+    assert not reads_system_tools("{% for message in messages %}{{ message['tools'] }}{% generation %}")
+    assert not reads_system_tools(reads.replace("{% break %}", "") + "{{ tools }}")
 
 
 # -----------------------------------------------------------------------------

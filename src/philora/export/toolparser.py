@@ -20,30 +20,22 @@ the content up to ``<|tool_call|>``, then each call whole once its JSON is compl
 a body that parses). ``<|tool_call|>`` is a special token, which the server strips from the text unless
 the parser's ``adjust_request`` turns ``skip_special_tokens`` off, as vLLM's hermes parser does.
 
-The tools, for a model whose template reads them from the system message. An OpenAI chat request
-carries the tool definitions as the request's ``tools`` (``[{"type": "function", "function": {...}}]``),
-each assistant call as ``tool_calls`` with its arguments as JSON text (``openai_messages``,
-``openai_tools``), and nothing else on a message: vLLM's request model drops a ``tools`` key on a system
-message, as llama-server does. philora's data carries the tools on the system message as JSON text
-(data/formats.py ``tools_json``), which templates that read the ``tools`` variable (Qwen2.5, Llama 3.1)
-get as ``tools=`` too (data/encoding.template_inputs). Phi-4-mini's template reads them only from the
-system message (``<|system|>{content}<|tool|>{tools}<|/tool|><|end|>``), so behind ``vllm serve`` a
-client's tools never reach the prompt (``philora verify``'s vLLM prompt check shows it). For such a
-template ``philora export tool-parser`` also writes ``tools_template`` for ``vllm serve --chat-template``:
-the run's own template, unchanged, behind a preamble that, when the request gives ``tools`` and the
-system message has none, sets the system message's ``tools`` to the JSON text training spliced in.
-``philora export gguf`` writes the same template into the GGUF (``tokenizer.chat_template``) for llama.cpp:
-llama-server drops a message's ``tools`` as vLLM does, and both it and llama-cpp-python's chat handler
-give the template the request's ``tools``.
-The servers normalize the request's tools (``name``, ``description``, ``parameters`` in that order, other
-keys dropped; a missing description is null in vLLM's FunctionDefinition, ``""`` in llama-server's
-common_chat_tools_parse_oaicompat), so the preamble drops null fields and an empty description, and
-writes each tool in the data's shape: ``flat`` (``{"name", "description", "parameters"}``,
-Phi-4-mini's model card) or ``openai`` (``{"type": "function", "function": {...}}``); its ``tojson`` is
-``json.dumps(..., ensure_ascii=False)``, as ``tools_json``'s. The text is training's byte for byte when
-the data's tools are in that shape, keys in that order (name, description, parameters) and no others;
-with no system message the tools get an empty one. (A data set whose tools carry ``"description": ""``
-gets it dropped: no server tells it from a missing one.)
+The tools, for a model whose template reads them from the system message. An OpenAI chat request carries
+the tool definitions as the request's ``tools``, each assistant call as ``tool_calls`` with its arguments as
+JSON text (``openai_messages``, ``openai_tools``: data/encoding.template_inputs' ``tools=``), and nothing else
+on a message: vLLM and llama-server drop a ``tools`` key on a system message. philora's data carries them on
+the system message as JSON text (data/formats.py ``tools_json``), where Phi-4-mini's template reads them
+(``<|system|>{content}<|tool|>{tools}<|/tool|><|end|>``), and nowhere else: behind a server a client's tools
+never reach its prompt. For such a template ``philora export tool-parser`` writes ``tools_template`` for
+``vllm serve --chat-template``, and ``philora export gguf`` puts it in the GGUF for llama.cpp: the run's own
+template, unchanged, behind a preamble that, when the request gives ``tools`` and the system message has
+none, sets the system message's ``tools`` to the JSON text training spliced in. The servers normalize the
+request's tools (``name``, ``description``, ``parameters`` in that order, other keys dropped; a missing
+description is null in vLLM, ``""`` in llama-server), so the preamble drops null fields and an empty
+description, and writes each tool in the data's shape (``tools_shape``): ``flat`` (``{"name", "description",
+"parameters"}``, Phi-4-mini's model card) or ``openai`` (``{"type": "function", "function": {...}}``), with
+``tojson`` as ``json.dumps(..., ensure_ascii=False)``: training's text byte for byte when the data's tools
+are in that shape, keys in that order and no others; with no system message they get an empty one.
 
 Hand-written: vLLM has no parser for this format, and neither vLLM nor the model ships a template that
 reads the request's tools for Phi-4-mini.
@@ -60,10 +52,12 @@ from jinja2 import meta
 
 from ..core.diskio import guard_output, write_text
 from ..core.errors import PhiloraError
+from ..data.build import build_datasets
+from ..data.encoding import template_inputs
 from ..model.adapter import read_adapter
 from ..model.families import TOOL_CALL_FORMATS, tool_call_format, vllm_tool_parser
 from ..model.loading import load_tokenizer, resolve_path, resolve_source
-from .adapter_check import VLLM_DEFAULT_MAX_LORA_RANK, VLLM_MAX_LORA_RANKS
+from .adapter_check import VLLM_DEFAULT_MAX_LORA_RANK, adapter_rank, vllm_max_lora_rank
 
 PLUGIN_SOURCE = r'''"""philora's vLLM tool parser for Phi-4-mini's tool calls (written by ``philora export tool-parser``).
 
@@ -185,7 +179,7 @@ class PhiloraPhi4MiniToolParser(ToolParser):
             for name, args in calls:
                 call = tool_call(name, args)
                 self.current_tool_id = len(self.prev_tool_call_arr)
-                self.prev_tool_call_arr.append({"name": name, "arguments": args})
+                self.prev_tool_call_arr.append({"name": name, "arguments": json.loads(args)})  # decoded, as vLLM's own
                 self.streamed_args_for_tool.append(args)  # all of it: nothing left for the server to add
                 deltas.append(DeltaToolCall(index=self.current_tool_id, type="function", id=call.id,
                                             function=DeltaFunctionCall(name=name, arguments=args).model_dump(
@@ -207,8 +201,6 @@ SHAPE_NOTE = {"flat": 'the data\'s tools as [{"name", "description", "parameters
                       'keys in that order, no others (--tools-shape openai: {"type": "function", "function": ...})',
               "openai": 'the data\'s tools as [{"type": "function", "function": {"name", "description", '
                         '"parameters"}}, ...], keys in that order, no others'}
-
-
 TOOLS_SHAPES = ("flat", "openai")
 TEMPLATE_FILE = "philora_chat_template.jinja"
 # The preamble: {shape} is TOOLS_SHAPES' entry. Jinja's if-block does not scope, so ``messages`` is replaced
@@ -242,15 +234,8 @@ WRAP = {"flat": "fn", "openai": "{'type': 'function', 'function': fn}"}
 
 
 def openai_tools(messages: List[dict]) -> Optional[list]:
-    """The conversation's tool definitions (the system message's JSON text) as an OpenAI request's
-    ``tools``: each wrapped as ``{"type": "function", "function": ...}`` where it is not; None if none."""
-    text = next((m["tools"] for m in messages if m.get("tools")), None)
-    try:
-        tools = json.loads(text) if isinstance(text, str) else text
-    except ValueError:
-        return None
-    tools = tools if isinstance(tools, list) else [tools] if tools else []
-    return [t if isinstance(t, dict) and "type" in t else {"type": "function", "function": t} for t in tools] or None
+    """An OpenAI request's ``tools``: training's ``tools=`` (data.encoding.template_inputs); None if none."""
+    return template_inputs(messages)[1].get("tools")
 
 
 def openai_messages(messages: List[dict]) -> List[dict]:
@@ -269,23 +254,36 @@ def openai_messages(messages: List[dict]) -> List[dict]:
 
 
 def tools_shape(messages: List[dict]) -> str:
-    """``openai`` when the conversation's tools are given as ``{"type": "function", "function": ...}``,
-    else ``flat``."""
-    text = next((m["tools"] for m in messages if m.get("tools")), None)
-    try:
-        tools = json.loads(text) if isinstance(text, str) else text
-    except ValueError:
+    """``openai`` when the conversation's tools (those template_inputs finds) are given as
+    ``{"type": "function", "function": ...}``, else ``flat``."""
+    chat, kwargs = template_inputs(messages)
+    if not kwargs:
         return "flat"
+    text = next(m["tools"] for m in chat if m.get("tools"))  # JSON text or a list: template_inputs read it
+    tools = json.loads(text) if isinstance(text, str) else text
     tools = tools if isinstance(tools, list) else [tools]
-    return "openai" if tools and all(isinstance(t, dict) and "function" in t for t in tools) else "flat"
+    return "openai" if all(isinstance(t, dict) and "function" in t for t in tools) else "flat"
 
 
-def reads_system_tools(template: Optional[str]) -> bool:
-    """Whether the template reads the tools from the system message and not from the ``tools`` variable
-    (Phi-4-mini's), so that an OpenAI request's tools never reach its prompt."""
+def reads_system_tools(template) -> bool:
+    """Whether the template (or one of a dict of named templates) reads the tools from the system message and
+    not from the ``tools`` variable (Phi-4-mini's), so that an OpenAI request's tools never reach its prompt.
+    Parsed as transformers' environment parses it ({% break %}); a template Jinja cannot parse: no."""
+    if isinstance(template, dict):
+        return any(reads_system_tools(t) for t in template.values())
     if not template or not re.search(r"""message\[['"]tools['"]\]|message\.tools\b""", template):
         return False
-    return "tools" not in meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    try:
+        parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError:
+        return False
+    return "tools" not in meta.find_undeclared_variables(parsed)
+
+
+def own_template(template) -> Optional[str]:
+    """The one template a server renders a request with tools by, of a tokenizer's ``chat_template``: a dict
+    of named templates gives its "tool_use" one, else its "default" (as transformers and vLLM choose)."""
+    return template.get("tool_use") or template.get("default") if isinstance(template, dict) else template
 
 
 def tools_template(template: str, shape: str = "flat") -> str:
@@ -325,33 +323,56 @@ def own_parsers() -> str:
     return ", ".join(f"{f} (--tool-call-parser {vllm_tool_parser(f)})" for f in FORMATS if f not in PLUGIN_FORMATS)
 
 
-def serve_line(src, run: str, parser: str, plugin: Optional[Path], template: Optional[Path] = None) -> str:
-    """The ``vllm serve`` command for the run's adapter on its base, reading tool calls with ``parser``
-    (loaded from ``plugin`` when given), rendering with the ``--chat-template`` file ``template`` when
-    given; ``--max-lora-rank`` where vLLM's default is too small."""
-    rank = max((A.shape[0] for A, _, _ in read_adapter(src.adapter_dir).modules.values()), default=0)
-    words = ["vllm", "serve", src.model_cfg.name_or_path, "--enable-lora", "--lora-modules",
-             f"{Path(run).resolve().name}={run}"]
+def serve_line(src, parser: str, plugin: Optional[Path], template: Optional[Path] = None,
+               base: Optional[str] = None) -> str:
+    """The ``vllm serve`` command for the run's adapter (its absolute path) on ``base`` (the resolved base
+    directory: a GGUF / ``pkg:`` base's conversion; default the run's model), with the run's tokenizer where
+    it has one, reading tool calls with ``parser`` (loaded from ``plugin`` when given), rendering with the
+    ``--chat-template`` file ``template`` when given; ``--max-lora-rank`` where vLLM's default is too small."""
+    rank = adapter_rank(read_adapter(src.adapter_dir))
+    adapter = Path(src.adapter_dir).resolve()
+    words = ["vllm", "serve", str(base or src.model_cfg.name_or_path)]
+    words += ["--tokenizer", str(Path(src.tokenizer_path).resolve())] if src.tokenizer_path else []
+    words += ["--enable-lora", "--lora-modules", f"{adapter.name}={adapter}"]
     if rank > VLLM_DEFAULT_MAX_LORA_RANK:
-        words += ["--max-lora-rank", str(next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), rank))]
+        words += ["--max-lora-rank", str(vllm_max_lora_rank(rank))]
     words += ["--chat-template", str(template)] if template else []
     words += ["--enable-auto-tool-choice"] + (["--tool-parser-plugin", str(plugin)] if plugin else [])
     return " ".join(map(shlex.quote, words + ["--tool-call-parser", parser]))
 
 
-def export_tool_parser(run, out=None, shape: str = "flat", force: bool = False) -> Tuple[Optional[Path], List[str]]:
-    """``philora export tool-parser``: for a run whose model writes calls no vLLM parser reads, the plugin
-    at ``out`` (default: RUN/philora_tool_parser.py) and, where its chat template reads the tools only from
-    the system message (Phi-4-mini's), the ``--chat-template`` file beside it (tools_template:
-    the request's tools in ``shape``; an existing one replaced only with ``force``); (the plugin's path or
-    None, the lines to print: the ``vllm serve`` line). A format vLLM's own parser reads: no file, the
-    line with that parser. A model without a tool-call format: PhiloraError (one line)."""
+def data_tools_shape(src, tokenizer) -> str:
+    """The tools shape ``export gguf`` / ``export tool-parser`` default to: for a template that reads them only
+    from the system message (where the shape matters), that of the run's eval prompts (data.build_datasets
+    from its config.yaml, as verify takes them: the tokenized data's cache makes it quick); else ``flat``."""
+    if src.run_cfg is None or not reads_system_tools(tokenizer.chat_template):
+        return "flat"
+    quiet = lambda *a, **k: None  # noqa: E731
+    try:
+        _, examples, _ = build_datasets(src.run_cfg.data, tokenizer, src.run_cfg.training_config.seed, log=quiet)
+    except PhiloraError as e:
+        raise PhiloraError(f"{e} (reading the run's data for the shape of its tools: pass --tools-shape)") from None
+    return tools_shape(next((e["messages"] for e in examples if any(m.get("tools") for m in e["messages"])), []))
+
+
+def run_tokenizer(src):
+    """The tokenizer a run's prompts are rendered with (the run's own, else its base's), without a model."""
+    return load_tokenizer(src.tokenizer_path or resolve_path(src.model_cfg.name_or_path),
+                          src.model_cfg.trust_remote_code, chat=False)
+
+
+def export_tool_parser(run, out=None, shape: Optional[str] = None, force: bool = False) -> Tuple[Optional[Path], List[str]]:
+    """``philora export tool-parser``: for a run whose model writes calls no vLLM parser reads, the plugin at
+    ``out`` (default: RUN/philora_tool_parser.py) and, for a template that reads the tools only from the
+    system message, the ``--chat-template`` file beside it (tools in ``shape``, default data_tools_shape's);
+    an existing file replaced only with ``force``; (the plugin's path or None, the lines to print). A format
+    vLLM reads: no file, the serve line with its parser. No tool-call format: PhiloraError (one line)."""
     run = str(run)
     src = resolve_source(run)
     if src.adapter_dir is None:
         raise PhiloraError(f"{run}: not a run or adapter directory (no adapter_config.json)")
-    tok = load_tokenizer(src.tokenizer_path or resolve_path(src.model_cfg.name_or_path),
-                         src.model_cfg.trust_remote_code, chat=False)
+    base = resolve_path(src.model_cfg.name_or_path)  # a GGUF / pkg: base: its converted directory
+    tok = run_tokenizer(src)
     fmt = tool_call_format(tok)
     if fmt is None:
         raise PhiloraError(f"{run}: its model writes no tool calls in a format philora knows ({', '.join(FORMATS)}), "
@@ -359,17 +380,18 @@ def export_tool_parser(run, out=None, shape: str = "flat", force: bool = False) 
     parser, plugin = vllm_parser(fmt)
     if not plugin:
         return None, [f"{run}: vLLM's own {parser} parser reads this model's {fmt} tool calls; no plugin "
-                      f"needed. Serve it with:", serve_line(src, run, parser, None)]
-    path = Path(out) if out is not None else Path(run) / PLUGIN_FILE
+                      f"needed. Serve it with:", serve_line(src, parser, None, base=base)]
+    path = guard_output(Path(out) if out is not None else Path(run) / PLUGIN_FILE, force, directory=False)
     template, lines = None, []
     if reads_system_tools(tok.chat_template):
+        shape = shape or data_tools_shape(src, tok)
         template = guard_output(path.parent / TEMPLATE_FILE, force, directory=False, name="the chat template")
-        write_text(template, tools_template(tok.chat_template, shape))
+        write_text(template, tools_template(own_template(tok.chat_template), shape))
         lines = [f"{template}: the run's chat template behind a preamble that puts an OpenAI request's tools onto the "
                  f"system message as training did (its template reads them nowhere else; vLLM drops a message's "
                  f"'tools'), as {shape} JSON: {SHAPE_NOTE[shape]}"]
     path = write_plugin(path)
     return path, [f"{path}: vLLM tool parser {parser} for the {fmt} tool calls this model writes (vLLM's own "
                   f"{vllm_tool_parser(fmt)} reads none of them)."] + lines + [
-                  "Serve it with:", serve_line(src, run, parser, path, template),
+                  "Serve it with:", serve_line(src, parser, path, template, base=base),
                   f"Check it in vLLM: philora verify {shlex.quote(run)} --vllm-python PATH (a python with vllm)"]
