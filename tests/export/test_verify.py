@@ -282,6 +282,46 @@ def test_vllm_through_another_python(tiny_run, tmp_path, ignore_lora):
         assert result["exit_code"] == 0 and e["identical"] == N and e["stops_on_eot"] == result["reference"]["stops_on_eot"]
 
 
+TOOLS = [{"name": "weather", "description": "Weather in a city", "parameters": {"city": {"type": "str"}}}]
+
+
+def _tools_prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps({"tools": TOOLS, "messages": [{"role": "system", "content": "Use tools."},
+                                                             {"role": "user", "content": "Weather in Paris?"}]}) + "\n")
+    return path
+
+
+def test_vllm_request_carries_the_tools_without_a_call_format(tiny_run, tmp_path):
+    """The tiny model writes no tool-call format philora knows, yet a prompt with tools sends them in vLLM's
+    chat request (the reference and llama.cpp render with them; without them vLLM's prompt check would fail
+    on verify's own doing), in the servers' shape; no parser (the request is recorded by a fake python)."""
+    seen = tmp_path / "request.json"
+    script = tmp_path / "record.py"
+    script.write_text(f"import sys\nopen({str(seen)!r}, 'w').write(sys.stdin.read())\n"
+                      "print('{\"not_installed\": \"recorded\"}')\n")
+    python = tmp_path / "python-record"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    python.chmod(0o755)
+    result = verify(tiny_run, engines=["vllm"], vllm_python=str(python), prompts=str(_tools_prompts(tmp_path)),
+                    max_new_tokens=4, out=tmp_path, say=Lines())
+    assert result["tool_call_format"] is None and _engine(result, "vllm")["status"] == "skipped"
+    req = json.loads(seen.read_text())
+    assert req["tool_parser"] is None
+    assert req["chats"][0]["tools"] == [{"type": "function", "function": TOOLS[0]}]
+    assert req["chats"][0]["messages"] == [{"role": "system", "content": "Use tools."},
+                                           {"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_tools_without_a_parser_render_in_real_vllm(tiny_run, vllm_python, tmp_path):
+    """Real vLLM renders that request (tool_choice "none": no --enable-auto-tool-choice needed) as the
+    reference: the prompt check passes."""
+    result = verify(tiny_run, engines=["vllm"], vllm_python=vllm_python, prompts=str(_tools_prompts(tmp_path)),
+                    max_new_tokens=8, out=tmp_path, say=Lines())
+    e = _engine(result, "vllm")
+    assert e["status"] == "ok" and e["prompts_checked"] == e["prompts_same"] == 1 and result["exit_code"] == 0, e
+
+
 def test_engines_not_installed_are_one_line_each(tiny_run, tmp_path, monkeypatch, capsys):
     """No llama_cpp, a --vllm-python without vllm, one that does not exist: a line each, skipped; the
     merged model still runs; exit 0. Through the command's own argument parser, --json on stdout."""

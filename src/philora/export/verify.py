@@ -29,7 +29,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 from ..core.diskio import write_text
 from ..core.errors import PhiloraError, first_line
 from ..data.build import build_datasets
-from ..data.formats import to_messages
+from ..data.encoding import TEMPLATE_KEYS
+from ..data.formats import SHAREGPT_ROLES, detect_format, to_messages
 from ..data.records import load_records
 from ..model.adapter import read_adapter
 from ..model.decoding import chat_ids
@@ -40,12 +41,12 @@ from ..run.evalgen import held_out
 from ..use.merge import merge
 from ..use.report import last_user_turn, lora_disabled
 from ..use.toolcalls import parse_tool_calls
-from .adapter_check import VLLM_MAX_LORA_RANKS
+from .adapter_check import adapter_rank, vllm_max_lora_rank
 from .engines import NotInstalled, hf_greedy, llama_cpp_greedy, llama_cpp_module, vllm_greedy, vllm_request
 from .agreement import compare_calls, compare_engine, markdown
 from .gguf import export_gguf
-from .toolparser import (PLUGIN_FILE, TEMPLATE_FILE, openai_messages, openai_tools, reads_system_tools, tools_shape,
-                         tools_template, vllm_parser, write_plugin)
+from .toolparser import (PLUGIN_FILE, TEMPLATE_FILE, openai_messages, openai_tools, own_template, reads_system_tools,
+                         tools_shape, tools_template, vllm_parser, write_plugin)
 
 ENGINES = ("peft", "merged", "gguf-f32", "gguf-q8_0")  # the default; "vllm" joins with --vllm-python
 # The reference's top-1 minus top-2 logit below which another engine may flip a token by rounding:
@@ -59,16 +60,27 @@ MAX_NEW_TOKENS = 128
 # -----------------------------------------------------------------------------
 # prompts
 
+# Put after a conversation that ends on a user turn so that to_messages validates it as training data (roles,
+# tool calls, the record's tools onto the system message as JSON text), and taken off again
+PROBE_REPLY = {"messages": {"role": "assistant", "content": "philora prompt probe"},
+               "sharegpt": {"from": "gpt", "value": "philora prompt probe"}}
+
+
 def _file_prompts(path: str) -> List[tuple]:
     """(where, messages) from a prompts file (any training format): a record's conversation up to its
-    last assistant turn, or a "messages" list that ends on a user turn, as the prompt."""
+    last assistant turn, or a conversation that ends on another turn (a user's), whole, as the prompt;
+    validated as training data is (a bad record: DataError, one line)."""
     out = []
     for where, record in load_records(path):
-        msgs = record.get("messages") if isinstance(record, dict) else None
-        if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") != "assistant":
-            out.append((where, [{k: m[k] for k in ("role", "content", "tools") if k in m} for m in msgs]))
+        fmt = detect_format(record, where)
+        key = "conversations" if fmt == "sharegpt" or record.get("messages") is None else "messages"
+        turns = record.get(key) if fmt in PROBE_REPLY else None
+        last = turns[-1] if isinstance(turns, list) and turns and isinstance(turns[-1], dict) else {}
+        if last and last.get("role", SHAREGPT_ROLES.get(last.get("from"))) not in ("assistant", None):
+            msgs = to_messages({**record, key: turns + [PROBE_REPLY[fmt]]}, fmt, where)[:-1]
         else:
-            out.append((where, held_out(to_messages(record, "auto", where))[0]))
+            msgs = held_out(to_messages(record, fmt, where))[0]
+        out.append((where, [{k: m[k] for k in TEMPLATE_KEYS if k in m} for m in msgs]))
     return out
 
 
@@ -157,9 +169,16 @@ def _gguf(path: Path, prompts, max_new_tokens, context):
     return llama_cpp_greedy(path, prompts, max_new_tokens, n_ctx, torch.get_num_threads())
 
 
+def _tools_shape(prompts) -> str:
+    """The shape the prompts' tools are given in (toolparser.tools_shape of the first with tools): what
+    the templates behind toolparser's preamble (the GGUF's, vLLM's --chat-template) must write."""
+    return tools_shape(next((p["messages"] for p in prompts if any(m.get("tools") for m in p["messages"])), []))
+
+
 def _export(run, base, outtype, prompts, max_new_tokens, context, tmp):
     llama_cpp_module()  # not installed: skipped before the export's minutes
-    path = export_gguf(run, Path(tmp) / f"gguf-{outtype}" / f"model-{outtype}.gguf", outtype=outtype, base=base)
+    path = export_gguf(run, Path(tmp) / f"gguf-{outtype}" / f"model-{outtype}.gguf", outtype=outtype, base=base,
+                       tools_shape=_tools_shape(prompts))
     return _gguf(path, prompts, max_new_tokens, context)
 
 
@@ -171,8 +190,8 @@ def _vllm_template(tok, prompts, chat_template: Optional[str], tmp) -> Tuple[Opt
         return chat_template, None
     if not reads_system_tools(tok.chat_template):
         return None, None
-    shape = tools_shape(next((p["messages"] for p in prompts if any(m.get("tools") for m in p["messages"])), []))
-    path = write_text(Path(tmp) / TEMPLATE_FILE, tools_template(tok.chat_template, shape))
+    shape = _tools_shape(prompts)
+    path = write_text(Path(tmp) / TEMPLATE_FILE, tools_template(own_template(tok.chat_template), shape))
     return str(path), (f"vllm: the chat template philora export tool-parser writes (the request's tools onto "
                        f"the system message, {shape} shape), as --chat-template")
 
@@ -182,8 +201,7 @@ def _vllm(python, ref, tool_parser, chat_template, tmp):
     that reads the format, toolparser.py's plugin where vLLM has none); each prompt also rendered as
     ``vllm serve`` renders an OpenAI request of the conversation (with ``_vllm_template``'s template)."""
     src, prompts, max_new_tokens, dtype, fmt = (ref[k] for k in ("src", "prompts", "max_new_tokens", "dtype", "fmt"))
-    adapter = read_adapter(src.adapter_dir)
-    rank = max(A.shape[0] for A, _, _ in adapter.modules.values())
+    max_lora_rank = vllm_max_lora_rank(adapter_rank(read_adapter(src.adapter_dir)))
     base = src.model_cfg.name_or_path  # load_source resolved it (a GGUF base: the converted directory)
     c = model_config(base, src.model_cfg)  # K and V per layer, per token
     kv_token_bytes = 2 * c.num_hidden_layers * kv_heads(c) * head_dim(c) * (4 if dtype == "float32" else 2) if c else 0
@@ -191,14 +209,14 @@ def _vllm(python, ref, tool_parser, chat_template, tmp):
     template, note = _vllm_template(ref["tok"], prompts, chat_template, tmp)
     if note:
         ref["say"](f"verify: {note}")
-    chats = [{"messages": openai_messages(p["messages"]), "tools": openai_tools(p["messages"]) if fmt else None}
-             for p in prompts]
+    # the tools always go in (as the reference renders them); without a parser, with tool_choice "none"
+    chats = [{"messages": openai_messages(p["messages"]), "tools": openai_tools(p["messages"])} for p in prompts]
     request = vllm_request(base, str(src.tokenizer_path or base), str(src.adapter_dir),
-                           next(r for r in VLLM_MAX_LORA_RANKS if r >= rank), [p["ids"] for p in prompts],
+                           max_lora_rank, [p["ids"] for p in prompts],
                            max_new_tokens, max(len(p["ids"]) for p in prompts) + max_new_tokens, kv_token_bytes,
                            dtype, parser, next((c["tools"] for c in chats if c["tools"]), None),
                            str(write_plugin(Path(tmp) / PLUGIN_FILE)) if plugin else None, chats, template)
-    return vllm_greedy(python, request)
+    return vllm_greedy(python, request, say=ref["say"])
 
 
 def _engine_plan(run, engines, models, vllm_python, vllm_tool_parser=None, vllm_chat_template=None):
@@ -315,6 +333,9 @@ def verify(run, engines: Optional[Sequence[str]] = None, prompts: Union[int, str
             threshold = margin if margin is not None else MARGINS.get(name, DEFAULT_MARGIN)
             replies = with_tool_calls(res.pop("replies"), tok, fmt, name) if fmt else res.pop("replies")
             res.update(compare_engine(name, plist, ref, base, replies, eot, threshold, decode))
+            unchecked = next((r["prompt_unchecked"] for r in replies if r.get("prompt_unchecked")), None)
+            if unchecked:  # the engine could not render the prompts itself: the table says so
+                res["prompt_unchecked"] = unchecked
             if fmt:
                 res.update(compare_calls(name, plist, ref, replies, res))
             for line in res["failures"]:
@@ -368,7 +389,6 @@ def verify_cli(args) -> int:
                         args.model, args.vllm_python, say, args.vllm_tool_parser, args.vllm_chat_template)
     print(json.dumps(result, ensure_ascii=False) if args.json else markdown(result))
     return result["exit_code"]
-
 
 
 def main(argv: Sequence[str]) -> int:
