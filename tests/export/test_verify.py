@@ -282,12 +282,12 @@ def test_vllm_through_another_python(tiny_run, tmp_path, ignore_lora):
         assert result["exit_code"] == 0 and e["identical"] == N and e["stops_on_eot"] == result["reference"]["stops_on_eot"]
 
 
-TOOLS = [{"name": "weather", "description": "Weather in a city", "parameters": {"city": {"type": "str"}}}]
+WEATHER = [{"name": "weather", "description": "Weather in a city", "parameters": {"city": {"type": "str"}}}]
 
 
 def _tools_prompts(tmp_path: Path) -> Path:
     path = tmp_path / "tools.jsonl"
-    path.write_text(json.dumps({"tools": TOOLS, "messages": [{"role": "system", "content": "Use tools."},
+    path.write_text(json.dumps({"tools": WEATHER, "messages": [{"role": "system", "content": "Use tools."},
                                                              {"role": "user", "content": "Weather in Paris?"}]}) + "\n")
     return path
 
@@ -308,7 +308,7 @@ def test_vllm_request_carries_the_tools_without_a_call_format(tiny_run, tmp_path
     assert result["tool_call_format"] is None and _engine(result, "vllm")["status"] == "skipped"
     req = json.loads(seen.read_text())
     assert req["tool_parser"] is None
-    assert req["chats"][0]["tools"] == [{"type": "function", "function": TOOLS[0]}]
+    assert req["chats"][0]["tools"] == [{"type": "function", "function": WEATHER[0]}]
     assert req["chats"][0]["messages"] == [{"role": "system", "content": "Use tools."},
                                            {"role": "user", "content": "Weather in Paris?"}]
 
