@@ -147,3 +147,17 @@ def test_vllm_script_tool_parser_in_real_vllm(vllm_python, families, tmp_path):
     assert got["invalid tools"]["error"].startswith("the chat request with the run's tools: ValidationError")
     assert got["invalid tools"]["skip"] is True
     assert got["no such parser"]["parser"] is False and got["no such parser"]["error"].startswith("KeyError")
+
+
+def test_the_table_says_a_prompt_was_not_checked():
+    """verify.md's prompt cell: 'n/n same' when checked, the engine's note when it could not be."""
+    from philora.export.agreement import markdown
+    engine = {"engine": "vllm", "status": "ok", "identical": 2, "near_ties": 0, "stops_on_eot": 2, "prompts_same": 0,
+              "prompts_checked": 0, "seconds": 1.0, "failures": [], "prompt_unchecked": "not checked (vLLM 0.9.0)"}
+    result = {"prompts": [1, 2], "end_of_turn": {"id": 7, "token": "<|end|>"}, "run": "r", "max_new_tokens": 4,
+              "dtype": "float32", "adapter_changes": 2, "ok": True, "engines": [engine],
+              "reference": {"stops_on_eot": 2, "seconds": 1.0, "replies": []},
+              "base": {"identical": 0, "stops_on_eot": 0, "first_divergence": None}}
+    assert "| 2/2 | not checked (vLLM 0.9.0) | – |" in markdown(result)
+    checked = dict(engine, prompts_same=2, prompts_checked=2)
+    assert "| 2/2 same |" in markdown(dict(result, engines=[checked]))

@@ -62,6 +62,17 @@ def detect_format(record: dict, where: str = "record") -> str:
 
 def to_messages(record: dict, fmt: str = "auto", where: str = "record") -> List[dict]:
     """The validated conversation of a record: [{"role", "content"}, ...], ending with an assistant turn."""
+    msgs = conversation(record, fmt, where)
+    trained = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and m.get("train", True)]
+    if not trained:
+        raise DataError(f"{where}: no assistant message to train on")
+    return msgs[:trained[-1] + 1]
+
+
+def conversation(record: dict, fmt: str = "auto", where: str = "record") -> List[dict]:
+    """A record's turns validated as training data is (roles, contents, tool calls, the record's tools
+    onto its first message), with no assistant turn required: a conversation ending on a user turn is
+    a prompt (``philora verify --prompts FILE``)."""
     if fmt == "auto":
         fmt = detect_format(record, where)
     elif not isinstance(record, dict):
@@ -89,10 +100,7 @@ def to_messages(record: dict, fmt: str = "auto", where: str = "record") -> List[
         msgs = prompt + _part(record, "completion", "assistant", where)
     else:
         raise DataError(f"{where}: unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
-    trained = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and m.get("train", True)]
-    if not trained:
-        raise DataError(f"{where}: no assistant message to train on")
-    return msgs[:trained[-1] + 1]
+    return msgs
 
 
 def _turn_list(record, key, where):

@@ -126,7 +126,8 @@ def _divergence(e: dict) -> str:
 def _row(e: dict, n: int) -> str:
     if e["status"] in ("skipped", "error"):
         return f"| {e['engine']} | – | – | – | – | – | – | {e.get('seconds', 0):.1f} | {e['status']}: {e['reason']} |"
-    prompt = f"{e['prompts_same']}/{e['prompts_checked']} same" if e["prompts_checked"] else "tokens in"
+    prompt = (f"{e['prompts_same']}/{e['prompts_checked']} same" if e["prompts_checked"]
+              else e.get("prompt_unchecked", "tokens in"))
     verdict = "ok" if e["status"] == "ok" else f"**FAIL** ({len(e['failures'])})"
     return (f"| {e['engine']} | {e['identical']}/{n} | {_divergence(e)} | {e['near_ties']} | {e['stops_on_eot']}/{n} | "
             f"{prompt} | {_calls_cell(e)} | {e['seconds']:.1f} | {verdict} |")

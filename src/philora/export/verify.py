@@ -30,7 +30,7 @@ from ..core.diskio import write_text
 from ..core.errors import PhiloraError, first_line
 from ..data.build import build_datasets
 from ..data.encoding import TEMPLATE_KEYS
-from ..data.formats import SHAREGPT_ROLES, detect_format, to_messages
+from ..data.formats import conversation, to_messages
 from ..data.records import load_records
 from ..model.adapter import read_adapter
 from ..model.decoding import chat_ids
@@ -60,26 +60,15 @@ MAX_NEW_TOKENS = 128
 # -----------------------------------------------------------------------------
 # prompts
 
-# Put after a conversation that ends on a user turn so that to_messages validates it as training data (roles,
-# tool calls, the record's tools onto the system message as JSON text), and taken off again
-PROBE_REPLY = {"messages": {"role": "assistant", "content": "philora prompt probe"},
-               "sharegpt": {"from": "gpt", "value": "philora prompt probe"}}
-
-
 def _file_prompts(path: str) -> List[tuple]:
-    """(where, messages) from a prompts file (any training format): a record's conversation up to its
-    last assistant turn, or a conversation that ends on another turn (a user's), whole, as the prompt;
-    validated as training data is (a bad record: DataError, one line)."""
+    """(where, messages) from a prompts file (any training format), validated as training data is (a
+    bad record: DataError, one line): a conversation that ends on another turn than the assistant's (a
+    user's) is the prompt whole, else the conversation up to its last assistant turn."""
     out = []
     for where, record in load_records(path):
-        fmt = detect_format(record, where)
-        key = "conversations" if fmt == "sharegpt" or record.get("messages") is None else "messages"
-        turns = record.get(key) if fmt in PROBE_REPLY else None
-        last = turns[-1] if isinstance(turns, list) and turns and isinstance(turns[-1], dict) else {}
-        if last and last.get("role", SHAREGPT_ROLES.get(last.get("from"))) not in ("assistant", None):
-            msgs = to_messages({**record, key: turns + [PROBE_REPLY[fmt]]}, fmt, where)[:-1]
-        else:
-            msgs = held_out(to_messages(record, fmt, where))[0]
+        msgs = conversation(record, "auto", where)
+        if not msgs or msgs[-1]["role"] == "assistant":
+            msgs = held_out(to_messages(record, "auto", where))[0]
         out.append((where, [{k: m[k] for k in TEMPLATE_KEYS if k in m} for m in msgs]))
     return out
 
