@@ -199,3 +199,22 @@ def test_unknown_chat_template_is_not_guessed(tiny_model_dir):
     tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
     assert detect(tok) is None
     assert {f.name for f in FORMATS} == {"phi-3", *TEMPLATES}
+
+
+# SmolLM2-135M-Instruct's template (the real model's, as its GGUF carries it): ChatML that writes a
+# default system message when the conversation has none
+SMOLLM2 = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+
+
+def test_a_default_system_message_is_read_off_the_template(tiny_model_dir):
+    """ChatML with its own default system prompt (SmolLM2's) is ChatML with that prompt: the Modelfile's
+    Go template renders it as the chat template does, with and without a system message."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = SMOLLM2
+    fmt = detect(tok)
+    assert fmt is not None and fmt.name == "chatml"
+    assert fmt.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    template = go_template(fmt)
+    for chat in CHATS + [[{"role": "system", "content": ""}, {"role": "user", "content": "x"}]]:
+        assert go_render(template, chat) == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)

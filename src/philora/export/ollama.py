@@ -5,13 +5,14 @@ Ollama renders prompts with Go templates, not Jinja, and a template that drops t
 token or the assistant header is what makes exported models ramble or print gibberish. Instead of
 translating Jinja in general, the chat formats of the families philora fine-tunes (Phi-3 / 3.5,
 Phi-4-mini, Phi-4, ChatML / Qwen, Llama 3) are data here; the tokenizer's template is recognised
-by rendering probe conversations through it, and the matching format's Go template is written.
-An unrecognised template gets no TEMPLATE line (Ollama then guesses from the GGUF's own chat
+by rendering probe conversations through it, and the matching format's Go template is written; a
+format's template that writes a system message of its own when a conversation has none (SmolLM2's,
+Qwen2.5's) is recognised with that message read off its rendering. An unrecognised template gets no TEMPLATE line (Ollama then guesses from the GGUF's own chat
 template) and a printed note. The Go template handles a conversation ending in a user turn
 (adds the assistant header) or in an assistant turn (left open, so the reply continues it).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -80,11 +81,23 @@ def detect(tok) -> Optional[ChatFormat]:
         wanted = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROBES]
     except Exception:  # noqa: BLE001 (a template that rejects a probe is no known format)
         return None
-    for fmt in FORMATS:
-        bos = (tok.bos_token or "") if fmt.bos else ""
-        if all(w == bos + render(fmt, p) for w, p in zip(wanted, PROBES)):
-            return fmt
+    for derive in (False, True):  # the formats as listed first, then with a default system message read off
+        for fmt in FORMATS:
+            bos = (tok.bos_token or "") if fmt.bos else ""
+            candidate = _with_default_system(fmt, wanted[0].removeprefix(bos)) if derive else fmt
+            if candidate and all(w == bos + render(candidate, p) for w, p in zip(wanted, PROBES)):
+                return candidate
     return None
+
+
+def _with_default_system(fmt: ChatFormat, text: str) -> Optional[ChatFormat]:
+    """``fmt`` with the system message its template writes when a conversation has none (SmolLM2's
+    "You are a helpful AI assistant named SmolLM, ..."), read off the rendering of a conversation
+    without one; None when that rendering starts with no system turn."""
+    before, after = fmt.turn["system"]
+    if fmt.default_system or not text.startswith(before) or after not in text[len(before):]:
+        return None
+    return replace(fmt, default_system=text[len(before):].split(after, 1)[0])
 
 
 def _lit(text: str) -> str:
