@@ -181,3 +181,12 @@ def test_preference_pairs_report(tmp_path, capsys, phi3_tokenizer_dir, no_model)
     assert longest - 2 <= train["lengths"]["longer_side"]["max"] <= longest
     code, text, _ = check(capsys, *args)
     assert code == 1 and f"{path}:8" in text and text.strip().endswith("data check: problems found")
+
+
+def test_a_missing_relative_path_names_the_working_directory(tmp_path, monkeypatch, capsys, phi3_tokenizer_dir, no_model):
+    """A config's data paths are read from the working directory (a run's config.yaml keeps them as
+    given): a relative one that is not there says which directory it was looked for in."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = check(capsys, f"model.name_or_path={phi3_tokenizer_dir}", "data.train=data/train.jsonl")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"philora: error: data/train.jsonl: no such file (a relative path is read from the working directory, {tmp_path})")

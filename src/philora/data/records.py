@@ -58,7 +58,8 @@ def kind_of(source: str) -> str:
         raise DataError(f"{source}: unsupported file type '{suffix}' (expected {', '.join(FILE_SUFFIXES)})")
     if is_dataset_name(source):
         return "dataset"
-    raise DataError(f"{source}: no such file")
+    hint = "" if path.is_absolute() else f" (a relative path is read from the working directory, {Path.cwd()})"
+    raise DataError(f"{source}: no such file{hint}")
 
 
 def is_dataset_name(source: str) -> bool:
