@@ -18,6 +18,9 @@ from .core.errors import PhiloraError
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"  # in a source checkout
 
 
+TOOLS_SHAPE_HELP = ("for a template that reads tools from the system message (Phi-4-mini): how the training data gave "
+                    "them, [{name, description, parameters}] (flat) or [{type, function}] (default: the run's data's)")
+
 def describe_os_error(e: OSError) -> str:
     """'FILE: reason' for an OSError that reached the top (a write, or a read of a user's file)."""
     text = str(e).strip()
@@ -49,6 +52,7 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_number(int, lambda v: v >= 1, ">= 1"), default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None, help="base model for an adapter (default: the adapter's own)")
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,19 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="f32, f16 (default), bf16, q8_0; q4_k_m, q5_k_m, q6_k, ... with llama-cpp-python installed")
     q.add_argument("--adapter-only", action="store_true", help="the LoRA alone as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER)")
     q.add_argument("--base", default=None, help="base model for an adapter (default: the run's / adapter's own)")
-    q.add_argument("--tools-shape", choices=("flat", "openai"), default=None,
-                   help="for a template that reads tools from the system message (Phi-4-mini): how the training data "
-                        "gave them, [{name, description, parameters}] (flat) or [{type, function}] (default: the "
-                        "run's data's)")
+    q.add_argument("--tools-shape", choices=("flat", "openai"), default=None, help=TOOLS_SHAPE_HELP)
     q.add_argument("--force", action="store_true", help="overwrite an existing output file and Modelfile")
     q = esub.add_parser("tool-parser", help="a vLLM tool-parser plugin that reads the tool calls the model was "
                                             "trained to write (Phi-4-mini), and the vllm serve line")
     q.add_argument("source", help="a philora run or PEFT adapter directory")
     q.add_argument("--out", default=None, help="the plugin file to write (default: SOURCE/philora_tool_parser.py)")
-    q.add_argument("--tools-shape", choices=("flat", "openai"), default=None,
-                   help="for a template that reads tools from the system message (Phi-4-mini): how the training "
-                        "data gave them, [{name, description, parameters}] (flat) or [{type, function}] (default: "
-                        "the run's data's)")
+    q.add_argument("--tools-shape", choices=("flat", "openai"), default=None, help=TOOLS_SHAPE_HELP)
     q.add_argument("--force", action="store_true", help="overwrite an existing plugin file and chat template")
 
     sub.add_parser("verify", help="the run's held-out prompts in peft, the merged model, GGUF (llama.cpp), vLLM: "
