@@ -16,10 +16,9 @@ from .core.diskio import HINTS, guard_output
 from .core.errors import PhiloraError
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"  # in a source checkout
-
-
 TOOLS_SHAPE_HELP = ("for a template that reads tools from the system message (Phi-4-mini): how the training data gave "
                     "them, [{name, description, parameters}] (flat) or [{type, function}] (default: the run's data's)")
+
 
 def describe_os_error(e: OSError) -> str:
     """'FILE: reason' for an OSError that reached the top (a write, or a read of a user's file)."""
