@@ -24,6 +24,7 @@ from ..core.config import Config
 from ..core.diskio import write_text
 from ..core.errors import PhiloraError
 from .build import BAD, NO_LABELS, TOO_LONG, TRUNCATED, build_datasets, sources, tokenize
+from .encoding import template_inputs
 from .examples import column, epoch_size
 from .preference import SAMPLE as SAMPLE_PAIRS
 from .preference import load_pairs, pair_report
@@ -81,18 +82,9 @@ def _tools_without_description(conversations: List[Optional[str]]) -> int:
     null, llama-server ""), so the prompt they build is not the trained one (encoding.served_tool)."""
     count = 0
     for text in conversations:
-        if not text or '"tools"' not in text:
-            continue
-        for m in json.loads(text):
-            try:
-                tools = json.loads(m["tools"]) if isinstance(m.get("tools"), str) else m.get("tools")
-            except ValueError:
-                continue
-            tools = tools if isinstance(tools, list) else [tools]
-            fns = [t.get("function", t) for t in tools if isinstance(t, dict)]
-            if any(isinstance(f, dict) and "name" in f and "description" not in f for f in fns):
-                count += 1
-                break
+        if text and '"tools"' in text:  # the tools as training gives them to the template, served_tool's shape
+            tools = template_inputs(json.loads(text))[1].get("tools", [])
+            count += any("description" not in t["function"] for t in tools if isinstance(t, dict) and "function" in t)
     return count
 
 

@@ -254,8 +254,7 @@ def openai_messages(messages: List[dict]) -> List[dict]:
 
 
 def tools_shape(messages: List[dict]) -> str:
-    """``openai`` when the conversation's tools (those template_inputs finds) are given as
-    ``{"type": "function", "function": ...}``, else ``flat``."""
+    """``openai`` when the conversation's tools are given as ``{"type": "function", "function": ...}``, else ``flat``."""
     chat, kwargs = template_inputs(messages)
     if not kwargs:
         return "flat"
@@ -295,10 +294,14 @@ def tools_template(template: str, shape: str = "flat") -> str:
     return PREAMBLE.replace("{shape}", shape).replace("{wrap}", WRAP[shape]) + template
 
 
+def vllm_chat_template(template, shape: str = "flat") -> Optional[str]:
+    """``vllm serve --chat-template``'s text for a template that reads tools only from the system message, else None."""
+    return tools_template(own_template(template), shape) if reads_system_tools(template) else None
+
+
 def served_template(template, shape: str = "flat"):
-    """The chat template a server renders a request's tools with as trained: ``tools_template`` for one
-    that reads them only from the system message (``reads_system_tools``), else ``template`` itself (a
-    dict of named templates: each so)."""
+    """The chat template a server renders a request's tools with as trained (a GGUF's): ``tools_template``
+    for one that reads them only from the system message, else itself (a dict of named templates: each so)."""
     if isinstance(template, dict):
         return {name: served_template(t, shape) for name, t in template.items()}
     return tools_template(template, shape) if reads_system_tools(template) else template
@@ -386,7 +389,7 @@ def export_tool_parser(run, out=None, shape: Optional[str] = None, force: bool =
     if reads_system_tools(tok.chat_template):
         shape = shape or data_tools_shape(src, tok)
         template = guard_output(path.parent / TEMPLATE_FILE, force, directory=False, name="the chat template")
-        write_text(template, tools_template(own_template(tok.chat_template), shape))
+        write_text(template, vllm_chat_template(tok.chat_template, shape))
         lines = [f"{template}: the run's chat template behind a preamble that puts an OpenAI request's tools onto the "
                  f"system message as training did (its template reads them nowhere else; vLLM drops a message's "
                  f"'tools'), as {shape} JSON: {SHAPE_NOTE[shape]}"]

@@ -45,8 +45,8 @@ from .adapter_check import adapter_rank, vllm_max_lora_rank
 from .engines import NotInstalled, hf_greedy, llama_cpp_greedy, llama_cpp_module, vllm_greedy, vllm_request
 from .agreement import compare_calls, compare_engine, markdown
 from .gguf import export_gguf
-from .toolparser import (PLUGIN_FILE, TEMPLATE_FILE, openai_messages, openai_tools, own_template, reads_system_tools,
-                         tools_shape, tools_template, vllm_parser, write_plugin)
+from .toolparser import (PLUGIN_FILE, TEMPLATE_FILE, openai_messages, openai_tools, tools_shape, vllm_chat_template,
+                         vllm_parser, write_plugin)
 
 ENGINES = ("peft", "merged", "gguf-f32", "gguf-q8_0")  # the default; "vllm" joins with --vllm-python
 # The reference's top-1 minus top-2 logit below which another engine may flip a token by rounding:
@@ -177,10 +177,11 @@ def _vllm_template(tok, prompts, chat_template: Optional[str], tmp) -> Tuple[Opt
     tool-parser`` writes, in the shape of the prompts' tools; else None (the tokenizer's own)."""
     if chat_template:  # _engine_plan checked that it is a file
         return chat_template, None
-    if not reads_system_tools(tok.chat_template):
-        return None, None
     shape = _tools_shape(prompts)
-    path = write_text(Path(tmp) / TEMPLATE_FILE, tools_template(own_template(tok.chat_template), shape))
+    text = vllm_chat_template(tok.chat_template, shape)
+    if text is None:
+        return None, None
+    path = write_text(Path(tmp) / TEMPLATE_FILE, text)
     return str(path), (f"vllm: the chat template philora export tool-parser writes (the request's tools onto "
                        f"the system message, {shape} shape), as --chat-template")
 
